@@ -1,0 +1,10 @@
+"""torchrec_tt: Tensor-Train compressed embedding bags for TorchRec (TT-Rec and GRT-GnR)."""
+
+from torchrec_tt.configs import TTEmbeddingBagConfig  # noqa: F401
+from torchrec_tt.init import from_dense, tt_to_dense  # noqa: F401
+from torchrec_tt.modules import TTEmbeddingBag, TTEmbeddingBagCollection  # noqa: F401
+from torchrec_tt.op_counts import OpCounts, chain_flops, count_ops, expected_groups_per_bag  # noqa: F401
+from torchrec_tt.ops import HAS_EXTENSION, group_plan, tt_embedding_bag  # noqa: F401
+from torchrec_tt.tt_shapes import suggest_tt_shapes  # noqa: F401
+
+__version__ = "0.1.0"

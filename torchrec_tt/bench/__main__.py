@@ -1,0 +1,241 @@
+"""Benchmark ``grt`` vs ``tt`` vs uncompressed embedding bags, side by side.
+
+    python -m torchrec_tt.bench                      # CPU, the paper's table
+    python -m torchrec_tt.bench --device cuda        # paper table + 10M-row table
+
+All variants run in one process on the same inputs, after warm-up, interleaved within
+every repeat; the medians over repeats are reported. Writes ``<out>/bench_<device>.json``
+and ``<out>/bench_<device>.png``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from torchrec_tt.bench.inputs import zipf_bags
+from torchrec_tt.configs import TTEmbeddingBagConfig
+from torchrec_tt.modules import TTEmbeddingBag
+from torchrec_tt.op_counts import count_ops
+from torchrec_tt.ops import uses_extension
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    p_shapes: List[int]
+    q_shapes: List[int]
+    ranks: List[int]
+    num_rows: int
+    batch_size: int
+    pooling_factor: int
+
+
+PAPER = BenchConfig("paper", [21, 22, 50], [4, 4, 4], [32, 32], 23100, 1024, 45)
+TEN_M = BenchConfig("10M", [200, 250, 200], [4, 4, 4], [32, 32], 10_000_000, 8192, 45)
+
+# fp32 non-tensor-core peaks (dense FLOP/s) of the GPUs this project is measured on.
+_FP32_PEAK = {"H100 PCIe": 51.2e12, "H100": 66.9e12, "H200": 66.9e12, "A100": 19.5e12}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def fp32_peak(name: str) -> Optional[float]:
+    return next((peak for key, peak in _FP32_PEAK.items() if key in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], None], device: torch.device, iters: int) -> float:
+    """Mean seconds per call over ``iters`` calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def run_config(cfg: BenchConfig, device: torch.device, repeats: int, iters: int, warmup: int, seed: int) -> Dict:
+    torch.manual_seed(seed)
+    table = lambda variant: TTEmbeddingBagConfig(  # noqa: E731
+        name=cfg.name,
+        num_embeddings=cfg.num_rows,
+        embedding_dim=cfg.q_shapes[0] * cfg.q_shapes[1] * cfg.q_shapes[2],
+        tt_p_shapes=cfg.p_shapes,
+        tt_q_shapes=cfg.q_shapes,
+        tt_ranks=cfg.ranks,
+        variant=variant,
+    )
+    tt_config = table("grt")
+    bags = {v: TTEmbeddingBag(table(v), device=device) for v in ("grt", "tt")}
+    bags["tt"].load_state_dict(bags["grt"].state_dict())
+    dense = torch.nn.EmbeddingBag(cfg.num_rows, tt_config.embedding_dim, mode="sum", sparse=True, device=device)
+    indices, offsets = zipf_bags(cfg.num_rows, cfg.batch_size, cfg.pooling_factor, seed=seed)
+    counts = count_ops(tt_config, indices, offsets)
+    indices, offsets = indices.to(device), offsets.to(device)
+    grad = torch.randn(cfg.batch_size, tt_config.embedding_dim, device=device)
+
+    def forward(variant: str) -> Callable[[], None]:
+        module = dense if variant == "dense" else bags[variant]
+        args = (indices, offsets[:-1]) if variant == "dense" else (indices, offsets)
+
+        def fwd() -> None:
+            with torch.no_grad():
+                module(*args)
+
+        def fwd_bwd() -> None:
+            module.zero_grad(set_to_none=True)
+            module(*args).backward(grad)
+
+        return fwd, fwd_bwd
+
+    variants = ["grt", "tt", "dense"]
+    fns = {(v, phase): f for v in variants for phase, f in zip(("fwd", "fwd_bwd"), forward(v))}
+    for fn in fns.values():
+        _time(fn, device, warmup)
+    samples: Dict[str, List[float]] = {f"{v}/{p}": [] for v, p in fns}
+    for _ in tqdm(range(repeats), desc=f"{cfg.name} on {device.type}", leave=False):
+        for (v, p), fn in fns.items():
+            samples[f"{v}/{p}"].append(_time(fn, device, iters))
+    medians = {k: statistics.median(s) for k, s in samples.items()}
+    flops = {"grt/fwd": counts.grt_flops, "tt/fwd": counts.tt_flops,
+             "grt/fwd_bwd": counts.grt_flops + counts.grt_backward_flops,
+             "tt/fwd_bwd": counts.tt_flops + counts.tt_backward_flops}
+    return {
+        "config": asdict(cfg),
+        "op_counts": asdict(counts),
+        "compression": tt_config.compression_ratio(),
+        "core_bytes": tt_config.storage_bytes(),
+        "dense_bytes": tt_config.dense_bytes(),
+        "median_ms": {k: v * 1e3 for k, v in medians.items()},
+        "samples_ms": {k: [x * 1e3 for x in s] for k, s in samples.items()},
+        "useful_flops_per_s": {k: f / medians[k] for k, f in flops.items()},
+        "ratios": {
+            "tt/grt fwd": medians["tt/fwd"] / medians["grt/fwd"],
+            "tt/grt fwd_bwd": medians["tt/fwd_bwd"] / medians["grt/fwd_bwd"],
+            "grt/dense fwd": medians["grt/fwd"] / medians["dense/fwd"],
+            "grt/dense fwd_bwd": medians["grt/fwd_bwd"] / medians["dense/fwd_bwd"],
+            "flops tt/grt fwd": counts.tt_flops / counts.grt_flops,
+        },
+    }
+
+
+def plot(record: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = record["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        med = res["median_ms"]
+        phases, variants = ["fwd", "fwd_bwd"], ["grt", "tt", "dense"]
+        colors = {"grt": "tab:green", "tt": "tab:red", "dense": "tab:gray"}
+        width = 0.27
+        for i, v in enumerate(variants):
+            vals = [med[f"{v}/{p}"] for p in phases]
+            bars = ax.bar([x + (i - 1) * width for x in range(len(phases))], vals, width, label=v, color=colors[v])
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        c = res["config"]
+        ax.set_xticks(range(len(phases)), ["forward", "forward+backward"])
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms / batch (log scale)")
+        ax.set_title(
+            f"{c['name']}: {c['num_rows']:,} rows, B={c['batch_size']}, P={c['pooling_factor']}\n"
+            f"P_G={res['op_counts']['groups_per_bag']:.1f}, tt/grt fwd {res['ratios']['tt/grt fwd']:.1f}x, "
+            f"fwd+bwd {res['ratios']['tt/grt fwd_bwd']:.1f}x, {res['compression']:.0f}x smaller",
+            fontsize=9,
+        )
+        ax.legend()
+    fig.suptitle(f"torchrec_tt embedding bags on {record['device_name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    parser = argparse.ArgumentParser(prog="python -m torchrec_tt.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--configs", nargs="+", choices=["paper", "10M"],
+                        help="default: paper on cpu, paper and 10M on cuda")
+    parser.add_argument("--batch-size", type=int, help="override every config's batch size")
+    parser.add_argument("--pooling-factor", type=int, help="override every config's P")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 3 cpu, 20 cuda)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    names = args.configs or (["paper"] if device.type == "cpu" else ["paper", "10M"])
+    configs = []
+    for name in names:
+        cfg = {"paper": PAPER, "10M": TEN_M}[name]
+        if device.type == "cuda" and name == "paper" and args.batch_size is None:
+            cfg = BenchConfig(**{**asdict(cfg), "batch_size": 4096})
+        overrides = {k: v for k, v in (("batch_size", args.batch_size), ("pooling_factor", args.pooling_factor)) if v}
+        configs.append(BenchConfig(**{**asdict(cfg), **overrides}))
+    iters = args.iters or (3 if device.type == "cpu" else 20)
+    name = device_name(device)
+    record = {
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "compiled_kernels": uses_extension(device),
+        "repeats": args.repeats,
+        "iters_per_sample": iters,
+        "results": [run_config(c, device, args.repeats, iters, args.warmup, args.seed) for c in configs],
+    }
+    peak = fp32_peak(name) if device.type == "cuda" else None
+    print(f"device: {name}   compiled kernels: {record['compiled_kernels']}   torch {torch.__version__}")
+    for res in record["results"]:
+        c, med, oc = res["config"], res["median_ms"], res["op_counts"]
+        print(f"\n[{c['name']}] rows {c['num_rows']:,} p={c['p_shapes']} q={c['q_shapes']} ranks={c['ranks']} "
+              f"B={c['batch_size']} P={oc['pooling_factor']:.1f} P_G={oc['groups_per_bag']:.2f} "
+              f"U={oc['num_distinct_groups']}  cores {res['core_bytes'] / 1e6:.2f} MB, "
+              f"compression {res['compression']:.1f}x")
+        print(f"  {'variant':<8}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd GFLOP/s':>13}" + ("  % fp32 peak" if peak else ""))
+        for v in ("grt", "tt", "dense"):
+            fl = res["useful_flops_per_s"].get(f"{v}/fwd")
+            line = f"  {v:<8}{med[f'{v}/fwd']:>10.3f}{med[f'{v}/fwd_bwd']:>12.3f}"
+            line += f"{fl / 1e9:>13.1f}" if fl else f"{'-':>13}"
+            if peak and fl:
+                line += f"  {100 * fl / peak:>10.2f}%"
+            print(line)
+        print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items()))
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_{device.type}")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    plot(record, stem + ".png")
+    print(f"\nwrote {stem}.json and {stem}.png")
+    return record
+
+
+if __name__ == "__main__":
+    main()

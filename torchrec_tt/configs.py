@@ -1,0 +1,175 @@
+"""``TTEmbeddingBagConfig``: TorchRec's ``EmbeddingBagConfig`` plus the TT factorization."""
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+
+from torchrec_tt.tt_shapes import (
+    MAX_CORES,
+    MIN_CORES,
+    full_ranks,
+    max_useful_ranks,
+    suggest_tt_shapes,
+    tt_core_shapes,
+    tt_num_params,
+)
+
+VARIANTS = ("tt", "grt")
+DEFAULT_RANK = 32
+_SUPPORTED_POOLING = (PoolingType.SUM, PoolingType.MEAN)
+_SUPPORTED_DATA_TYPES = (DataType.FP32,)
+
+
+@dataclass
+class TTEmbeddingBagConfig(EmbeddingBagConfig):
+    """An embedding-bag table stored as Tensor-Train cores.
+
+    Core ``k`` has the shape ``(tt_p_shapes[k], R[k], tt_q_shapes[k], R[k + 1])``
+    with ``R = [1, *tt_ranks, 1]``. Row ``i`` is the product of one slice of each
+    core, selected by the mixed-radix digits of ``i`` (most significant first).
+
+    Args:
+        tt_p_shapes (List[int]): row factors, ``prod >= num_embeddings`` (extra rows
+            are padding). Chosen by :func:`suggest_tt_shapes` when left empty.
+        tt_q_shapes (List[int]): dim factors, ``prod == embedding_dim``. Chosen by
+            :func:`suggest_tt_shapes` when left empty.
+        tt_ranks (List[int]): the ``d - 1`` inner ranks. Default: 32 each, capped
+            at the largest rank that can add expressiveness.
+        variant (str): ``"grt"`` (group-reduced, default) or ``"tt"`` (one chain per
+            lookup, the TT-Rec baseline). Both compute the same values.
+        tt_num_cores (int): number of cores used when the shapes are left empty.
+
+    Example::
+
+        cfg = TTEmbeddingBagConfig(name="t0", num_embeddings=23100, embedding_dim=64,
+                                   feature_names=["f0"], tt_p_shapes=[21, 22, 50],
+                                   tt_q_shapes=[4, 4, 4], tt_ranks=[32, 32])
+        cfg.compression_ratio()  # 14.9
+    """
+
+    tt_p_shapes: List[int] = field(default_factory=list)
+    tt_q_shapes: List[int] = field(default_factory=list)
+    tt_ranks: List[int] = field(default_factory=list)
+    variant: str = "grt"
+    tt_num_cores: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check(self.num_embeddings >= 1, "num_embeddings", self.num_embeddings, "must be >= 1")
+        self._check(self.embedding_dim >= 1, "embedding_dim", self.embedding_dim, "must be >= 1")
+        self._check(self.variant in VARIANTS, "variant", self.variant, f"must be one of {VARIANTS}")
+        self._check(
+            self.pooling in _SUPPORTED_POOLING,
+            "pooling",
+            self.pooling,
+            f"must be one of {[p.value for p in _SUPPORTED_POOLING]}",
+        )
+        self._check(
+            self.data_type in _SUPPORTED_DATA_TYPES,
+            "data_type",
+            self.data_type,
+            f"must be one of {[d.value for d in _SUPPORTED_DATA_TYPES]}",
+        )
+        if not self.tt_p_shapes or not self.tt_q_shapes:
+            p, q = suggest_tt_shapes(
+                self.num_embeddings,
+                self.embedding_dim,
+                len(self.tt_p_shapes or self.tt_q_shapes) or self.tt_num_cores,
+            )
+            self.tt_p_shapes = list(self.tt_p_shapes) or p
+            self.tt_q_shapes = list(self.tt_q_shapes) or q
+        self.tt_p_shapes, self.tt_q_shapes = list(self.tt_p_shapes), list(self.tt_q_shapes)
+        d = len(self.tt_p_shapes)
+        self._check(
+            MIN_CORES <= d <= MAX_CORES,
+            "tt_p_shapes",
+            self.tt_p_shapes,
+            f"must have {MIN_CORES} to {MAX_CORES} factors",
+        )
+        self._check(
+            len(self.tt_q_shapes) == d,
+            "tt_q_shapes",
+            self.tt_q_shapes,
+            f"must have as many factors as tt_p_shapes ({d})",
+        )
+        for name in ("tt_p_shapes", "tt_q_shapes", "tt_ranks"):
+            values = getattr(self, name)
+            self._check(
+                all(isinstance(v, int) and v >= 1 for v in values),
+                name,
+                values,
+                "must hold positive ints",
+            )
+        self._check(
+            math.prod(self.tt_p_shapes) >= self.num_embeddings,
+            "tt_p_shapes",
+            self.tt_p_shapes,
+            f"multiply to {math.prod(self.tt_p_shapes)} < num_embeddings={self.num_embeddings}",
+        )
+        self._check(
+            math.prod(self.tt_q_shapes) == self.embedding_dim,
+            "tt_q_shapes",
+            self.tt_q_shapes,
+            f"multiply to {math.prod(self.tt_q_shapes)} != embedding_dim={self.embedding_dim}",
+        )
+        if not self.tt_ranks:
+            self.tt_ranks = [
+                min(DEFAULT_RANK, r) for r in max_useful_ranks(self.tt_p_shapes, self.tt_q_shapes)
+            ]
+        self.tt_ranks = list(self.tt_ranks)
+        self._check(
+            len(self.tt_ranks) == d - 1,
+            "tt_ranks",
+            self.tt_ranks,
+            f"must hold the {d - 1} inner ranks of {d} cores",
+        )
+
+    def _check(self, ok: bool, field_name: str, value: object, why: str) -> None:
+        if not ok:
+            raise ValueError(f"TTEmbeddingBagConfig '{self.name}': {field_name}={value!r} {why}")
+
+    @property
+    def num_cores(self) -> int:
+        return len(self.tt_p_shapes)
+
+    @property
+    def full_ranks(self) -> List[int]:
+        """``[1, *tt_ranks, 1]``."""
+        return full_ranks(self.tt_ranks)
+
+    @property
+    def core_shapes(self) -> List[Tuple[int, int, int, int]]:
+        """Shapes ``(m_k, R[k], n_k, R[k+1])`` of the cores."""
+        return tt_core_shapes(self.tt_p_shapes, self.tt_q_shapes, self.tt_ranks)
+
+    @property
+    def num_groups(self) -> int:
+        """Number of GRT groups: rows sharing all TT digits but the last."""
+        return math.ceil(self.num_embeddings / self.tt_p_shapes[-1])
+
+    def storage_bytes(self) -> int:
+        """Bytes of all cores."""
+        return tt_num_params(self.tt_p_shapes, self.tt_q_shapes, self.tt_ranks) * _bytes_per_element(self)
+
+    def dense_bytes(self) -> int:
+        """Bytes of the equivalent uncompressed ``(num_embeddings, embedding_dim)`` table."""
+        return self.num_embeddings * self.embedding_dim * _bytes_per_element(self)
+
+    def compression_ratio(self) -> float:
+        """``dense_bytes() / storage_bytes()``."""
+        return self.dense_bytes() / self.storage_bytes()
+
+    def tt_fused_params(self) -> Tuple[Tuple[str, object], ...]:
+        """Hashable description of the TT layout (TorchRec groups tables by ``fused_params``)."""
+        return (
+            ("tt_p_shapes", tuple(self.tt_p_shapes)),
+            ("tt_q_shapes", tuple(self.tt_q_shapes)),
+            ("tt_ranks", tuple(self.tt_ranks)),
+            ("variant", self.variant),
+        )
+
+
+def _bytes_per_element(config: EmbeddingBagConfig) -> int:
+    return {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2}[config.data_type]

@@ -1,0 +1,230 @@
+"""TT-compressed embedding-bag modules with TorchRec ``EmbeddingBagCollection`` semantics."""
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_tt.configs import TTEmbeddingBagConfig
+from torchrec_tt.init import from_dense, sampled_init_, tt_to_dense
+from torchrec_tt.ops import tt_embedding_bag
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def validate_lookups(
+    config: TTEmbeddingBagConfig,
+    feature: str,
+    indices: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: Optional[torch.Tensor],
+) -> None:
+    """Raise ``ValueError`` naming the table, feature and bad value of an invalid batch.
+
+    Reads index extrema on the host, so on CUDA it synchronizes; modules skip it when
+    built with ``validate_inputs=False``.
+    """
+    where = f"table '{config.name}', feature '{feature}'"
+    if indices.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{where}: indices must be int32 or int64, got {indices.dtype}")
+    if lengths.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{where}: lengths/offsets must be int32 or int64, got {lengths.dtype}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        k = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"{where}: offsets must be non-decreasing, but bag {k} has length {int(lengths[k])}")
+    if int(lengths.sum()) != indices.numel():
+        raise ValueError(f"{where}: bag lengths sum to {int(lengths.sum())} but there are {indices.numel()} indices")
+    if indices.numel():
+        bad = (indices < 0) | (indices >= config.num_embeddings)
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"{where}: index {int(indices[k])} at position {k} is out of range [0, {config.num_embeddings})"
+            )
+    if weights is not None:
+        if not weights.is_floating_point():
+            raise ValueError(f"{where}: per-sample weights must be floating point, got {weights.dtype}")
+        if weights.shape != indices.shape:
+            raise ValueError(f"{where}: per-sample weights have shape {tuple(weights.shape)}, indices {tuple(indices.shape)}")
+
+
+class TTEmbeddingBag(nn.Module):
+    """One TT-compressed table; pooled lookups like ``nn.EmbeddingBag``.
+
+    Args:
+        config (TTEmbeddingBagConfig): the table.
+        device (Optional[torch.device]): where to allocate the cores (``meta`` allowed).
+
+    Attributes:
+        cores (nn.ParameterList): core ``k`` of shape ``(m_k, R[k], n_k, R[k+1])``.
+    """
+
+    def __init__(self, config: TTEmbeddingBagConfig, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device)) for shape in config.core_shapes]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """TT-Rec sampled init matching the spread of TorchRec's uniform init."""
+        if self.cores[0].device.type == "meta":
+            return
+        lo, hi = self.config.get_weight_init_min(), self.config.get_weight_init_max()
+        sampled_init_(list(self.cores), row_variance=(hi - lo) ** 2 / 12.0)
+
+    def forward(
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``(L,)`` indices, ``(B + 1,)`` offsets -> ``(B, embedding_dim)``."""
+        return tt_embedding_bag(
+            list(self.cores),
+            indices,
+            offsets,
+            per_sample_weights,
+            pooling=self.config.pooling,
+            variant=self.config.variant,
+        )
+
+    def full_weight(self) -> torch.Tensor:
+        """The materialized ``(num_embeddings, embedding_dim)`` table (no grad)."""
+        with torch.no_grad():
+            return tt_to_dense(list(self.cores), self.config.num_embeddings)
+
+    @torch.no_grad()
+    def copy_from_dense(self, weight: torch.Tensor) -> None:
+        """Set the cores to a TT-SVD of a dense ``(num_embeddings, embedding_dim)`` table."""
+        expected = (self.config.num_embeddings, self.config.embedding_dim)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"table '{self.config.name}': weight has shape {tuple(weight.shape)}, expected {expected}")
+        cores = from_dense(weight, self.config.tt_p_shapes, self.config.tt_q_shapes, self.config.tt_ranks)
+        for param, core in zip(self.cores, cores):
+            param.copy_(core)
+
+
+class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """A collection of TT-compressed embedding bags (``EmbeddingBagCollection`` semantics).
+
+    Input: a ``KeyedJaggedTensor`` of shape ``(F, B, L[f][i])`` (``F`` features,
+    ``B`` samples, ``L[f][i]`` ids of feature ``f`` in sample ``i``).
+    Output: a ``KeyedTensor`` of shape ``(B, D)`` with ``D`` the sum over features of
+    their table's ``embedding_dim``, keyed by feature name in table order. Several
+    features may share a table; they are looked up in one call per table.
+
+    Args:
+        tables (List[TTEmbeddingBagConfig]): the tables.
+        is_weighted (bool): use the KJT's weights as per-sample weights.
+        device (Optional[torch.device]): where to allocate the cores (``meta`` allowed).
+        validate_inputs (bool): check every batch and raise ``ValueError`` naming the
+            table, feature and bad value (costs a host sync per feature on CUDA).
+
+    Example::
+
+        tables = [TTEmbeddingBagConfig(name="t0", num_embeddings=1000, embedding_dim=16,
+                                       feature_names=["f0", "f1"])]
+        ebc = TTEmbeddingBagCollection(tables)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f0", "f1"], values=torch.tensor([1, 2, 3, 4, 5]),
+            lengths=torch.tensor([2, 0, 1, 2]))  # B = 2
+        ebc(kjt).to_dict()["f0"].shape  # torch.Size([2, 16])
+    """
+
+    def __init__(
+        self,
+        tables: List[TTEmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        validate_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        torch._C._log_api_usage_once(f"torchrec_tt.modules.{self.__class__.__name__}")
+        names, features = set(), set()
+        for table in tables:
+            if not isinstance(table, TTEmbeddingBagConfig):
+                raise ValueError(f"table '{getattr(table, 'name', table)}' must be a TTEmbeddingBagConfig, got {type(table).__name__}")
+            if not table.name or table.name in names:
+                raise ValueError(f"table names must be unique and non-empty, got {table.name!r} twice or empty")
+            names.add(table.name)
+            for feature in table.feature_names:
+                if feature in features:
+                    raise ValueError(f"feature '{feature}' is assigned to more than one table")
+                features.add(feature)
+        self._embedding_bag_configs = tables
+        self._is_weighted = is_weighted
+        self._validate_inputs = validate_inputs
+        self.embedding_bags = nn.ModuleDict({t.name: TTEmbeddingBag(t, device) for t in tables})
+        self._embedding_names = [f for t in tables for f in t.feature_names]
+        self._lengths_per_embedding = [t.embedding_dim for t in tables for _ in t.feature_names]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """``KeyedJaggedTensor`` ``(F, B, L)`` -> ``KeyedTensor`` ``(B, D)``."""
+        jagged = features.to_dict()
+        missing = [f for f in self._embedding_names if f not in jagged]
+        if missing:
+            raise ValueError(f"features {missing} are missing from the input (got {features.keys()})")
+        pooled = []
+        for table in self._embedding_bag_configs:
+            bag: TTEmbeddingBag = self.embedding_bags[table.name]
+            parts = [jagged[f] for f in table.feature_names]
+            values = [jt.values() for jt in parts]
+            lengths = [jt.lengths() for jt in parts]
+            weights = [jt.weights() if self._is_weighted else None for jt in parts]
+            if self._validate_inputs:
+                for f, v, l, w in zip(table.feature_names, values, lengths, weights):
+                    validate_lookups(table, f, v, l, w)
+            indices = torch.cat(values) if len(values) > 1 else values[0]
+            all_lengths = torch.cat(lengths) if len(lengths) > 1 else lengths[0]
+            offsets = nn.functional.pad(torch.cumsum(all_lengths, 0), (1, 0)).to(indices.dtype)
+            psw = None
+            if self._is_weighted:
+                psw = torch.cat(weights) if len(weights) > 1 else weights[0]
+                psw = psw.to(bag.cores[0].dtype)
+            out = bag(indices, offsets, psw)
+            batch = lengths[0].numel()
+            pooled.extend(out.split(batch) if len(parts) > 1 else [out])
+        values = torch.cat(pooled, dim=1) if pooled else torch.empty(0)
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._lengths_per_embedding,
+            values=values,
+        )
+
+    def embedding_bag_configs(self) -> List[TTEmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def reset_parameters(self) -> None:
+        for bag in self.embedding_bags.values():
+            bag.reset_parameters()
+
+    def full_weight(self, table_name: str) -> torch.Tensor:
+        """Table ``table_name`` materialized as ``(num_embeddings, embedding_dim)``."""
+        return self._bag(table_name).full_weight()
+
+    def copy_from_dense(self, table_name: str, weight: torch.Tensor) -> None:
+        """Set table ``table_name`` to a TT-SVD of a dense ``(num_embeddings, dim)`` table."""
+        self._bag(table_name).copy_from_dense(weight)
+
+    def _bag(self, table_name: str) -> TTEmbeddingBag:
+        if table_name not in self.embedding_bags:
+            raise ValueError(f"unknown table '{table_name}', tables: {list(self.embedding_bags)}")
+        return self.embedding_bags[table_name]
+
+    def storage_report(self) -> Dict[str, Dict[str, float]]:
+        """Per table: core bytes, dense bytes and compression ratio."""
+        return {
+            t.name: {
+                "tt_bytes": t.storage_bytes(),
+                "dense_bytes": t.dense_bytes(),
+                "compression": t.compression_ratio(),
+            }
+            for t in self._embedding_bag_configs
+        }

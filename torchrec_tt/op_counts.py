@@ -1,0 +1,128 @@
+"""Op counts of the ``tt`` and ``grt`` variants: the one source of P, P_G and FLOPs.
+
+Used by the tests, the benchmarks and the planner's cost estimates.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import torch
+
+from torchrec_tt.configs import TTEmbeddingBagConfig
+from torchrec_tt.ops import group_plan
+
+
+def chain_flops(q_shapes: Sequence[int], ranks: Sequence[int]) -> Tuple[int, int]:
+    """FLOPs ``(C_pre, C_last)`` of one left-to-right chain.
+
+    Step ``k`` multiplies the running ``(n_0⋯n_{k-1}) × R[k]`` matrix by a
+    ``R[k] × (n_k R[k+1])`` slice: ``2 · n_0⋯n_{k-1} · R[k] · n_k · R[k+1]`` FLOPs.
+    ``C_pre`` sums the steps that build the group prefix, ``C_last`` is the final step.
+
+    Args:
+        q_shapes (Sequence[int]): ``n_0 … n_{d-1}``.
+        ranks (Sequence[int]): full ranks ``[1, r_1, …, r_{d-1}, 1]``.
+    """
+    steps = [
+        2 * math.prod(q_shapes[:k]) * ranks[k] * q_shapes[k] * ranks[k + 1]
+        for k in range(1, len(q_shapes))
+    ]
+    return sum(steps[:-1]), steps[-1]
+
+
+def expected_groups_per_bag(num_groups: int, pooling_factor: float) -> float:
+    """Modelled P_G: expected distinct groups among ``P`` uniform draws from ``G`` groups."""
+    if num_groups <= 1:
+        return min(1.0, pooling_factor)
+    return num_groups * -math.expm1(pooling_factor * math.log1p(-1.0 / num_groups))
+
+
+@dataclass(frozen=True)
+class OpCounts:
+    """Work of one batch in one table.
+
+    Attributes:
+        batch_size: bags ``B``.
+        num_lookups: ids ``L``.
+        num_segments: distinct (bag, group) pairs ``S``.
+        num_distinct_groups: distinct groups in the batch ``U``.
+        pooling_factor: ``P = L / B``.
+        groups_per_bag: ``P_G = S / B``.
+        tt_flops: forward FLOPs of ``tt``: ``L (C_pre + C_last)`` + weighted reduce.
+        grt_flops: forward FLOPs of ``grt`` with batch prefix reuse:
+            ``U C_pre + S C_last`` + intra- and inter-group reduces.
+        grt_no_reuse_flops: ``grt`` without prefix reuse: ``S (C_pre + C_last)`` + reduces.
+        tt_backward_flops / grt_backward_flops: backward FLOPs of the two variants.
+    """
+
+    batch_size: int
+    num_lookups: int
+    num_segments: int
+    num_distinct_groups: int
+    pooling_factor: float
+    groups_per_bag: float
+    tt_flops: int
+    grt_flops: int
+    grt_no_reuse_flops: int
+    tt_backward_flops: int
+    grt_backward_flops: int
+
+
+def op_counts_from_stats(
+    config: TTEmbeddingBagConfig,
+    batch_size: int,
+    num_lookups: float,
+    num_segments: float,
+    num_distinct_groups: float,
+) -> OpCounts:
+    """FLOPs from batch statistics (measured by :func:`count_ops` or modelled by the planner)."""
+    c_pre, c_last = chain_flops(config.tt_q_shapes, config.full_ranks)
+    dim = config.embedding_dim
+    last_slice = config.full_ranks[-2] * config.tt_q_shapes[-1]
+    intra = 2 * num_lookups * last_slice  # S += c_j * G_d[i_d]
+    inter = num_segments * dim  # y_b += Q S
+    # Backward of tt: reverse chain (two products per step) plus the weighted scatter.
+    tt_bwd = num_lookups * 2 * (c_pre + c_last) + 2 * num_lookups * dim
+    # Backward of grt: dS = Qᵀg and dQ += g Sᵀ per segment (2 C_last), dG_d scatter,
+    # and the prefix chain reversed once per distinct group.
+    grt_bwd = num_segments * 2 * c_last + intra + num_distinct_groups * 2 * c_pre
+    return OpCounts(
+        batch_size=batch_size,
+        num_lookups=int(num_lookups),
+        num_segments=int(round(num_segments)),
+        num_distinct_groups=int(round(num_distinct_groups)),
+        pooling_factor=num_lookups / max(batch_size, 1),
+        groups_per_bag=num_segments / max(batch_size, 1),
+        tt_flops=int(num_lookups * (c_pre + c_last) + 2 * num_lookups * dim),
+        grt_flops=int(num_distinct_groups * c_pre + num_segments * c_last + intra + inter),
+        grt_no_reuse_flops=int(num_segments * (c_pre + c_last) + intra + inter),
+        tt_backward_flops=int(tt_bwd),
+        grt_backward_flops=int(grt_bwd),
+    )
+
+
+def count_ops(config: TTEmbeddingBagConfig, indices: torch.Tensor, offsets: torch.Tensor) -> OpCounts:
+    """P, P_G, distinct groups and forward/backward FLOPs of a batch in one table.
+
+    Args:
+        config (TTEmbeddingBagConfig): the table.
+        indices (Tensor): ``(L,)`` row ids.
+        offsets (Tensor): ``(B + 1,)`` bag boundaries.
+
+    Example::
+
+        # The GRT-GnR paper's Figure 2: TT-indices (0,0,1), (0,1,0), (0,1,2), (0,1,3)
+        cfg = TTEmbeddingBagConfig(name="t", num_embeddings=64, embedding_dim=8,
+                                   tt_p_shapes=[4, 4, 4], tt_q_shapes=[2, 2, 2])
+        c = count_ops(cfg, torch.tensor([1, 4, 6, 7]), torch.tensor([0, 4]))
+        (c.pooling_factor, c.groups_per_bag)  # (4.0, 2.0)
+    """
+    plan = group_plan(indices, offsets, config.tt_p_shapes[-1])
+    return op_counts_from_stats(
+        config,
+        batch_size=offsets.numel() - 1,
+        num_lookups=indices.numel(),
+        num_segments=plan.num_segments,
+        num_distinct_groups=plan.num_slots,
+    )
