@@ -150,6 +150,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 raise ValueError(f"table '{getattr(table, 'name', table)}' must be a TTEmbeddingBagConfig, got {type(table).__name__}")
             if not table.name or table.name in names:
                 raise ValueError(f"table names must be unique and non-empty, got {table.name!r} twice or empty")
+            if "." in table.name or hasattr(nn.ModuleDict, table.name):
+                raise ValueError(f"table name {table.name!r} cannot be a module key (no '.', not a ModuleDict attribute)")
             names.add(table.name)
             for feature in table.feature_names:
                 if feature in features:

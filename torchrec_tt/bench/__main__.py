@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from torchrec_tt.bench.inputs import zipf_bags
+from torchrec_tt.data.synthetic import zipf_bags
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.modules import TTEmbeddingBag
 from torchrec_tt.op_counts import count_ops
@@ -76,7 +76,9 @@ def _time(fn: Callable[[], None], device: torch.device, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def run_config(cfg: BenchConfig, device: torch.device, repeats: int, iters: int, warmup: int, seed: int) -> Dict:
+def run_config(
+    cfg: BenchConfig, device: torch.device, repeats: int, iters: int, warmup: int, seed: int, alpha: float
+) -> Dict:
     torch.manual_seed(seed)
     table = lambda variant: TTEmbeddingBagConfig(  # noqa: E731
         name=cfg.name,
@@ -91,7 +93,7 @@ def run_config(cfg: BenchConfig, device: torch.device, repeats: int, iters: int,
     bags = {v: TTEmbeddingBag(table(v), device=device) for v in ("grt", "tt")}
     bags["tt"].load_state_dict(bags["grt"].state_dict())
     dense = torch.nn.EmbeddingBag(cfg.num_rows, tt_config.embedding_dim, mode="sum", sparse=True, device=device)
-    indices, offsets = zipf_bags(cfg.num_rows, cfg.batch_size, cfg.pooling_factor, seed=seed)
+    indices, offsets = zipf_bags(cfg.num_rows, cfg.batch_size, cfg.pooling_factor, alpha=alpha, seed=seed)
     counts = count_ops(tt_config, indices, offsets)
     indices, offsets = indices.to(device), offsets.to(device)
     grad = torch.randn(cfg.batch_size, tt_config.embedding_dim, device=device)
@@ -187,6 +189,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 3 cpu, 20 cuda)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the row popularity")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -209,7 +212,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "compiled_kernels": uses_extension(device),
         "repeats": args.repeats,
         "iters_per_sample": iters,
-        "results": [run_config(c, device, args.repeats, iters, args.warmup, args.seed) for c in configs],
+        "zipf_alpha": args.alpha,
+        "results": [run_config(c, device, args.repeats, iters, args.warmup, args.seed, args.alpha) for c in configs],
     }
     peak = fp32_peak(name) if device.type == "cuda" else None
     print(f"device: {name}   compiled kernels: {record['compiled_kernels']}   torch {torch.__version__}")
