@@ -3,6 +3,16 @@
 from torchrec_tt.configs import TTEmbeddingBagConfig  # noqa: F401
 from torchrec_tt.init import from_dense, tt_to_dense  # noqa: F401
 from torchrec_tt.modules import TTEmbeddingBag, TTEmbeddingBagCollection  # noqa: F401
+from torchrec_tt.distributed import (  # noqa: F401  (after modules: the sharder wraps them)
+    ShardedTTEmbeddingBagCollection,
+    TTEmbeddingBagCollectionSharder,
+    TTFusedOptimizer,
+    TTPerfEstimator,
+    TTStorageEstimator,
+    load_tt_optimizer_state_dict,
+    make_tt_planner,
+    tt_optimizer_state_dict,
+)
 from torchrec_tt.op_counts import OpCounts, chain_flops, count_ops, expected_groups_per_bag  # noqa: F401
 from torchrec_tt.ops import HAS_EXTENSION, group_plan, tt_embedding_bag  # noqa: F401
 from torchrec_tt.tt_shapes import suggest_tt_shapes  # noqa: F401

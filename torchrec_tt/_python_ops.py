@@ -131,7 +131,8 @@ def tt_embedding_bag_python(
     out = cores[0].new_zeros(num_bags, dim)
     if num_lookups == 0:
         # Keep the graph connected so backward yields zero gradients, not None.
-        return out + 0 * sum(c.sum() for c in cores)
+        connected = out + 0 * sum(c.sum() for c in cores)
+        return connected if per_sample_weights is None else connected + 0 * per_sample_weights.sum()
     p_shapes = [c.size(0) for c in cores]
     if variant == VARIANT_TT:
         rows = prefix_products(cores, decompose_indices(indices, p_shapes)).reshape(num_lookups, dim)

@@ -56,9 +56,10 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     tt_num_cores: int = 3
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        # Before TorchRec's __post_init__, which computes sqrt(1 / num_embeddings).
         self._check(self.num_embeddings >= 1, "num_embeddings", self.num_embeddings, "must be >= 1")
         self._check(self.embedding_dim >= 1, "embedding_dim", self.embedding_dim, "must be >= 1")
+        super().__post_init__()
         self._check(self.variant in VARIANTS, "variant", self.variant, f"must be one of {VARIANTS}")
         self._check(
             self.pooling in _SUPPORTED_POOLING,

@@ -92,6 +92,30 @@ class TTEmbeddingBag(nn.Module):
             variant=self.config.variant,
         )
 
+    def forward_features(self, features: KeyedJaggedTensor, is_weighted: bool, validate: bool) -> torch.Tensor:
+        """Pool this table's features in one op call.
+
+        Args:
+            features (KeyedJaggedTensor): ``(F, B, L)``, exactly this table's features in
+                config order.
+            is_weighted (bool): use the KJT's weights as per-sample weights.
+            validate (bool): check the batch first (:func:`validate_lookups`).
+
+        Returns:
+            Tensor: ``(B, F * embedding_dim)``, features side by side.
+        """
+        if features.variable_stride_per_key():
+            raise ValueError(f"table '{self.config.name}': a variable batch size per feature is not supported")
+        if validate:
+            for name, jt in features.to_dict().items():
+                validate_lookups(self.config, name, jt.values(), jt.lengths(), jt.weights_or_none())
+        weights = features.weights().to(self.cores[0].dtype) if is_weighted else None
+        pooled = self(features.values(), features.offsets(), weights)  # (F * B, N), feature-major
+        num_features, batch = len(features.keys()), features.stride()
+        if num_features > 1:
+            pooled = pooled.view(num_features, batch, -1).transpose(0, 1).reshape(batch, -1)
+        return pooled
+
     def full_weight(self) -> torch.Tensor:
         """The materialized ``(num_embeddings, embedding_dim)`` table (no grad)."""
         with torch.no_grad():
@@ -163,38 +187,24 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.embedding_bags = nn.ModuleDict({t.name: TTEmbeddingBag(t, device) for t in tables})
         self._embedding_names = [f for t in tables for f in t.feature_names]
         self._lengths_per_embedding = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._feature_splits = [len(t.feature_names) for t in tables]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``KeyedJaggedTensor`` ``(F, B, L)`` -> ``KeyedTensor`` ``(B, D)``."""
-        jagged = features.to_dict()
-        missing = [f for f in self._embedding_names if f not in jagged]
-        if missing:
-            raise ValueError(f"features {missing} are missing from the input (got {features.keys()})")
-        pooled = []
-        for table in self._embedding_bag_configs:
-            bag: TTEmbeddingBag = self.embedding_bags[table.name]
-            parts = [jagged[f] for f in table.feature_names]
-            values = [jt.values() for jt in parts]
-            lengths = [jt.lengths() for jt in parts]
-            weights = [jt.weights() if self._is_weighted else None for jt in parts]
-            if self._validate_inputs:
-                for f, v, l, w in zip(table.feature_names, values, lengths, weights):
-                    validate_lookups(table, f, v, l, w)
-            indices = torch.cat(values) if len(values) > 1 else values[0]
-            all_lengths = torch.cat(lengths) if len(lengths) > 1 else lengths[0]
-            offsets = nn.functional.pad(torch.cumsum(all_lengths, 0), (1, 0)).to(indices.dtype)
-            psw = None
-            if self._is_weighted:
-                psw = torch.cat(weights) if len(weights) > 1 else weights[0]
-                psw = psw.to(bag.cores[0].dtype)
-            out = bag(indices, offsets, psw)
-            batch = lengths[0].numel()
-            pooled.extend(out.split(batch) if len(parts) > 1 else [out])
-        values = torch.cat(pooled, dim=1) if pooled else torch.empty(0)
+        keys = features.keys()
+        if keys != self._embedding_names:
+            missing = [f for f in self._embedding_names if f not in keys]
+            if missing:
+                raise ValueError(f"features {missing} are missing from the input (got {keys})")
+            features = features.permute([keys.index(f) for f in self._embedding_names])
+        pooled = [
+            self.embedding_bags[table.name].forward_features(kjt, self._is_weighted, self._validate_inputs)
+            for table, kjt in zip(self._embedding_bag_configs, features.split(self._feature_splits))
+        ]
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,
-            values=values,
+            values=torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0],
         )
 
     def embedding_bag_configs(self) -> List[TTEmbeddingBagConfig]:

@@ -29,6 +29,7 @@ except ImportError as _err:  # pragma: no cover - depends on the build
 
 _POOLING_MODES = {"sum": _python_ops.POOLING_SUM, "mean": _python_ops.POOLING_MEAN}
 _VARIANTS = {"tt": _python_ops.VARIANT_TT, "grt": _python_ops.VARIANT_GRT}
+_INDEX_DTYPES = {torch.int32, torch.int64}
 
 
 def uses_extension(device: torch.device) -> bool:
@@ -76,8 +77,8 @@ def tt_embedding_bag(
         Tensor: ``(B, N)`` with ``N = prod(n_k)``; an empty bag gives zeros.
     """
     mode, var = _pooling_mode(pooling), _variant(variant)
-    if offsets.dtype != indices.dtype and indices.dtype in (torch.int32, torch.int64):
-        offsets = offsets.to(indices.dtype)
+    if offsets.dtype != indices.dtype and {indices.dtype, offsets.dtype} <= _INDEX_DTYPES:
+        offsets = offsets.to(indices.dtype)  # never cast float offsets: the op rejects them
     cores = list(cores)
     if uses_extension(indices.device):
         return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var)
@@ -90,7 +91,7 @@ def group_plan(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> 
     Row ``i`` belongs to group ``i // last_rows``. Reads the counts on the host, so it
     is meant for statistics and planning, not for the training hot path.
     """
-    if offsets.dtype != indices.dtype:
+    if offsets.dtype != indices.dtype and {indices.dtype, offsets.dtype} <= _INDEX_DTYPES:
         offsets = offsets.to(indices.dtype)
     if not uses_extension(indices.device):
         return group_plan_python(indices, offsets, last_rows)

@@ -1,0 +1,204 @@
+"""TT index decomposition, (bag, group) plans and the op counts P, P_G, U, S and FLOPs.
+
+Plans are checked against brute-force Python sets; FLOPs against
+``torch.utils.flop_counter.FlopCounterMode`` run over real chains, and the paper's
+numbers (GRT-GnR Figure 2, DESIGN §1 table).
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchrec_tt import TTEmbeddingBagConfig, chain_flops, count_ops, expected_groups_per_bag
+from torchrec_tt import _python_ops
+from torchrec_tt.grouping import decompose_indices, group_plan_python
+from torchrec_tt.ops import group_plan
+from tt_testing import DEVICES, problems, random_cores
+
+PAPER = dict(num_embeddings=23100, embedding_dim=64, tt_p_shapes=[21, 22, 50], tt_q_shapes=[4, 4, 4], tt_ranks=[32, 32])
+
+
+def _config(problem, name="t"):
+    return TTEmbeddingBagConfig(
+        name=name,
+        num_embeddings=problem.num_rows,
+        embedding_dim=problem.dim,
+        feature_names=["f"],
+        tt_p_shapes=list(problem.p_shapes),
+        tt_q_shapes=list(problem.q_shapes),
+        tt_ranks=list(problem.ranks),
+    )
+
+
+def _bags(problem):
+    bags, start = [], 0
+    for length in problem.lengths:
+        bags.append(problem.indices[start : start + length])
+        start += length
+    return bags
+
+
+@settings(deadline=None, max_examples=30)
+@given(p=st.lists(st.integers(1, 7), min_size=2, max_size=4), data=st.data())
+def test_decompose_indices_is_mixed_radix(p, data):
+    rows = data.draw(st.lists(st.integers(0, math.prod(p) - 1), min_size=0, max_size=20))
+    digits = decompose_indices(torch.tensor(rows, dtype=torch.int32), p)
+    assert len(digits) == len(p)
+    for j, row in enumerate(rows):
+        got = [int(d[j]) for d in digits]
+        assert all(0 <= g < m for g, m in zip(got, p))
+        # i = ((i_0 m_1 + i_1) m_2 + i_2) ...
+        value = 0
+        for g, m in zip(got, p):
+            value = value * m + g
+        assert value == row
+
+
+def _check_plan(plan, problem, last_rows):
+    bags = _bags(problem)
+    pairs = sorted({(b, i // last_rows) for b, bag in enumerate(bags) for i in bag})
+    groups = sorted({i // last_rows for i in problem.indices})
+    assert [(int(b), int(g)) for b, g in zip(plan.segment_bag, plan.segment_group)] == pairs
+    assert plan.slot_group.tolist() == groups
+    bag_of = [b for b, bag in enumerate(bags) for _ in bag]
+    assert plan.lookup_segment.numel() == len(problem.indices)
+    for j, i in enumerate(problem.indices):
+        s = int(plan.lookup_segment[j])
+        assert (int(plan.segment_bag[s]), int(plan.segment_group[s])) == (bag_of[j], i // last_rows)
+    for s in range(len(pairs)):
+        assert int(plan.slot_group[plan.segment_slot[s]]) == int(plan.segment_group[s])
+    for t in plan:
+        assert t.dtype == torch.int64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(deadline=None, max_examples=30)
+@given(problem=problems(max_batch=6, max_len=8), index_dtype=st.sampled_from([torch.int32, torch.int64]))
+def test_group_plan_matches_brute_force(problem, index_dtype, device):
+    _, indices, offsets, _ = problem.tensors(index_dtype=index_dtype, device=device)
+    last_rows = problem.p_shapes[-1]
+    _check_plan(group_plan_python(indices, offsets, last_rows), problem, last_rows)
+    # The public entry point (compiled op trimmed by its counts when the extension is built).
+    _check_plan(group_plan(indices, offsets, last_rows), problem, last_rows)
+
+
+def test_count_ops_figure_2():
+    """GRT-GnR Figure 2: TT-indices (0,0,1), (0,1,0), (0,1,2), (0,1,3) in one bag."""
+    p = [4, 4, 4]
+    tt_indices = [(0, 0, 1), (0, 1, 0), (0, 1, 2), (0, 1, 3)]
+    rows = [(a * p[1] + b) * p[2] + c for a, b, c in tt_indices]
+    cfg = TTEmbeddingBagConfig(name="fig2", num_embeddings=64, embedding_dim=8, feature_names=["f"],
+                               tt_p_shapes=p, tt_q_shapes=[2, 2, 2], tt_ranks=[4, 4])
+    counts = count_ops(cfg, torch.tensor(rows), torch.tensor([0, 4]))
+    assert counts.pooling_factor == 4  # P
+    assert counts.groups_per_bag == 2  # P_G: groups (0,0) and (0,1)
+    assert counts.num_distinct_groups == 2 and counts.num_segments == 2
+    assert counts.num_lookups == 4 and counts.batch_size == 1
+    assert counts.grt_flops < counts.tt_flops
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "q, ranks",
+    [([4, 4, 4], [1, 32, 32, 1]), ([2, 3], [1, 5, 1]), ([3, 2, 2, 5], [1, 4, 3, 2, 1])],
+)
+def test_chain_flops_counts_a_real_chain(q, ranks):
+    """chain_flops equals the FLOPs torch counts for one left-to-right chain."""
+    cores = random_cores([1] * len(q), q, ranks[1:-1], dtype=torch.float32)
+    prefix = [None]
+
+    def run_prefix():
+        acc = cores[0][0].reshape(q[0], ranks[1])
+        for core in cores[1:-1]:
+            acc = (acc @ core[0].reshape(core.size(1), -1)).reshape(-1, core.size(3))
+        prefix[0] = acc
+
+    c_pre = _flops(run_prefix)
+    c_last = _flops(lambda: prefix[0] @ cores[-1][0].reshape(ranks[-2], q[-1]))
+    assert chain_flops(q, ranks) == (c_pre, c_last)
+
+
+def test_chain_flops_paper_table():
+    """DESIGN §1, d = 3: C_pre = 2 n_1 r_1 n_2 r_2, C_last = 2 n_1 n_2 r_2 n_3."""
+    (n1, n2, n3), (r1, r2) = [4, 4, 4], [32, 32]
+    c_pre, c_last = 2 * n1 * r1 * n2 * r2, 2 * n1 * n2 * r2 * n3
+    assert chain_flops([n1, n2, n3], [1, r1, r2, 1]) == (c_pre, c_last) == (32768, 4096)
+
+
+@settings(deadline=None, max_examples=25)
+@given(problem=problems(min_batch=1, max_batch=6, max_len=8))
+def test_count_ops_consistency(problem):
+    cfg = _config(problem)
+    indices = torch.tensor(problem.indices, dtype=torch.int64)
+    offsets = torch.tensor([0, *torch.tensor(problem.lengths, dtype=torch.int64).cumsum(0).tolist()])
+    c = count_ops(cfg, indices, offsets)
+    last = problem.p_shapes[-1]
+    bags = _bags(problem)
+    assert c.num_segments == sum(len({i // last for i in bag}) for bag in bags)  # S
+    assert c.num_distinct_groups == len({i // last for i in problem.indices})  # U
+    assert c.num_distinct_groups <= c.num_segments <= c.num_lookups == len(problem.indices)
+    assert c.batch_size == problem.batch_size
+    assert c.pooling_factor == pytest.approx(len(problem.indices) / problem.batch_size)
+    assert c.groups_per_bag == pytest.approx(c.num_segments / problem.batch_size)
+    assert c.groups_per_bag <= c.pooling_factor
+    assert c.grt_flops <= c.grt_no_reuse_flops  # prefix reuse never costs more
+    if c.num_distinct_groups == c.num_segments:
+        assert c.grt_flops == c.grt_no_reuse_flops
+    assert min(c.tt_flops, c.grt_flops, c.tt_backward_flops, c.grt_backward_flops) >= 0
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    groups=st.lists(st.integers(0, 21 * 22 - 1), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_grt_cheaper_when_lookups_share_groups(groups, data):
+    """Paper table, bags drawn from a few groups so that P_G <= P / 2: grt needs fewer FLOPs."""
+    cfg = TTEmbeddingBagConfig(name="paper", feature_names=["f"], **PAPER)
+    batch = data.draw(st.integers(1, 4))
+    bags = []
+    for _ in range(batch):
+        bag_groups = data.draw(st.lists(st.sampled_from(groups), min_size=1, max_size=3))
+        lasts = data.draw(st.lists(st.integers(0, 49), min_size=2 * len(bag_groups), max_size=4 * len(bag_groups)))
+        bags.append([g * 50 + lasts[k] for k in range(len(lasts)) for g in [bag_groups[k % len(bag_groups)]]])
+    indices = torch.tensor([i for bag in bags for i in bag])
+    offsets = torch.tensor([0, *torch.tensor([len(b) for b in bags]).cumsum(0).tolist()])
+    c = count_ops(cfg, indices, offsets)
+    assert c.groups_per_bag <= c.pooling_factor / 2
+    assert c.grt_flops < c.tt_flops
+    assert c.grt_backward_flops < c.tt_backward_flops
+
+
+@pytest.mark.parametrize("variant", [_python_ops.VARIANT_TT, _python_ops.VARIANT_GRT], ids=["tt", "grt"])
+@settings(deadline=None, max_examples=15)
+@given(problem=problems(min_cores=3, min_batch=1, max_len=8))
+def test_python_kernel_matmul_flops_match_counts(problem, variant):
+    """The pure-PyTorch kernels do exactly the chain work count_ops predicts:
+    ``tt``: L (C_pre + C_last); ``grt``: U C_pre + S C_last (one prefix per distinct group)."""
+    cores, indices, offsets, _ = problem.tensors()
+    c = count_ops(_config(problem), indices, offsets)
+    c_pre, c_last = chain_flops(problem.q_shapes, problem.full_ranks)
+    measured = _flops(lambda: _python_ops.tt_embedding_bag_python(cores, indices, offsets, None, 0, variant))
+    if variant == _python_ops.VARIANT_TT:
+        assert measured == c.num_lookups * (c_pre + c_last)
+    else:
+        assert measured == c.num_distinct_groups * c_pre + c.num_segments * c_last
+
+
+@pytest.mark.parametrize("num_groups, pooling", [(1, 1.0), (1, 5.0), (10, 3.0), (400, 80.0), (30, 100.0)])
+def test_expected_groups_per_bag_matches_simulation(num_groups, pooling):
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.randint(num_groups, (4000, int(pooling)), generator=gen)
+    distinct = torch.tensor([len(set(row.tolist())) for row in draws], dtype=torch.float64).mean()
+    expected = expected_groups_per_bag(num_groups, pooling)
+    assert expected == pytest.approx(float(distinct), rel=0.02)
+    assert expected <= min(num_groups, pooling)

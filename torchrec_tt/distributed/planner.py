@@ -1,0 +1,394 @@
+"""TorchRec planner support for TT tables: storage and perf estimators and a planner factory.
+
+TT tables are planned under ``customized_kernel``, which TorchRec's estimators do not
+price, so :class:`TTStorageEstimator` and :class:`TTPerfEstimator` price them and hand
+every other sharding option (e.g. a regular ``EmbeddingBagCollection`` in the same
+model) to TorchRec's estimators, so one planner call plans both.
+
+* Storage: bytes of the cores plus their optimizer state (``optimizer_state_multiplier``)
+  plus TorchRec's input/output buffer estimate, on HBM when the compute device is
+  ``cuda`` and on DDR when it is ``cpu``.
+* Perf: forward and backward FLOPs of the table's variant from
+  :func:`torchrec_tt.op_counts.op_counts_from_stats` (the one source of op counts),
+  divided by a FLOP rate; the all-to-all comms are TorchRec's table-wise estimate. The
+  pooling factor ``P`` comes from ``ParameterConstraints.pooling_factors``; the distinct
+  groups per bag ``P_G`` are measured on a sample batch when one is given, else
+  modelled as uniform draws (:func:`torchrec_tt.op_counts.expected_groups_per_bag`).
+
+The ``estimate()`` signature changed between TorchRec 1.6 (``sharder_map``, positional)
+and 1.8 (``sharder_data_map=``); both are accepted.
+"""
+
+import contextlib
+import dataclasses
+import inspect
+import math
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import (
+    _calculate_shard_io_sizes,
+    calculate_pipeline_io_cost,
+    EmbeddingPerfEstimator,
+    EmbeddingStorageEstimator,
+    get_num_poolings,
+)
+from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Storage, Topology
+from torchrec.distributed.types import ModuleSharder, PipelineType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_tt.configs import TTEmbeddingBagConfig
+from torchrec_tt.distributed.optimizer import optimizer_state_multiplier
+from torchrec_tt.distributed.sharded_module import TT_COMPUTE_KERNEL
+from torchrec_tt.distributed.sharder import TT_CONFIG_ATTR
+from torchrec_tt.op_counts import OpCounts, count_ops, expected_groups_per_bag, op_counts_from_stats
+
+# TorchRec 1.8's estimators take picklable SharderData (``sharder_data_map``), 1.6's the
+# sharders themselves (``sharder_map``).
+_TAKES_SHARDER_DATA = "sharder_data_map" in inspect.signature(EmbeddingStorageEstimator.estimate).parameters
+if _TAKES_SHARDER_DATA:
+    from torchrec.distributed.planner.utils import build_sharder_data_map
+
+# Effective FLOP rates of the TT kernels (FLOPs per millisecond; TorchRec's perf unit is ms).
+# Small GEMM chains run far below peak; override with measured rates.
+DEFAULT_FLOPS_PER_MS = {"cuda": 2.0e9, "mtia": 2.0e9, "cpu": 2.0e7}
+BYTES_PER_INDEX = 8  # TorchRec's planner sizes input ids as int64
+
+
+# ------------------------------------------------------------------ pure cost functions
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """Per-bag lookup statistics of one feature of a TT table.
+
+    Attributes:
+        pooling_factor (float): ``P``, ids per bag.
+        groups_per_bag (float): ``P_G``, distinct groups per bag (``<= P``).
+        num_bags (int): bags the statistics were measured on.
+    """
+
+    pooling_factor: float
+    groups_per_bag: float
+    num_bags: int = 1
+
+    @staticmethod
+    def pooled(stats: Sequence["GroupStats"]) -> "GroupStats":
+        """Statistics of the union of the bags of ``stats``."""
+        bags = sum(s.num_bags for s in stats)
+        return GroupStats(
+            pooling_factor=sum(s.pooling_factor * s.num_bags for s in stats) / max(bags, 1),
+            groups_per_bag=sum(s.groups_per_bag * s.num_bags for s in stats) / max(bags, 1),
+            num_bags=bags,
+        )
+
+
+def measure_group_stats(
+    config: TTEmbeddingBagConfig, sample_batch: KeyedJaggedTensor
+) -> Dict[str, GroupStats]:
+    """``P`` and ``P_G`` of each of the table's features present in a sample batch."""
+    jagged = sample_batch.to_dict()
+    stats = {}
+    for feature in config.feature_names:
+        if feature in jagged:
+            jt = jagged[feature]
+            counts = count_ops(config, jt.values(), jt.offsets())
+            stats[feature] = GroupStats(counts.pooling_factor, counts.groups_per_bag, counts.batch_size)
+    return stats
+
+
+def table_op_counts(
+    config: TTEmbeddingBagConfig,
+    bags: Sequence[float],
+    pooling_factors: Sequence[float],
+    groups_per_bag: Sequence[Optional[float]],
+) -> OpCounts:
+    """Op counts of one iteration of a table whose features contribute ``bags[f]`` bags.
+
+    ``groups_per_bag[f]`` is the measured ``P_G`` of feature ``f`` or ``None`` to model it
+    as distinct groups among ``P`` uniform draws. The distinct groups of the whole call
+    (whose prefixes GRT computes once) are modelled the same way over all its ids,
+    capped by the number of (bag, group) segments.
+    """
+    groups = config.num_groups
+    num_bags = sum(bags)
+    num_lookups = sum(b * p for b, p in zip(bags, pooling_factors))
+    num_segments = sum(
+        b * (pg if pg is not None else expected_groups_per_bag(groups, p))
+        for b, p, pg in zip(bags, pooling_factors, groups_per_bag)
+    )
+    distinct = min(num_segments, expected_groups_per_bag(groups, num_lookups))
+    return op_counts_from_stats(
+        config,
+        batch_size=max(1, int(round(num_bags))),
+        num_lookups=num_lookups,
+        num_segments=num_segments,
+        num_distinct_groups=distinct,
+    )
+
+
+def tt_compute_ms(counts: OpCounts, variant: str, flops_per_ms: float) -> Tuple[float, float]:
+    """``(forward, backward)`` milliseconds of ``variant`` at ``flops_per_ms``."""
+    if variant == "grt":
+        return counts.grt_flops / flops_per_ms, counts.grt_backward_flops / flops_per_ms
+    return counts.tt_flops / flops_per_ms, counts.tt_backward_flops / flops_per_ms
+
+
+def tt_table_bytes(config: TTEmbeddingBagConfig, optimizer_multiplier: float) -> int:
+    """Bytes of the table's cores plus their optimizer state."""
+    return math.ceil(config.storage_bytes() * (1.0 + optimizer_multiplier))
+
+
+def tt_shard_storage(
+    config: TTEmbeddingBagConfig,
+    compute_device: str,
+    optimizer_multiplier: float,
+    input_bytes: int,
+    output_bytes: int,
+    pipeline_type: PipelineType = PipelineType.NONE,
+) -> Storage:
+    """Storage of a table-wise TT shard: cores + optimizer state + IO buffers.
+
+    As TorchRec prices its own tables: on ``cuda`` everything is HBM (IO through
+    TorchRec's pipeline model), on ``cpu`` everything is DDR.
+    """
+    table = tt_table_bytes(config, optimizer_multiplier)
+    if compute_device in ("cuda", "mtia"):
+        io = calculate_pipeline_io_cost(
+            input_size=input_bytes,
+            output_size=output_bytes,
+            prefetch_size=0,
+            pipeline_type=pipeline_type,
+            multipass_prefetch_max_pass=None,
+        )
+        return Storage(hbm=table + io, ddr=0)
+    return Storage(hbm=0, ddr=table + input_bytes + output_bytes)
+
+
+# ------------------------------------------------------------------ estimator plumbing
+def _tt_config(option: ShardingOption) -> Optional[TTEmbeddingBagConfig]:
+    if option.compute_kernel != TT_COMPUTE_KERNEL.value:
+        return None
+    return getattr(option.tensor, TT_CONFIG_ATTR, None)
+
+
+def _sharder_data(sharder_map: Optional[Mapping[str, Any]], sharder_data_map: Optional[Mapping[str, Any]]) -> Any:
+    """The sharder map in the form the installed TorchRec's estimators take."""
+    data = sharder_data_map if sharder_data_map is not None else sharder_map
+    if _TAKES_SHARDER_DATA and data and any(isinstance(v, ModuleSharder) for v in data.values()):
+        data = build_sharder_data_map(dict(data))
+    return data
+
+
+def _poolings_and_batch_sizes(
+    constraints: Dict[str, ParameterConstraints], option: ShardingOption
+) -> Tuple[List[float], List[int]]:
+    """Per feature: poolings per sample and batch size, as TorchRec's estimators read them."""
+    constraint = constraints.get(option.name)
+    batch_sizes = (
+        list(constraint.batch_sizes) if constraint and constraint.batch_sizes else [option.batch_size] * option.num_inputs
+    )
+    return list(get_num_poolings(constraints, option)), batch_sizes
+
+
+def _optimizer_multiplier(option: ShardingOption) -> float:
+    """From the stand-in parameter, which the sharder tags with the cores' optimizer."""
+    classes = getattr(option.tensor, "_optimizer_classes", None)
+    if not classes:
+        return 0.0
+    return optimizer_state_multiplier(classes[0], getattr(option.tensor, "_optimizer_kwargs", [{}])[0])
+
+
+@contextlib.contextmanager
+def _priced_as_fused(options: List[ShardingOption]) -> Iterator[None]:
+    """Let TorchRec's estimators price ``options`` as ``fused`` tables (for comms and IO);
+    TorchRec rejects the ``customized_kernel`` tag in its kernel bandwidth lookup."""
+    for option in options:
+        option.compute_kernel = "fused"
+    try:
+        yield
+    finally:
+        for option in options:
+            option.compute_kernel = TT_COMPUTE_KERNEL.value
+
+
+class TTStorageEstimator(ShardEstimator):
+    """Storage of TT shards (cores + optimizer state + IO); others go to TorchRec's estimator.
+
+    Args:
+        topology (Topology): device topology.
+        constraints (Optional[Dict[str, ParameterConstraints]]): per-table constraints.
+        pipeline_type (PipelineType): training pipeline, for TorchRec's IO buffer model.
+        **kwargs: passed to ``EmbeddingStorageEstimator`` for the other tables.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+        pipeline_type: PipelineType = PipelineType.NONE,
+        **kwargs: Any,
+    ) -> None:
+        self._topology = topology
+        self._constraints = constraints or {}
+        self._pipeline_type = pipeline_type
+        self._base = EmbeddingStorageEstimator(topology, constraints, pipeline_type=pipeline_type, **kwargs)
+
+    def estimate(
+        self,
+        sharding_options: List[ShardingOption],
+        sharder_map: Optional[Mapping[str, Any]] = None,
+        sharder_data_map: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        data = _sharder_data(sharder_map, sharder_data_map)
+        others = [o for o in sharding_options if _tt_config(o) is None]
+        if others:
+            self._base.estimate(others, data)
+        for option in sharding_options:
+            config = _tt_config(option)
+            if config is None:
+                continue
+            num_poolings, batch_sizes = _poolings_and_batch_sizes(self._constraints, option)
+            input_sizes, output_sizes = _calculate_shard_io_sizes(
+                sharding_type=option.sharding_type,
+                batch_sizes=batch_sizes,
+                world_size=self._topology.world_size,
+                local_world_size=self._topology.intra_group_size,
+                input_lengths=option.input_lengths,
+                emb_dim=config.embedding_dim,
+                shard_sizes=[shard.size for shard in option.shards],
+                input_data_type_size=BYTES_PER_INDEX,
+                output_data_type_size=option.tensor.element_size(),
+                num_poolings=num_poolings,
+                is_pooled=True,
+            )
+            multiplier = _optimizer_multiplier(option)
+            for shard, input_bytes, output_bytes in zip(option.shards, input_sizes, output_sizes):
+                shard.storage = tt_shard_storage(
+                    config,
+                    self._topology.compute_device,
+                    multiplier,
+                    input_bytes,
+                    output_bytes,
+                    self._pipeline_type,
+                )
+
+
+class TTPerfEstimator(ShardEstimator):
+    """Perf of TT shards from their variant's FLOPs; others go to TorchRec's estimator.
+
+    Args:
+        topology (Topology): device topology.
+        constraints (Optional[Dict[str, ParameterConstraints]]): per-table constraints;
+            ``pooling_factors`` give ``P`` per feature.
+        sample_batch (Optional[KeyedJaggedTensor]): a representative input batch; when
+            given, ``P_G`` (and ``P`` for tables without ``pooling_factors``) are measured
+            on it, else ``P_G`` is modelled as uniform draws.
+        flops_per_ms (Optional[float]): effective FLOP rate of the TT kernels; default
+            from ``DEFAULT_FLOPS_PER_MS`` for the topology's compute device.
+        **kwargs: passed to ``EmbeddingPerfEstimator`` for comms and the other tables.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+        sample_batch: Optional[KeyedJaggedTensor] = None,
+        flops_per_ms: Optional[float] = None,
+        **kwargs: Any,
+    ) -> None:
+        self._topology = topology
+        self._constraints = constraints or {}
+        self._sample_batch = sample_batch
+        self._flops_per_ms = flops_per_ms or DEFAULT_FLOPS_PER_MS.get(topology.compute_device, DEFAULT_FLOPS_PER_MS["cpu"])
+        self._measured: Dict[str, Dict[str, GroupStats]] = {}
+        self._base = EmbeddingPerfEstimator(topology, constraints, **kwargs)
+
+    def estimate(
+        self,
+        sharding_options: List[ShardingOption],
+        sharder_map: Optional[Mapping[str, Any]] = None,
+        sharder_data_map: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        data = _sharder_data(sharder_map, sharder_data_map)
+        tt_options = [o for o in sharding_options if _tt_config(o) is not None]
+        with _priced_as_fused(tt_options):
+            self._base.estimate(sharding_options, data)
+        for option in tt_options:
+            config = _tt_config(option)
+            fwd, bwd = tt_compute_ms(self.op_counts(option, config), config.variant, self._flops_per_ms)
+            for shard in option.shards:
+                shard.perf = dataclasses.replace(shard.perf, fwd_compute=fwd, bwd_compute=bwd)
+
+    def op_counts(self, option: ShardingOption, config: TTEmbeddingBagConfig) -> OpCounts:
+        """Modelled or measured op counts of one iteration of the shard (the whole table)."""
+        constraint = self._constraints.get(option.name)
+        has_pooling_factors = bool(constraint and constraint.pooling_factors)
+        measured = self._group_stats(config)
+        num_poolings, batch_sizes = _poolings_and_batch_sizes(self._constraints, option)
+        # TorchRec prices a table as one input unless constraints give one pooling factor
+        # per feature; measured statistics follow the same split.
+        if len(config.feature_names) == option.num_inputs:
+            input_stats = [measured.get(f) for f in config.feature_names]
+        else:
+            pooled = GroupStats.pooled(list(measured.values())) if measured else None
+            input_stats = [pooled] * option.num_inputs
+        bags, pooling_factors, groups_per_bag = [], [], []
+        for stats, length, pools, batch in zip(input_stats, option.input_lengths, num_poolings, batch_sizes):
+            # Table-wise: the owner pools every rank's bags of the input.
+            bags.append(batch * pools * self._topology.world_size)
+            if stats is None:
+                pooling_factors.append(length)
+                groups_per_bag.append(None)
+            else:
+                p = length if has_pooling_factors else stats.pooling_factor
+                pooling_factors.append(p)
+                groups_per_bag.append(p * stats.groups_per_bag / stats.pooling_factor if stats.pooling_factor else 0.0)
+        return table_op_counts(config, bags, pooling_factors, groups_per_bag)
+
+    def _group_stats(self, config: TTEmbeddingBagConfig) -> Dict[str, GroupStats]:
+        if self._sample_batch is None:
+            return {}
+        if config.name not in self._measured:
+            self._measured[config.name] = measure_group_stats(config, self._sample_batch)
+        return self._measured[config.name]
+
+
+def make_tt_planner(
+    topology: Topology,
+    batch_size: int,
+    constraints: Optional[Dict[str, ParameterConstraints]] = None,
+    sample_batch: Optional[KeyedJaggedTensor] = None,
+    flops_per_ms: Optional[float] = None,
+    pipeline_type: PipelineType = PipelineType.NONE,
+    **planner_kwargs: Any,
+) -> EmbeddingShardingPlanner:
+    """An ``EmbeddingShardingPlanner`` that prices TT tables with the TT estimators.
+
+    Plans TT and regular TorchRec tables of a model in one call (``plan`` or
+    ``collective_plan`` with both sharders).
+
+    Args:
+        topology (Topology): device topology (``compute_device``, ``hbm_cap``, ...).
+        batch_size (int): per-rank batch size.
+        constraints (Optional[Dict[str, ParameterConstraints]]): per-table constraints.
+        sample_batch (Optional[KeyedJaggedTensor]): representative batch for ``P_G``.
+        flops_per_ms (Optional[float]): effective FLOP rate of the TT kernels.
+        pipeline_type (PipelineType): training pipeline, for the IO buffer model.
+        **planner_kwargs: more ``EmbeddingShardingPlanner`` arguments.
+    """
+    enumerator = EmbeddingEnumerator(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=constraints,
+        estimator=[
+            TTPerfEstimator(topology, constraints, sample_batch=sample_batch, flops_per_ms=flops_per_ms),
+            TTStorageEstimator(topology, constraints, pipeline_type=pipeline_type),
+        ],
+    )
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        enumerator=enumerator,
+        constraints=constraints,
+        **planner_kwargs,
+    )
