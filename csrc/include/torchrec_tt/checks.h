@@ -1,0 +1,225 @@
+// Input checks at the op boundary, shared by the CPU and CUDA implementations.
+//
+// Every message names the op, the argument, what was expected and what was found. The *_cpu checks
+// read tensor values and must only be called on CPU tensors (the CUDA path never reads device values).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/irange.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "torchrec_tt/tt_layout.h"
+
+namespace torchrec_tt {
+
+constexpr int64_t kPoolingSum = 0;
+constexpr int64_t kPoolingMean = 1;
+constexpr int64_t kVariantTT = 0;
+constexpr int64_t kVariantGRT = 1;
+
+inline bool is_core_dtype(at::ScalarType t, bool allow_reduced_precision) {
+  return t == at::kFloat || t == at::kDouble ||
+      (allow_reduced_precision && (t == at::kHalf || t == at::kBFloat16));
+}
+
+// Checks the cores of one table and returns its layout: 2 <= d <= 4, each core 4-D
+// (m_k, R[k], n_k, R[k+1]) with positive sizes, R[0] = R[d] = 1, a consistent rank chain, one
+// floating dtype (float32/float64; half/bfloat16 only where allow_reduced_precision) and one device.
+inline TTLayout check_cores(
+    const char* op,
+    at::TensorList cores,
+    bool allow_reduced_precision) {
+  const int64_t d = static_cast<int64_t>(cores.size());
+  TORCH_CHECK(
+      d >= kMinCores && d <= kMaxCores,
+      op, ": expected ", kMinCores, " to ", kMaxCores, " cores, got ", d);
+  const at::Tensor& c0 = cores[0];
+  TORCH_CHECK(
+      is_core_dtype(c0.scalar_type(), allow_reduced_precision),
+      op, ": cores must be ",
+      allow_reduced_precision ? "float32, float64, float16 or bfloat16" : "float32 or float64",
+      " on device ", c0.device(), ", got cores[0] of dtype ", c0.scalar_type());
+  TTLayout layout;
+  layout.d = d;
+  for (const auto k : c10::irange(d)) {
+    const at::Tensor& c = cores[k];
+    TORCH_CHECK(
+        c.dim() == 4,
+        op, ": cores[", k, "] must be 4-D (m_k, R[k], n_k, R[k+1]), got ", c.dim(),
+        "-D tensor of shape ", c.sizes());
+    TORCH_CHECK(
+        c.scalar_type() == c0.scalar_type(),
+        op, ": all cores must have one dtype; cores[0] is ", c0.scalar_type(), " but cores[", k,
+        "] is ", c.scalar_type());
+    TORCH_CHECK(
+        c.device() == c0.device(),
+        op, ": all cores must be on one device; cores[0] is on ", c0.device(), " but cores[", k,
+        "] is on ", c.device());
+    for (const auto t : c10::irange(4)) {
+      TORCH_CHECK(
+          c.size(t) >= 1,
+          op, ": cores[", k, "] must have positive sizes, got shape ", c.sizes());
+    }
+    layout.m[k] = c.size(0);
+    layout.n[k] = c.size(2);
+    layout.R[k] = c.size(1);
+    if (k > 0) {
+      TORCH_CHECK(
+          cores[k - 1].size(3) == c.size(1),
+          op, ": rank mismatch between consecutive cores: cores[", k - 1, "].size(3) = ",
+          cores[k - 1].size(3), " but cores[", k, "].size(1) = ", c.size(1));
+    }
+  }
+  layout.R[d] = cores[d - 1].size(3);
+  TORCH_CHECK(
+      layout.R[0] == 1,
+      op, ": the first core must have R[0] = 1, got cores[0].size(1) = ", layout.R[0]);
+  TORCH_CHECK(
+      layout.R[d] == 1,
+      op, ": the last core must have R[d] = 1, got cores[", d - 1, "].size(3) = ", layout.R[d]);
+  int64_t rows = 1;
+  for (const auto k : c10::irange(d)) {
+    TORCH_CHECK(
+        rows <= std::numeric_limits<int64_t>::max() / layout.m[k],
+        op, ": prod(m) over the cores' size(0) overflows int64");
+    rows *= layout.m[k];
+  }
+  return layout;
+}
+
+// indices and offsets: 1-D, one integer dtype (int32 or int64), offsets non-empty (B + 1 entries),
+// both on `device`.
+inline void check_indices_offsets(
+    const char* op,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const c10::Device& device) {
+  TORCH_CHECK(
+      indices.dim() == 1, op, ": indices must be 1-D, got ", indices.dim(),
+      "-D tensor of shape ", indices.sizes());
+  TORCH_CHECK(
+      offsets.dim() == 1, op, ": offsets must be 1-D, got ", offsets.dim(),
+      "-D tensor of shape ", offsets.sizes());
+  TORCH_CHECK(
+      indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+      op, ": indices must be int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK(
+      offsets.scalar_type() == indices.scalar_type(),
+      op, ": offsets must have the dtype of indices (", indices.scalar_type(), "), got ",
+      offsets.scalar_type());
+  TORCH_CHECK(
+      offsets.numel() >= 1,
+      op, ": offsets must have B + 1 >= 1 entries (offsets[0] = 0), got an empty tensor");
+  TORCH_CHECK(
+      indices.device() == device, op, ": indices must be on ", device, ", got ", indices.device());
+  TORCH_CHECK(
+      offsets.device() == device, op, ": offsets must be on ", device, ", got ", offsets.device());
+}
+
+// per_sample_weights (optional): 1-D with indices.numel() entries, dtype and device of `like`.
+inline void check_per_sample_weights(
+    const char* op,
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t nnz,
+    const at::Tensor& like) {
+  if (!per_sample_weights.has_value()) {
+    return;
+  }
+  const at::Tensor& w = *per_sample_weights;
+  TORCH_CHECK(
+      w.dim() == 1 && w.numel() == nnz,
+      op, ": per_sample_weights must be 1-D with indices.numel() = ", nnz,
+      " entries, got shape ", w.sizes());
+  TORCH_CHECK(
+      w.scalar_type() == like.scalar_type(),
+      op, ": per_sample_weights must have the cores' dtype (", like.scalar_type(), "), got ",
+      w.scalar_type());
+  TORCH_CHECK(
+      w.device() == like.device(),
+      op, ": per_sample_weights must be on ", like.device(), ", got ", w.device());
+}
+
+inline void check_modes(const char* op, int64_t pooling_mode, int64_t variant) {
+  TORCH_CHECK(
+      pooling_mode == kPoolingSum || pooling_mode == kPoolingMean,
+      op, ": pooling_mode must be 0 (sum) or 1 (mean), got ", pooling_mode);
+  TORCH_CHECK(
+      variant == kVariantTT || variant == kVariantGRT,
+      op, ": variant must be 0 (tt) or 1 (grt), got ", variant);
+}
+
+inline void check_grad_output(
+    const char* op,
+    const at::Tensor& grad_output,
+    int64_t batch_size,
+    int64_t embedding_dim,
+    const at::Tensor& like) {
+  TORCH_CHECK(
+      grad_output.dim() == 2 && grad_output.size(0) == batch_size &&
+          grad_output.size(1) == embedding_dim,
+      op, ": grad_output must have shape (B, N) = (", batch_size, ", ", embedding_dim, "), got ",
+      grad_output.sizes());
+  TORCH_CHECK(
+      grad_output.scalar_type() == like.scalar_type(),
+      op, ": grad_output must have the cores' dtype (", like.scalar_type(), "), got ",
+      grad_output.scalar_type());
+  TORCH_CHECK(
+      grad_output.device() == like.device(),
+      op, ": grad_output must be on ", like.device(), ", got ", grad_output.device());
+}
+
+// CPU only (reads values). offsets must be contiguous: offsets[0] == 0, offsets[B] == nnz and
+// non-decreasing.
+template <typename index_t>
+inline void check_offsets_values_cpu(const char* op, const index_t* offsets, int64_t B, int64_t nnz) {
+  TORCH_CHECK(
+      static_cast<int64_t>(offsets[0]) == 0,
+      op, ": offsets[0] must be 0, got ", static_cast<int64_t>(offsets[0]));
+  TORCH_CHECK(
+      static_cast<int64_t>(offsets[B]) == nnz,
+      op, ": offsets[-1] (offsets[", B, "]) must equal indices.numel() = ", nnz, ", got ",
+      static_cast<int64_t>(offsets[B]));
+  for (int64_t b = 0; b < B; ++b) {
+    if (C10_UNLIKELY(offsets[b + 1] < offsets[b])) {
+      TORCH_CHECK(
+          false, op, ": offsets must be non-decreasing, but offsets[", b, "] = ",
+          static_cast<int64_t>(offsets[b]), " > offsets[", b + 1, "] = ",
+          static_cast<int64_t>(offsets[b + 1]));
+    }
+  }
+}
+
+// CPU only (reads values). Every index must lie in [0, num_rows); num_rows < 0 means unbounded
+// (only non-negativity is checked).
+template <typename index_t>
+inline void check_indices_range_cpu(
+    const char* op,
+    const index_t* indices,
+    int64_t nnz,
+    int64_t num_rows) {
+  const uint64_t hi = num_rows < 0 ? static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) + 1
+                                   : static_cast<uint64_t>(num_rows);
+  bool ok = true;
+  for (int64_t j = 0; j < nnz; ++j) {
+    ok &= static_cast<uint64_t>(static_cast<int64_t>(indices[j])) < hi;
+  }
+  if (C10_LIKELY(ok)) {
+    return;
+  }
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t v = static_cast<int64_t>(indices[j]);
+    if (num_rows < 0) {
+      TORCH_CHECK(v >= 0, op, ": indices[", j, "] = ", v, " is negative");
+    } else {
+      TORCH_CHECK(
+          v >= 0 && v < num_rows,
+          op, ": indices[", j, "] = ", v, " is out of range [0, ", num_rows, ")");
+    }
+  }
+}
+
+} // namespace torchrec_tt

@@ -1,0 +1,72 @@
+"""Builds the torchrec_tt._C extension (metadata lives in pyproject.toml).
+
+CPU build (always): csrc/ops.cpp (schemas) + csrc/cpu/*.cpp (CPU kernels), C++ with -O3 and OpenMP
+(at::parallel_for). CUDA build: when torch has CUDA (torch.version.cuda) and a CUDA toolkit is found
+(CUDA_HOME), csrc/cuda/*.cu (+ csrc/cuda/*.cpp) are added, compiled with nvcc, and
+TORCHREC_TT_WITH_CUDA is defined. Set TORCHREC_TT_FORCE_CPU=1 to skip the CUDA sources.
+
+Install with `pip install --no-build-isolation -e .` (an isolated build would fetch another torch).
+The C++ standard is left to torch.utils.cpp_extension (c++17 with torch 2.11, c++20 with 2.13,
+whose headers require it); the project's sources are C++17.
+"""
+
+import glob
+import os
+import sys
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import (
+    BuildExtension,
+    CppExtension,
+    CUDA_HOME,
+    CUDAExtension,
+)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("TORCHREC_TT_FORCE_CPU", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3"]
+    link_args = []
+    if sys.platform.startswith("linux"):
+        cxx_flags += ["-fopenmp"]
+        link_args += ["-fopenmp"]
+    if _with_cuda():
+        cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+        if cuda_sources:
+            return CUDAExtension(
+                name="torchrec_tt._C",
+                sources=sources + cuda_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={
+                    "cxx": cxx_flags + ["-DTORCHREC_TT_WITH_CUDA"],
+                    "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DTORCHREC_TT_WITH_CUDA"],
+                },
+                extra_link_args=link_args,
+            )
+    return CppExtension(
+        name="torchrec_tt._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_args,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
