@@ -1,0 +1,716 @@
+// Runs the CUDA kernels of csrc/cuda/*.cuh on CPU threads (cuda_emu.h) and compares them with a
+// straightforward double-precision reference: group_plan, forward and backward of both variants,
+// sum/mean pooling, per-sample weights, empty bags, d = 2..4, float/double/half/bfloat16 cores,
+// int32/int64 indices, default (atomic) and deterministic reductions, invalid inputs.
+//
+//   g++ -std=c++20 -O1 -pthread -I<cuda>/include csrc/cuda_check/emu_test.cpp -o /tmp/emu_test
+//   (optionally -DTORCHREC_TT_MAX_GRID_BLOCKS=3 -DTORCHREC_TT_CHUNK_ITEMS=3: tiny grids and chunks)
+//   /tmp/emu_test [iterations] [seed]
+// (.ci/compile_cuda.sh builds and runs it; add -fsanitize=address,undefined for memory checks.)
+
+#include "cuda_emu.h"
+
+#include "../cuda/tt_backward.cuh"
+#include "../cuda/tt_forward.cuh"
+#include "../cuda/tt_group_plan.cuh"
+#include "../cuda/tt_input_checks.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+using namespace torchrec_tt::gpu;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+#define EXPECT(cond, ...)                                     \
+  do {                                                        \
+    ++g_checks;                                               \
+    if (!(cond)) {                                            \
+      ++g_failures;                                           \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);        \
+      std::printf(__VA_ARGS__);                               \
+      std::printf("\n");                                      \
+    }                                                         \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Problem and reference
+// ---------------------------------------------------------------------------------------------
+
+struct Problem {
+  int d = 0;
+  std::vector<int64_t> m, n, R; // R: d + 1 full ranks
+  std::vector<std::vector<double>> cores; // values already rounded to the tested dtype
+  std::vector<int64_t> indices;
+  std::vector<int64_t> offsets; // B + 1
+  bool has_psw = false;
+  std::vector<double> psw;
+  int mode = 0; // 0 sum, 1 mean
+  std::vector<double> grad; // B x N
+  int64_t B() const {
+    return static_cast<int64_t>(offsets.size()) - 1;
+  }
+  int64_t nnz() const {
+    return static_cast<int64_t>(indices.size());
+  }
+  int64_t rows() const {
+    int64_t r = 1;
+    for (int k = 0; k < d; ++k) {
+      r *= m[k];
+    }
+    return r;
+  }
+  int64_t N() const {
+    int64_t r = 1;
+    for (int k = 0; k < d; ++k) {
+      r *= n[k];
+    }
+    return r;
+  }
+  int64_t slice(int k) const {
+    return R[k] * n[k] * R[k + 1];
+  }
+};
+
+std::vector<int64_t> digits_of(const Problem& P, int64_t row) {
+  std::vector<int64_t> dg(P.d);
+  for (int k = P.d - 1; k >= 0; --k) {
+    dg[k] = row % P.m[k];
+    row /= P.m[k];
+  }
+  return dg;
+}
+
+// A_k for k = 0..d-1 (A_{d-1} is the row).
+std::vector<std::vector<double>> chain_forward(const Problem& P, int64_t row) {
+  const auto dg = digits_of(P, row);
+  std::vector<std::vector<double>> acts;
+  std::vector<double> A{1.0};
+  int64_t Nprev = 1;
+  for (int k = 0; k < P.d; ++k) {
+    const int64_t Rk = P.R[k];
+    const int64_t L = P.n[k] * P.R[k + 1];
+    const double* C = P.cores[k].data() + dg[k] * Rk * L;
+    std::vector<double> out(static_cast<size_t>(Nprev * L), 0.0);
+    for (int64_t p = 0; p < Nprev; ++p) {
+      for (int64_t r = 0; r < L; ++r) {
+        double s = 0;
+        for (int64_t a = 0; a < Rk; ++a) {
+          s += A[p * Rk + a] * C[a * L + r];
+        }
+        out[p * L + r] = s;
+      }
+    }
+    Nprev *= P.n[k];
+    A = out;
+    acts.push_back(A);
+  }
+  return acts;
+}
+
+void chain_backward(const Problem& P, int64_t row, const std::vector<double>& G,
+                    std::vector<std::vector<double>>& dcores) {
+  const auto dg = digits_of(P, row);
+  const auto acts = chain_forward(P, row);
+  std::vector<double> dA = G;
+  for (int k = P.d - 1; k >= 0; --k) {
+    const int64_t Rk = P.R[k];
+    const int64_t L = P.n[k] * P.R[k + 1];
+    int64_t Nprev = 1;
+    for (int t = 0; t < k; ++t) {
+      Nprev *= P.n[t];
+    }
+    const std::vector<double> one{1.0};
+    const std::vector<double>& Aprev = k > 0 ? acts[k - 1] : one;
+    const double* C = P.cores[k].data() + dg[k] * Rk * L;
+    double* dC = dcores[k].data() + dg[k] * Rk * L;
+    for (int64_t a = 0; a < Rk; ++a) {
+      for (int64_t r = 0; r < L; ++r) {
+        double s = 0;
+        for (int64_t p = 0; p < Nprev; ++p) {
+          s += Aprev[p * Rk + a] * dA[p * L + r];
+        }
+        dC[a * L + r] += s;
+      }
+    }
+    if (k > 0) {
+      std::vector<double> dprev(static_cast<size_t>(Nprev * Rk), 0.0);
+      for (int64_t p = 0; p < Nprev; ++p) {
+        for (int64_t a = 0; a < Rk; ++a) {
+          double s = 0;
+          for (int64_t r = 0; r < L; ++r) {
+            s += dA[p * L + r] * C[a * L + r];
+          }
+          dprev[p * Rk + a] = s;
+        }
+      }
+      dA = dprev;
+    }
+  }
+}
+
+// Bag of lookup j under the kernels' rules (offsets clamped into [0, nnz]; -1 if none or invalid).
+int64_t ref_bag(const Problem& P, int64_t j, int64_t num_rows) {
+  const int64_t nnz = P.nnz();
+  auto oc = [&](int64_t b) { return std::min<int64_t>(std::max<int64_t>(P.offsets[b], 0), nnz); };
+  int64_t lo = 0, hi = P.B() + 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (oc(mid) <= j) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t b = lo - 1;
+  bool ok = b >= 0 && b < P.B() && j >= oc(b) && j < oc(b + 1);
+  const int64_t idx = P.indices[j];
+  ok = ok && idx >= 0 && (num_rows < 0 || idx < num_rows);
+  return ok ? b : -1;
+}
+
+double ref_scale(const Problem& P, int64_t b) {
+  const int64_t nnz = P.nnz();
+  auto oc = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(P.offsets[x], 0), nnz); };
+  const int64_t len = oc(b + 1) - oc(b);
+  return (P.mode == 1 && len > 0) ? 1.0 / static_cast<double>(len) : 1.0;
+}
+
+struct RefOut {
+  std::vector<double> y;
+  std::vector<std::vector<double>> dcores;
+  std::vector<double> psw_grad;
+};
+
+RefOut reference(const Problem& P) {
+  RefOut o;
+  const int64_t N = P.N();
+  o.y.assign(static_cast<size_t>(P.B() * N), 0.0);
+  o.dcores.resize(P.d);
+  for (int k = 0; k < P.d; ++k) {
+    o.dcores[k].assign(static_cast<size_t>(P.m[k] * P.slice(k)), 0.0);
+  }
+  o.psw_grad.assign(static_cast<size_t>(P.nnz()), 0.0);
+  for (int64_t j = 0; j < P.nnz(); ++j) {
+    const int64_t b = ref_bag(P, j, P.rows());
+    if (b < 0) {
+      continue;
+    }
+    const double scale = ref_scale(P, b);
+    const double c = (P.has_psw ? P.psw[j] : 1.0) * scale;
+    const auto W = chain_forward(P, P.indices[j]).back();
+    std::vector<double> G(static_cast<size_t>(N));
+    double dot = 0;
+    for (int64_t e = 0; e < N; ++e) {
+      o.y[b * N + e] += c * W[e];
+      G[e] = c * P.grad[b * N + e];
+      dot += W[e] * P.grad[b * N + e];
+    }
+    o.psw_grad[j] = scale * dot;
+    chain_backward(P, P.indices[j], G, o.dcores);
+  }
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype helpers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+T to_t(double v);
+template <>
+float to_t<float>(double v) {
+  return static_cast<float>(v);
+}
+template <>
+double to_t<double>(double v) {
+  return v;
+}
+template <>
+__half to_t<__half>(double v) {
+  return __float2half_rn(static_cast<float>(v));
+}
+template <>
+__nv_bfloat16 to_t<__nv_bfloat16>(double v) {
+  return __float2bfloat16_rn(static_cast<float>(v));
+}
+double to_d(float v) {
+  return v;
+}
+double to_d(double v) {
+  return v;
+}
+double to_d(__half v) {
+  return __half2float(v);
+}
+double to_d(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+double round_t(double v) {
+  return to_d(to_t<T>(v));
+}
+
+template <typename T>
+const char* type_name();
+template <>
+const char* type_name<float>() {
+  return "float";
+}
+template <>
+const char* type_name<double>() {
+  return "double";
+}
+template <>
+const char* type_name<__half>() {
+  return "half";
+}
+template <>
+const char* type_name<__nv_bfloat16>() {
+  return "bf16";
+}
+
+template <typename T>
+double tolerance() {
+  if (std::is_same_v<T, double>) {
+    return 1e-10;
+  }
+  if (std::is_same_v<T, float>) {
+    return 2e-5;
+  }
+  if (std::is_same_v<T, __half>) {
+    return 4e-3;
+  }
+  return 2e-2;
+}
+
+// max |a - b| / (1 + max |b|) over the arrays.
+double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double scale = 0;
+  for (double v : b) {
+    scale = std::max(scale, std::fabs(v));
+  }
+  double err = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double e = std::fabs(a[i] - b[i]);
+    err = std::max(err, std::isnan(e) ? std::numeric_limits<double>::infinity() : e);
+  }
+  return err / (1.0 + scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the kernels
+// ---------------------------------------------------------------------------------------------
+
+struct GpuOut {
+  std::vector<double> y;
+  std::vector<std::vector<double>> dcores;
+  std::vector<double> psw_grad;
+  std::vector<std::vector<unsigned char>> raw; // bytes of dcores + psw_grad (determinism check)
+};
+
+template <typename scalar_t, typename index_t>
+GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic) {
+  using acc_t = acc_type<scalar_t>;
+  const TTDims t = make_tt_dims(P.d, P.m.data(), P.n.data(), P.R.data());
+  const int64_t B = P.B();
+  const int64_t nnz = P.nnz();
+  const int64_t N = P.N();
+  std::vector<std::vector<scalar_t>> cores(P.d);
+  CorePtrs<scalar_t> cp;
+  for (int k = 0; k < P.d; ++k) {
+    for (double v : P.cores[k]) {
+      cores[k].push_back(to_t<scalar_t>(v));
+    }
+    cp.p[k] = cores[k].data();
+  }
+  std::vector<index_t> idx(P.indices.begin(), P.indices.end());
+  std::vector<index_t> off(P.offsets.begin(), P.offsets.end());
+  std::vector<scalar_t> psw;
+  for (double v : P.psw) {
+    psw.push_back(to_t<scalar_t>(v));
+  }
+  const scalar_t* psw_ptr = P.has_psw ? psw.data() : nullptr;
+  std::vector<scalar_t> y(static_cast<size_t>(B * N));
+  std::memset(static_cast<void*>(y.data()), 0xff, y.size() * sizeof(scalar_t));
+  GpuOut o;
+  {
+    tt_emu::Ctx ctx;
+    if (variant == 1) {
+      grt_forward<scalar_t, index_t>(ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, y.data());
+    } else {
+      tt_forward<scalar_t, index_t>(ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, y.data());
+    }
+  }
+  for (auto v : y) {
+    o.y.push_back(to_d(v));
+  }
+  if (!backward) {
+    return o;
+  }
+  std::vector<scalar_t> g;
+  for (double v : P.grad) {
+    g.push_back(to_t<scalar_t>(v));
+  }
+  std::vector<std::vector<acc_t>> grads(P.d);
+  acc_t* gp[4] = {};
+  for (int k = 0; k < P.d; ++k) {
+    grads[k].assign(static_cast<size_t>(P.m[k] * P.slice(k)), acc_t(0));
+    gp[k] = grads[k].data();
+  }
+  std::vector<scalar_t> pg(static_cast<size_t>(nnz), to_t<scalar_t>(0.0));
+  scalar_t* pg_ptr = P.has_psw ? pg.data() : nullptr;
+  {
+    tt_emu::Ctx ctx;
+    if (variant == 1) {
+      grt_backward<scalar_t, index_t>(
+          ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, g.data(), gp, pg_ptr, deterministic);
+    } else {
+      tt_backward<scalar_t, index_t>(
+          ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, g.data(), gp, pg_ptr, deterministic);
+    }
+  }
+  for (int k = 0; k < P.d; ++k) {
+    std::vector<double> dc;
+    for (auto v : grads[k]) {
+      dc.push_back(static_cast<double>(v));
+    }
+    o.dcores.push_back(dc);
+    const auto* bytes = reinterpret_cast<const unsigned char*>(grads[k].data());
+    o.raw.emplace_back(bytes, bytes + grads[k].size() * sizeof(acc_t));
+  }
+  for (auto v : pg) {
+    o.psw_grad.push_back(to_d(v));
+  }
+  const auto* pbytes = reinterpret_cast<const unsigned char*>(pg.data());
+  o.raw.emplace_back(pbytes, pbytes + pg.size() * sizeof(scalar_t));
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem generation
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+Problem make_problem(std::mt19937_64& rng, int d, bool invalid_indices) {
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  auto real = [&]() { return std::uniform_real_distribution<double>(-1.0, 1.0)(rng); };
+  Problem P;
+  P.d = d;
+  P.R.assign(d + 1, 1);
+  for (int k = 0; k < d; ++k) {
+    P.m.push_back(uni(1, 5));
+    P.n.push_back(uni(1, 3));
+    if (k > 0) {
+      P.R[k] = uni(1, 6);
+    }
+  }
+  if (uni(0, 3) == 0) { // a wider rank now and then (more than a warp of elements)
+    P.R[d - 1] = uni(17, 40);
+  }
+  if (uni(0, 4) == 0) { // a wider last dim
+    P.n[d - 1] = uni(4, 9);
+  }
+  P.cores.resize(d);
+  for (int k = 0; k < d; ++k) {
+    const int64_t numel = P.m[k] * P.slice(k);
+    for (int64_t i = 0; i < numel; ++i) {
+      P.cores[k].push_back(round_t<scalar_t>(real()));
+    }
+  }
+  const int64_t B = uni(1, 9);
+  const int64_t rows = P.rows();
+  // A small pool of rows so that bags repeat rows and groups (segments with several lookups, slots
+  // shared by several bags).
+  std::vector<int64_t> pool;
+  const int64_t pool_size = uni(1, 8);
+  for (int64_t i = 0; i < pool_size; ++i) {
+    pool.push_back(uni(0, rows - 1));
+  }
+  P.offsets.push_back(0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = uni(0, 3) == 0 ? 0 : uni(1, 7);
+    for (int64_t i = 0; i < len; ++i) {
+      int64_t v = uni(0, 2) == 0 ? uni(0, rows - 1) : pool[uni(0, pool_size - 1)];
+      if (invalid_indices && uni(0, 5) == 0) {
+        v = uni(0, 1) == 0 ? -uni(1, 5) : rows + uni(0, 5);
+      }
+      P.indices.push_back(v);
+    }
+    P.offsets.push_back(static_cast<int64_t>(P.indices.size()));
+  }
+  P.has_psw = uni(0, 1) == 1;
+  for (int64_t j = 0; j < P.nnz(); ++j) {
+    P.psw.push_back(round_t<scalar_t>(real()));
+  }
+  if (!P.has_psw) {
+    P.psw.clear();
+  }
+  P.mode = static_cast<int>(uni(0, 1));
+  for (int64_t i = 0; i < B * P.N(); ++i) {
+    P.grad.push_back(round_t<scalar_t>(real()));
+  }
+  return P;
+}
+
+// The paper's table shape (rows [21, 22, 50], dims [4, 4, 4], ranks [1, 32, 32, 1]) with a small
+// batch of long bags over a few hot rows: N = 64 (two outputs per lane), R' = 32, a 4096-element
+// core slice (several chunk tiles) and runs longer than a chunk.
+template <typename scalar_t>
+Problem make_paper_problem(std::mt19937_64& rng, int64_t B, int64_t bag_len) {
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  auto real = [&]() { return std::uniform_real_distribution<double>(-1.0, 1.0)(rng); };
+  Problem P;
+  P.d = 3;
+  P.m = {21, 22, 50};
+  P.n = {4, 4, 4};
+  P.R = {1, 32, 32, 1};
+  P.cores.resize(3);
+  for (int k = 0; k < 3; ++k) {
+    for (int64_t i = 0; i < P.m[k] * P.slice(k); ++i) {
+      P.cores[k].push_back(round_t<scalar_t>(0.3 * real()));
+    }
+  }
+  std::vector<int64_t> hot;
+  for (int i = 0; i < 12; ++i) {
+    hot.push_back(uni(0, P.rows() - 1));
+  }
+  P.offsets.push_back(0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < bag_len; ++i) {
+      P.indices.push_back(uni(0, 3) == 0 ? uni(0, P.rows() - 1) : hot[uni(0, 11)]);
+    }
+    P.offsets.push_back(static_cast<int64_t>(P.indices.size()));
+  }
+  P.has_psw = true;
+  for (int64_t j = 0; j < P.nnz(); ++j) {
+    P.psw.push_back(round_t<scalar_t>(real()));
+  }
+  P.mode = 1;
+  for (int64_t i = 0; i < B * P.N(); ++i) {
+    P.grad.push_back(round_t<scalar_t>(real()));
+  }
+  return P;
+}
+
+std::string describe(const Problem& P) {
+  std::string s = "d=" + std::to_string(P.d) + " m=[";
+  for (auto v : P.m) s += std::to_string(v) + ",";
+  s += "] n=[";
+  for (auto v : P.n) s += std::to_string(v) + ",";
+  s += "] R=[";
+  for (auto v : P.R) s += std::to_string(v) + ",";
+  s += "] B=" + std::to_string(P.B()) + " nnz=" + std::to_string(P.nnz()) +
+      " psw=" + std::to_string(P.has_psw) + " mode=" + std::to_string(P.mode);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename index_t>
+void check_problem(const Problem& P) {
+  const RefOut ref = reference(P);
+  const double tol = tolerance<scalar_t>();
+  for (int variant = 0; variant <= 1; ++variant) {
+    for (int det = 0; det <= 1; ++det) {
+      const GpuOut g = run_gpu<scalar_t, index_t>(P, variant, /*backward=*/true, det == 1);
+      const std::string what = std::string(type_name<scalar_t>()) + "/" +
+          (sizeof(index_t) == 4 ? "i32" : "i64") + " variant=" + std::to_string(variant) +
+          " det=" + std::to_string(det) + " " + describe(P);
+      const double ey = rel_err(g.y, ref.y);
+      EXPECT(ey <= tol, "forward err %.3g > %.3g: %s", ey, tol, what.c_str());
+      for (int k = 0; k < P.d; ++k) {
+        const double ec = rel_err(g.dcores[k], ref.dcores[k]);
+        EXPECT(ec <= tol, "dcore[%d] err %.3g > %.3g: %s", k, ec, tol, what.c_str());
+      }
+      if (P.has_psw) {
+        const double ep = rel_err(g.psw_grad, ref.psw_grad);
+        EXPECT(ep <= tol, "psw_grad err %.3g > %.3g: %s", ep, tol, what.c_str());
+      }
+      if (det == 1) {
+        const GpuOut g2 = run_gpu<scalar_t, index_t>(P, variant, true, true);
+        EXPECT(g2.raw == g.raw, "deterministic backward differs between runs: %s", what.c_str());
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void test_ops(std::mt19937_64& rng, int d, bool invalid_indices) {
+  check_problem<scalar_t, index_t>(make_problem<scalar_t>(rng, d, invalid_indices));
+}
+
+// group_plan op against a map-based reference.
+template <typename index_t>
+void test_group_plan(std::mt19937_64& rng, bool huge) {
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  Problem P;
+  const int64_t B = uni(1, 12);
+  const int64_t last_rows = uni(1, 6);
+  const int64_t hi = huge && sizeof(index_t) == 8 ? (int64_t{1} << 62) : uni(1, 40);
+  std::vector<int64_t> pool;
+  for (int i = 0; i < 6; ++i) {
+    pool.push_back(uni(0, hi));
+  }
+  P.offsets.push_back(0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = uni(0, 2) == 0 ? 0 : uni(1, 8);
+    for (int64_t i = 0; i < len; ++i) {
+      int64_t v = uni(0, 1) == 0 ? pool[uni(0, 5)] : uni(0, hi);
+      if (uni(0, 9) == 0) {
+        v = -uni(1, 3); // invalid
+      }
+      P.indices.push_back(v);
+    }
+    P.offsets.push_back(static_cast<int64_t>(P.indices.size()));
+  }
+  const int64_t nnz = P.nnz();
+  // Reference.
+  std::set<std::pair<int64_t, int64_t>> segs;
+  std::set<int64_t> slots;
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t b = ref_bag(P, j, -1);
+    if (b >= 0) {
+      segs.insert({b, P.indices[j] / last_rows});
+      slots.insert(P.indices[j] / last_rows);
+    }
+  }
+  const std::vector<std::pair<int64_t, int64_t>> seg_list(segs.begin(), segs.end());
+  const std::vector<int64_t> slot_list(slots.begin(), slots.end());
+  // Kernels.
+  std::vector<index_t> idx(P.indices.begin(), P.indices.end());
+  std::vector<index_t> off(P.offsets.begin(), P.offsets.end());
+  const size_t n1 = static_cast<size_t>(std::max<int64_t>(nnz, 1));
+  std::vector<int64_t> lookup_segment(n1, -7), segment_bag(n1, -7), segment_group(n1, -7),
+      segment_slot(n1, -7), slot_group(n1, -7), counts(2, -7);
+  PlanOutputs out;
+  out.lookup_segment = lookup_segment.data();
+  out.segment_bag = segment_bag.data();
+  out.segment_group = segment_group.data();
+  out.segment_slot = segment_slot.data();
+  out.slot_group = slot_group.data();
+  out.counts = counts.data();
+  {
+    tt_emu::Ctx ctx;
+    group_plan_op<index_t>(ctx, idx.data(), off.data(), B, nnz, last_rows, out);
+  }
+  const int64_t S = static_cast<int64_t>(seg_list.size());
+  const int64_t U = static_cast<int64_t>(slot_list.size());
+  EXPECT(counts[0] == S && counts[1] == U, "group_plan counts [%lld, %lld] != [%lld, %lld]",
+         (long long)counts[0], (long long)counts[1], (long long)S, (long long)U);
+  if (counts[0] != S || counts[1] != U) {
+    return;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    EXPECT(segment_bag[s] == seg_list[s].first && segment_group[s] == seg_list[s].second,
+           "segment %lld", (long long)s);
+    const auto it = std::lower_bound(slot_list.begin(), slot_list.end(), seg_list[s].second);
+    EXPECT(segment_slot[s] == it - slot_list.begin(), "segment_slot %lld", (long long)s);
+  }
+  for (int64_t u = 0; u < U; ++u) {
+    EXPECT(slot_group[u] == slot_list[u], "slot_group %lld", (long long)u);
+  }
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t b = ref_bag(P, j, -1);
+    int64_t want = -1;
+    if (b >= 0) {
+      want = std::lower_bound(seg_list.begin(), seg_list.end(),
+                              std::make_pair(b, P.indices[j] / last_rows)) - seg_list.begin();
+    }
+    EXPECT(lookup_segment[j] == want, "lookup_segment[%lld] = %lld, want %lld", (long long)j,
+           (long long)lookup_segment[j], (long long)want);
+  }
+}
+
+// Offsets that are not a valid CSR (decreasing, negative, past nnz): no crash, finite results.
+template <typename index_t>
+void test_bad_offsets(std::mt19937_64& rng) {
+  Problem P = make_problem<float>(rng, 3, true);
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  for (auto& o : P.offsets) {
+    if (uni(0, 2) == 0) {
+      o = uni(-5, P.nnz() + 5);
+    }
+  }
+  for (int variant = 0; variant <= 1; ++variant) {
+    const GpuOut g = run_gpu<float, index_t>(P, variant, true, variant == 1);
+    bool finite = true;
+    for (double v : g.y) {
+      finite = finite && std::isfinite(v);
+    }
+    for (const auto& dc : g.dcores) {
+      for (double v : dc) {
+        finite = finite && std::isfinite(v);
+      }
+    }
+    EXPECT(finite, "non-finite results with bad offsets (variant %d): %s", variant, describe(P).c_str());
+    // The kernels' semantics: the reference with the same bag rule.
+    const RefOut ref = reference(P);
+    const double ey = rel_err(g.y, ref.y);
+    EXPECT(ey <= 2e-5, "bad offsets forward err %.3g (variant %d)", ey, variant);
+  }
+  // The opt-in value check flags them.
+  std::vector<index_t> idx(P.indices.begin(), P.indices.end());
+  std::vector<index_t> off(P.offsets.begin(), P.offsets.end());
+  unsigned long long err[3] = {0, ~0ull, ~0ull};
+  {
+    tt_emu::Ctx ctx;
+    launch_check_inputs<index_t>(ctx, idx.data(), off.data(), P.B(), P.nnz(), P.rows(), err);
+  }
+  bool want_idx = false;
+  unsigned long long first_bad = ~0ull;
+  for (int64_t j = 0; j < P.nnz(); ++j) {
+    if (P.indices[j] < 0 || P.indices[j] >= P.rows()) {
+      want_idx = true;
+      first_bad = std::min<unsigned long long>(first_bad, j);
+    }
+  }
+  bool want_dec = false;
+  for (int64_t b = 0; b < P.B(); ++b) {
+    want_dec = want_dec || P.offsets[b + 1] < P.offsets[b];
+  }
+  EXPECT(((err[0] & 1) != 0) == want_idx && err[1] == first_bad, "check_inputs index flag");
+  EXPECT(((err[0] & 2) != 0) == (P.offsets[0] != 0), "check_inputs offsets[0] flag");
+  EXPECT(((err[0] & 4) != 0) == (P.offsets.back() != P.nnz()), "check_inputs offsets[B] flag");
+  EXPECT(((err[0] & 8) != 0) == want_dec, "check_inputs decreasing flag");
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  const int iters = argc > 1 ? std::atoi(argv[1]) : 3;
+  const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 12345;
+  std::mt19937_64 rng(seed);
+  check_problem<float, int64_t>(make_paper_problem<float>(rng, 6, 40));
+  std::printf("paper-shaped problem: %d checks, %d failures\n", g_checks, g_failures);
+  for (int it = 0; it < iters; ++it) {
+    for (int d = 2; d <= 4; ++d) {
+      test_ops<float, int64_t>(rng, d, false);
+      test_ops<double, int32_t>(rng, d, it % 2 == 1);
+    }
+    test_ops<__half, int32_t>(rng, 3, false);
+    test_ops<__nv_bfloat16, int64_t>(rng, 4, false);
+    test_ops<float, int32_t>(rng, 3, true);
+    test_group_plan<int32_t>(rng, false);
+    test_group_plan<int64_t>(rng, false);
+    test_group_plan<int64_t>(rng, true);
+    test_bad_offsets<int64_t>(rng);
+    std::printf("iteration %d: %d checks, %d failures\n", it, g_checks, g_failures);
+    std::fflush(stdout);
+  }
+  std::printf("%s: %d checks, %d failures\n", g_failures == 0 ? "OK" : "FAILED", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
