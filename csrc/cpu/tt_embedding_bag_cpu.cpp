@@ -342,6 +342,53 @@ struct BagCoefficients {
   }
 };
 
+// One table's batch as the kernels see it (checked, contiguous; psw nullable), with the sizes every
+// kernel uses: Q is N' x R' (np x rp), a last-core slice R' x n_l (rp x nl, last_numel entries), a
+// row N = N' n_l.
+template <typename scalar_t, typename index_t>
+struct Batch {
+  Batch(
+      const TTLayout& layout,
+      const CorePtrs<scalar_t>& core_ptrs,
+      const index_t* indices_,
+      const index_t* offsets_,
+      const scalar_t* psw_,
+      int64_t batch_size_,
+      int64_t nnz_,
+      bool mean)
+      : L(layout),
+        cores(core_ptrs),
+        indices(indices_),
+        offsets(offsets_),
+        psw(psw_),
+        batch_size(batch_size_),
+        nnz(nnz_),
+        cl(make_chain_layout(layout)),
+        np(layout.prefix_dim()),
+        rp(layout.prefix_rank()),
+        nl(layout.last_dim()),
+        N(np * nl),
+        last_numel(layout.slice_numel(layout.d - 1)),
+        core_last(core_ptrs.ptr[layout.d - 1]),
+        coef{offsets_, psw_, mean} {}
+
+  const TTLayout& L;
+  CorePtrs<scalar_t> cores;
+  const index_t* indices;
+  const index_t* offsets;
+  const scalar_t* psw;
+  int64_t batch_size;
+  int64_t nnz;
+  ChainLayout cl;
+  int64_t np;
+  int64_t rp;
+  int64_t nl;
+  int64_t N;
+  int64_t last_numel;
+  const scalar_t* core_last;
+  BagCoefficients<acc_type_t<scalar_t>, scalar_t, index_t> coef;
+};
+
 // S (R' x n_l) = sum over the plan's sorted lookups [k0, k1) of scale * w_j * core_last[last_j].
 template <typename acc_t, typename scalar_t, typename index_t>
 inline void segment_reduce(
@@ -365,46 +412,30 @@ inline void segment_reduce(
 // ----------------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename index_t>
-void forward_tt(
-    const TTLayout& L,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t batch_size,
-    bool mean,
-    scalar_t* out) {
+void forward_tt(const Batch<scalar_t, index_t>& in, scalar_t* out) {
   using acc_t = acc_type_t<scalar_t>;
-  const ChainLayout cl = make_chain_layout(L);
-  const int64_t np = L.prefix_dim();
-  const int64_t rp = L.prefix_rank();
-  const int64_t nl = L.last_dim();
-  const int64_t N = np * nl;
-  const int64_t last_numel = L.slice_numel(L.d - 1);
-  const scalar_t* core_last = cores.ptr[L.d - 1];
-  const BagCoefficients<acc_t, scalar_t, index_t> coef{offsets, psw, mean};
-
   weighted_parallel_for(
-      batch_size,
-      [&](int64_t b) { return static_cast<int64_t>(offsets[b]) + b; },
+      in.batch_size,
+      [&](int64_t b) { return static_cast<int64_t>(in.offsets[b]) + b; },
       [&](int64_t b_begin, int64_t b_end) {
-        std::vector<acc_t> scratch(cl.size + rp * np + N);
+        std::vector<acc_t> scratch(in.cl.size + in.rp * in.np + in.N);
         acc_t* chain = scratch.data();
-        acc_t* qT = chain + cl.size;
-        acc_t* yT = qT + rp * np;
+        acc_t* qT = chain + in.cl.size;
+        acc_t* yT = qT + in.rp * in.np;
         int64_t digits[kMaxCores];
         for (int64_t b = b_begin; b < b_end; ++b) {
-          const acc_t scale = coef.scale(b);
-          std::fill(yT, yT + N, acc_t(0));
-          for (int64_t j = offsets[b]; j < static_cast<int64_t>(offsets[b + 1]); ++j) {
-            row_digits(L, static_cast<int64_t>(indices[j]), digits);
-            const acc_t* q = prefix_chain(L, cl, cores, digits, chain);
-            transpose(np, rp, q, qT);
+          const acc_t scale = in.coef.scale(b);
+          std::fill(yT, yT + in.N, acc_t(0));
+          for (int64_t j = in.offsets[b]; j < static_cast<int64_t>(in.offsets[b + 1]); ++j) {
+            row_digits(in.L, static_cast<int64_t>(in.indices[j]), digits);
+            const acc_t* q = prefix_chain(in.L, in.cl, in.cores, digits, chain);
+            transpose(in.np, in.rp, q, qT);
             // yT (n_l x N') += c_j * L^T (n_l x R') @ Q^T (R' x N')
             gemm_tn</*kAccumulate=*/true>(
-                nl, np, rp, scale * coef.weight(j), core_last + digits[L.d - 1] * last_numel, qT, yT);
+                in.nl, in.np, in.rp, scale * in.coef.weight(j),
+                in.core_last + digits[in.L.d - 1] * in.last_numel, qT, yT);
           }
-          store_row(np, nl, yT, out + b * N);
+          store_row(in.np, in.nl, yT, out + b * in.N);
         }
       });
 }
@@ -460,29 +491,12 @@ SlotMap build_slot_map(
 // by (group, position), the plan's order), so the whole forward is a sequential pass over the
 // indices (distinct groups) and two parallel regions: Q^T once per slot, then the bags.
 template <typename scalar_t, typename index_t>
-void forward_grt(
-    const TTLayout& L,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t batch_size,
-    int64_t nnz,
-    bool mean,
-    scalar_t* out) {
+void forward_grt(const Batch<scalar_t, index_t>& in, scalar_t* out) {
   using acc_t = acc_type_t<scalar_t>;
-  const ChainLayout cl = make_chain_layout(L);
-  const int64_t np = L.prefix_dim();
-  const int64_t rp = L.prefix_rank();
-  const int64_t nl = L.last_dim();
-  const int64_t N = np * nl;
-  const int64_t last_numel = L.slice_numel(L.d - 1);
-  const int64_t q_numel = rp * np;
-  const scalar_t* core_last = cores.ptr[L.d - 1];
-  const BagCoefficients<acc_t, scalar_t, index_t> coef{offsets, psw, mean};
-  const FastDivmod divmod(L.last_rows());
+  const int64_t q_numel = in.rp * in.np;
+  const FastDivmod divmod(in.L.last_rows());
 
-  const SlotMap slots = build_slot_map(indices, nnz, divmod, L.num_groups());
+  const SlotMap slots = build_slot_map(in.indices, in.nnz, divmod, in.L.num_groups());
   const int64_t U = slots.num_slots();
 
   // Q^T of every slot, in chunks of slots if they would not fit the scratch budget.
@@ -492,37 +506,38 @@ void forward_grt(
   std::vector<acc_t> qT_buf(static_cast<size_t>(std::min(U, slots_per_chunk) * q_numel));
   // With several chunks, every chunk makes a pass over all bags (using only the segments whose slot
   // is in the chunk) and the bag accumulators persist across chunks.
-  std::vector<acc_t> yT_all(single_chunk ? 0 : static_cast<size_t>(batch_size * N), acc_t(0));
+  std::vector<acc_t> yT_all(single_chunk ? 0 : static_cast<size_t>(in.batch_size * in.N), acc_t(0));
 
   int64_t u_lo = 0;
   do {
     const int64_t u_hi = std::min(U, u_lo + slots_per_chunk);
     at::parallel_for(u_lo, u_hi, 8, [&](int64_t u_begin, int64_t u_end) {
-      std::vector<acc_t> chain(cl.size);
+      std::vector<acc_t> chain(in.cl.size);
       int64_t digits[kMaxCores];
       for (int64_t u = u_begin; u < u_end; ++u) {
-        group_digits(L, slots.slot_group[u], digits);
-        const acc_t* q = prefix_chain(L, cl, cores, digits, chain.data());
-        transpose(np, rp, q, qT_buf.data() + (u - u_lo) * q_numel);
+        group_digits(in.L, slots.slot_group[u], digits);
+        const acc_t* q = prefix_chain(in.L, in.cl, in.cores, digits, chain.data());
+        transpose(in.np, in.rp, q, qT_buf.data() + (u - u_lo) * q_numel);
       }
     });
     // Per bag and segment (bag, group): intra-group reduce S, then y_b += Q_slot @ S.
     weighted_parallel_for(
-        batch_size,
-        [&](int64_t b) { return static_cast<int64_t>(offsets[b]) + 4 * b; },
+        in.batch_size,
+        [&](int64_t b) { return static_cast<int64_t>(in.offsets[b]) + 4 * b; },
         [&](int64_t b_begin, int64_t b_end) {
           std::vector<BagLookup> keys;
-          std::vector<acc_t> scratch(last_numel + N);
+          std::vector<acc_t> scratch(in.last_numel + in.N);
           acc_t* S = scratch.data();
-          acc_t* yT_local = S + last_numel;
+          acc_t* yT_local = S + in.last_numel;
           for (int64_t b = b_begin; b < b_end; ++b) {
-            acc_t* yT = single_chunk ? yT_local : yT_all.data() + b * N;
+            acc_t* yT = single_chunk ? yT_local : yT_all.data() + b * in.N;
             if (single_chunk) {
-              std::fill(yT, yT + N, acc_t(0));
+              std::fill(yT, yT + in.N, acc_t(0));
             }
-            const acc_t scale = coef.scale(b);
+            const acc_t scale = in.coef.scale(b);
             sort_bag_by_group(
-                indices, static_cast<int64_t>(offsets[b]), static_cast<int64_t>(offsets[b + 1]),
+                in.indices, static_cast<int64_t>(in.offsets[b]),
+                static_cast<int64_t>(in.offsets[b + 1]),
                 divmod, keys);
             const int64_t len = static_cast<int64_t>(keys.size());
             for (int64_t i = 0; i < len;) {
@@ -533,20 +548,20 @@ void forward_grt(
               }
               const int64_t u = slots.slot(group);
               if (u >= u_lo && u < u_hi) {
-                std::fill(S, S + last_numel, acc_t(0));
+                std::fill(S, S + in.last_numel, acc_t(0));
                 for (int64_t t = i; t < end; ++t) {
                   axpy(
-                      last_numel, scale * coef.weight(keys[t].lookup),
-                      core_last + keys[t].last * last_numel, S);
+                      in.last_numel, scale * in.coef.weight(keys[t].lookup),
+                      in.core_last + keys[t].last * in.last_numel, S);
                 }
                 // yT (n_l x N') += S^T (n_l x R') @ Q^T (R' x N')
                 gemm_tn</*kAccumulate=*/true>(
-                    nl, np, rp, acc_t(1), S, qT_buf.data() + (u - u_lo) * q_numel, yT);
+                    in.nl, in.np, in.rp, acc_t(1), S, qT_buf.data() + (u - u_lo) * q_numel, yT);
               }
               i = end;
             }
             if (single_chunk) {
-              store_row(np, nl, yT, out + b * N);
+              store_row(in.np, in.nl, yT, out + b * in.N);
             }
           }
         });
@@ -554,9 +569,9 @@ void forward_grt(
   } while (u_lo < U);
 
   if (!single_chunk) {
-    at::parallel_for(0, batch_size, 64, [&](int64_t b_begin, int64_t b_end) {
+    at::parallel_for(0, in.batch_size, 64, [&](int64_t b_begin, int64_t b_end) {
       for (int64_t b = b_begin; b < b_end; ++b) {
-        store_row(np, nl, yT_all.data() + b * N, out + b * N);
+        store_row(in.np, in.nl, yT_all.data() + b * in.N, out + b * in.N);
       }
     });
   }
@@ -572,86 +587,73 @@ void forward_grt(
 // Core gradients accumulate into per-thread dense buffers (grads for the first), reduced in order.
 template <typename scalar_t, typename index_t>
 void backward_tt(
-    const TTLayout& L,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t batch_size,
-    bool mean,
+    const Batch<scalar_t, index_t>& in,
     const scalar_t* grad_out,
     acc_type_t<scalar_t>* const* grads,
     scalar_t* psw_grad) {
   using acc_t = acc_type_t<scalar_t>;
-  const ChainLayout cl = make_chain_layout(L);
-  const int64_t np = L.prefix_dim();
-  const int64_t rp = L.prefix_rank();
-  const int64_t nl = L.last_dim();
-  const int64_t N = np * nl;
-  const int64_t last_numel = L.slice_numel(L.d - 1);
-  const scalar_t* core_last = cores.ptr[L.d - 1];
-  const BagCoefficients<acc_t, scalar_t, index_t> coef{offsets, psw, mean};
 
   int64_t core_offset[kMaxCores + 1] = {};
-  for (int64_t k = 0; k < L.d; ++k) {
-    core_offset[k + 1] = core_offset[k] + L.core_numel(k);
+  for (int64_t k = 0; k < in.L.d; ++k) {
+    core_offset[k + 1] = core_offset[k] + in.L.core_numel(k);
   }
-  const int64_t total = core_offset[L.d];
+  const int64_t total = core_offset[in.L.d];
   const int64_t max_buffers =
       std::max<int64_t>(1, kScratchBudgetBytes / static_cast<int64_t>(total * sizeof(acc_t)));
   const int64_t num_parts = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), max_buffers, batch_size}));
+      1,
+      std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), max_buffers, in.batch_size}));
   std::vector<acc_t> extra(static_cast<size_t>((num_parts - 1) * total), acc_t(0));
 
   at::parallel_for(0, num_parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<acc_t> scratch(cl.size + 2 * last_numel + 2 * cl.max_step);
+    std::vector<acc_t> scratch(in.cl.size + 2 * in.last_numel + 2 * in.cl.max_step);
     acc_t* chain = scratch.data();
-    acc_t* gT = chain + cl.size; // (n_l x R')
-    acc_t* lT = gT + last_numel; // (n_l x R')
-    acc_t* dcur = lT + last_numel;
-    acc_t* dnext = dcur + cl.max_step;
+    acc_t* gT = chain + in.cl.size; // (n_l x R')
+    acc_t* lT = gT + in.last_numel; // (n_l x R')
+    acc_t* dcur = lT + in.last_numel;
+    acc_t* dnext = dcur + in.cl.max_step;
     int64_t digits[kMaxCores];
     acc_t* dst[kMaxCores];
     for (int64_t p = p_begin; p < p_end; ++p) {
       acc_t* base[kMaxCores];
-      for (int64_t k = 0; k < L.d; ++k) {
+      for (int64_t k = 0; k < in.L.d; ++k) {
         base[k] = p == 0 ? grads[k] : extra.data() + (p - 1) * total + core_offset[k];
       }
-      const int64_t b_begin = batch_size * p / num_parts;
-      const int64_t b_end = batch_size * (p + 1) / num_parts;
+      const int64_t b_begin = in.batch_size * p / num_parts;
+      const int64_t b_end = in.batch_size * (p + 1) / num_parts;
       for (int64_t b = b_begin; b < b_end; ++b) {
-        const acc_t scale = coef.scale(b);
-        const scalar_t* g = grad_out + b * N; // (N' x n_l)
-        for (int64_t j = offsets[b]; j < static_cast<int64_t>(offsets[b + 1]); ++j) {
-          const acc_t c = scale * coef.weight(j);
-          row_digits(L, static_cast<int64_t>(indices[j]), digits);
-          const int64_t last = digits[L.d - 1];
-          const scalar_t* lslice = core_last + last * last_numel; // (R' x n_l)
-          const acc_t* q = prefix_chain(L, cl, cores, digits, chain);
+        const acc_t scale = in.coef.scale(b);
+        const scalar_t* g = grad_out + b * in.N; // (N' x n_l)
+        for (int64_t j = in.offsets[b]; j < static_cast<int64_t>(in.offsets[b + 1]); ++j) {
+          const acc_t c = scale * in.coef.weight(j);
+          row_digits(in.L, static_cast<int64_t>(in.indices[j]), digits);
+          const int64_t last = digits[in.L.d - 1];
+          const scalar_t* lslice = in.core_last + last * in.last_numel; // (R' x n_l)
+          const acc_t* q = prefix_chain(in.L, in.cl, in.cores, digits, chain);
           // G^T (n_l x R') = g^T (n_l x N') @ Q (N' x R')
-          gemm_tn</*kAccumulate=*/false>(nl, rp, np, acc_t(1), g, q, gT);
+          gemm_tn</*kAccumulate=*/false>(in.nl, in.rp, in.np, acc_t(1), g, q, gT);
           if (psw_grad != nullptr) {
             acc_t sum = 0;
-            for (int64_t r = 0; r < rp; ++r) {
-              for (int64_t cc = 0; cc < nl; ++cc) {
-                sum += static_cast<acc_t>(lslice[r * nl + cc]) * gT[cc * rp + r];
+            for (int64_t r = 0; r < in.rp; ++r) {
+              for (int64_t cc = 0; cc < in.nl; ++cc) {
+                sum += static_cast<acc_t>(lslice[r * in.nl + cc]) * gT[cc * in.rp + r];
               }
             }
             psw_grad[j] = static_cast<scalar_t>(scale * sum);
           }
-          acc_t* dlast = base[L.d - 1] + last * last_numel;
-          for (int64_t r = 0; r < rp; ++r) {
-            for (int64_t cc = 0; cc < nl; ++cc) {
-              dlast[r * nl + cc] += c * gT[cc * rp + r];
+          acc_t* dlast = base[in.L.d - 1] + last * in.last_numel;
+          for (int64_t r = 0; r < in.rp; ++r) {
+            for (int64_t cc = 0; cc < in.nl; ++cc) {
+              dlast[r * in.nl + cc] += c * gT[cc * in.rp + r];
             }
           }
           // dQ (N' x R') = c_j * g (N' x n_l) @ L^T (n_l x R')
-          transpose(rp, nl, lslice, lT);
-          gemm_nn</*kAccumulate=*/false>(np, rp, nl, c, g, lT, dcur);
-          for (int64_t k = 0; k + 1 < L.d; ++k) {
-            dst[k] = base[k] + digits[k] * L.slice_numel(k);
+          transpose(in.rp, in.nl, lslice, lT);
+          gemm_nn</*kAccumulate=*/false>(in.np, in.rp, in.nl, c, g, lT, dcur);
+          for (int64_t k = 0; k + 1 < in.L.d; ++k) {
+            dst[k] = base[k] + digits[k] * in.L.slice_numel(k);
           }
-          prefix_chain_backward(L, cl, cores, digits, chain, dcur, dnext, dst);
+          prefix_chain_backward(in.L, in.cl, in.cores, digits, chain, dcur, dnext, dst);
         }
       }
     }
@@ -659,9 +661,9 @@ void backward_tt(
 
   if (num_parts > 1) {
     acc_t* g0 = nullptr;
-    for (int64_t k = 0; k < L.d; ++k) {
+    for (int64_t k = 0; k < in.L.d; ++k) {
       g0 = grads[k];
-      at::parallel_for(0, L.core_numel(k), 4096, [&](int64_t e_begin, int64_t e_end) {
+      at::parallel_for(0, in.L.core_numel(k), 4096, [&](int64_t e_begin, int64_t e_end) {
         for (int64_t p = 1; p < num_parts; ++p) {
           const acc_t* src = extra.data() + (p - 1) * total + core_offset[k];
           for (int64_t e = e_begin; e < e_end; ++e) {
@@ -681,30 +683,16 @@ void backward_tt(
 // digit (ascending order), and d core_k[i] += slot grads over the chunk's slots bucketed by digit k.
 template <typename scalar_t, typename index_t>
 void backward_grt(
-    const TTLayout& L,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t batch_size,
-    int64_t nnz,
-    bool mean,
+    const Batch<scalar_t, index_t>& in,
     const scalar_t* grad_out,
     acc_type_t<scalar_t>* const* grads,
     scalar_t* psw_grad) {
   using acc_t = acc_type_t<scalar_t>;
-  const ChainLayout cl = make_chain_layout(L);
-  const int64_t np = L.prefix_dim();
-  const int64_t rp = L.prefix_rank();
-  const int64_t nl = L.last_dim();
-  const int64_t N = np * nl;
-  const int64_t ml = L.last_rows();
-  const int64_t last_numel = L.slice_numel(L.d - 1);
-  const scalar_t* core_last = cores.ptr[L.d - 1];
-  const BagCoefficients<acc_t, scalar_t, index_t> coef{offsets, psw, mean};
+  const int64_t ml = in.L.last_rows();
 
   const GroupPlan plan =
-      build_group_plan_cpu<index_t>(indices, offsets, batch_size, nnz, ml, L.num_groups());
+      build_group_plan_cpu<index_t>(
+          in.indices, in.offsets, in.batch_size, in.nnz, ml, in.L.num_groups());
   const int64_t S = plan.num_segments;
   const int64_t U = plan.num_slots;
   if (S == 0) {
@@ -736,17 +724,17 @@ void backward_grt(
   // Per-slot slice gradients of the prefix cores 0..d-2.
   int64_t grad_offset[kMaxCores] = {};
   int64_t slot_grad_numel = 0;
-  for (int64_t k = 0; k + 1 < L.d; ++k) {
+  for (int64_t k = 0; k + 1 < in.L.d; ++k) {
     grad_offset[k] = slot_grad_numel;
-    slot_grad_numel += L.slice_numel(k);
+    slot_grad_numel += in.L.slice_numel(k);
   }
   // Stride of digit k in a group id: prod(m_{k+1} .. m_{d-2}).
   int64_t digit_stride[kMaxCores] = {};
   {
     int64_t stride = 1;
-    for (int64_t k = L.d - 2; k >= 0; --k) {
+    for (int64_t k = in.L.d - 2; k >= 0; --k) {
       digit_stride[k] = stride;
-      stride *= L.m[k];
+      stride *= in.L.m[k];
     }
   }
 
@@ -761,14 +749,14 @@ void backward_grt(
     // Chunk [u_lo, u_hi): at least one slot, then as many as fit the budget.
     int64_t u_hi = u_lo + 1;
     while (u_hi < U &&
-           (slot_seg_start[u_hi + 1] - slot_seg_start[u_lo]) * last_numel +
+           (slot_seg_start[u_hi + 1] - slot_seg_start[u_lo]) * in.last_numel +
                    (u_hi + 1 - u_lo) * slot_grad_numel <=
                budget) {
       ++u_hi;
     }
     const int64_t pos_lo = slot_seg_start[u_lo];
     const int64_t pos_hi = slot_seg_start[u_hi];
-    seg_g.resize(static_cast<size_t>((pos_hi - pos_lo) * last_numel));
+    seg_g.resize(static_cast<size_t>((pos_hi - pos_lo) * in.last_numel));
     slot_grads.assign(static_cast<size_t>((u_hi - u_lo) * slot_grad_numel), acc_t(0));
 
     // Cost of a slot ~ its segments plus its chain (about 8 segments' worth).
@@ -776,46 +764,49 @@ void backward_grt(
         u_hi - u_lo,
         [&](int64_t i) { return slot_seg_start[u_lo + i] + 8 * (u_lo + i); },
         [&](int64_t i_begin, int64_t i_end) {
-          std::vector<acc_t> scratch(cl.size + 3 * last_numel + 2 * cl.max_step);
+          std::vector<acc_t> scratch(in.cl.size + 3 * in.last_numel + 2 * in.cl.max_step);
           acc_t* chain = scratch.data();
-          acc_t* gT = chain + cl.size; // (n_l x R')
-          acc_t* sacc = gT + last_numel; // (R' x n_l)
-          acc_t* sT = sacc + last_numel; // (n_l x R')
-          acc_t* dcur = sT + last_numel;
-          acc_t* dnext = dcur + cl.max_step;
+          acc_t* gT = chain + in.cl.size; // (n_l x R')
+          acc_t* sacc = gT + in.last_numel; // (R' x n_l)
+          acc_t* sT = sacc + in.last_numel; // (n_l x R')
+          acc_t* dcur = sT + in.last_numel;
+          acc_t* dnext = dcur + in.cl.max_step;
           int64_t digits[kMaxCores];
           acc_t* dst[kMaxCores];
           for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
-            group_digits(L, slot_group[u], digits);
-            const acc_t* q = prefix_chain(L, cl, cores, digits, chain); // (N' x R')
-            std::fill(dcur, dcur + np * rp, acc_t(0));
+            group_digits(in.L, slot_group[u], digits);
+            const acc_t* q = prefix_chain(in.L, in.cl, in.cores, digits, chain); // (N' x R')
+            std::fill(dcur, dcur + in.np * in.rp, acc_t(0));
             for (int64_t pos = slot_seg_start[u]; pos < slot_seg_start[u + 1]; ++pos) {
               const int64_t s = slot_segs[pos];
               const int64_t b = seg_bag[s];
-              const acc_t scale = coef.scale(b);
-              const scalar_t* g = grad_out + b * N; // (N' x n_l)
+              const acc_t scale = in.coef.scale(b);
+              const scalar_t* g = grad_out + b * in.N; // (N' x n_l)
               // G^T (n_l x R') = g^T @ Q; keep G (R' x n_l) for the last-core pass.
-              gemm_tn</*kAccumulate=*/false>(nl, rp, np, acc_t(1), g, q, gT);
-              acc_t* gs = seg_g.data() + (pos - pos_lo) * last_numel;
-              transpose(nl, rp, gT, gs);
+              gemm_tn</*kAccumulate=*/false>(in.nl, in.rp, in.np, acc_t(1), g, q, gT);
+              acc_t* gs = seg_g.data() + (pos - pos_lo) * in.last_numel;
+              transpose(in.nl, in.rp, gT, gs);
               segment_reduce(
-                  seg_start[s], seg_start[s + 1], sorted_lookups, sorted_last, core_last, last_numel,
-                  coef, scale, sacc);
+                  seg_start[s], seg_start[s + 1], sorted_lookups, sorted_last, in.core_last,
+                  in.last_numel,
+                  in.coef, scale, sacc);
               if (psw_grad != nullptr) {
                 for (int64_t k = seg_start[s]; k < seg_start[s + 1]; ++k) {
                   psw_grad[sorted_lookups[k]] = static_cast<scalar_t>(
-                      scale * dot<acc_t>(last_numel, core_last + sorted_last[k] * last_numel, gs));
+                      scale *
+                      dot<acc_t>(
+                          in.last_numel, in.core_last + sorted_last[k] * in.last_numel, gs));
                 }
               }
               // dQ (N' x R') += g (N' x n_l) @ S^T (n_l x R')
-              transpose(rp, nl, sacc, sT);
-              gemm_nn</*kAccumulate=*/true>(np, rp, nl, acc_t(1), g, sT, dcur);
+              transpose(in.rp, in.nl, sacc, sT);
+              gemm_nn</*kAccumulate=*/true>(in.np, in.rp, in.nl, acc_t(1), g, sT, dcur);
             }
             acc_t* sg = slot_grads.data() + (u - u_lo) * slot_grad_numel;
-            for (int64_t k = 0; k + 1 < L.d; ++k) {
+            for (int64_t k = 0; k + 1 < in.L.d; ++k) {
               dst[k] = sg + grad_offset[k];
             }
-            prefix_chain_backward(L, cl, cores, digits, chain, dcur, dnext, dst);
+            prefix_chain_backward(in.L, in.cl, in.cores, digits, chain, dcur, dnext, dst);
           }
         });
 
@@ -824,56 +815,61 @@ void backward_grt(
     //   d core_k[i] += slot grads over the chunk's slots with digit k equal to i (ascending slot).
     // Buckets: core c has m_c buckets; task t = task_base[c] + i is (core c, slice i).
     int64_t task_base[kMaxCores + 1] = {};
-    for (int64_t c = 0; c < L.d; ++c) {
-      task_base[c + 1] = task_base[c] + L.m[c];
+    for (int64_t c = 0; c < in.L.d; ++c) {
+      task_base[c + 1] = task_base[c] + in.L.m[c];
     }
-    const int64_t num_tasks = task_base[L.d];
-    bucket_start.assign(static_cast<size_t>(num_tasks + L.d), 0); // core c: [task_base[c] + c, +m_c]
+    const int64_t num_tasks = task_base[in.L.d];
+    bucket_start.assign(static_cast<size_t>(num_tasks + in.L.d), 0); // core c: [task_base[c] + c, +m_c]
     auto bucket_of = [&](int64_t c) { return bucket_start.data() + task_base[c] + c; };
-    int64_t item_base[kMaxCores + 1] = {};
-    {
-      int64_t* last_count = bucket_of(L.d - 1);
+    // The chunk's lookups k (plan order) with their segment position pos: f(pos, k).
+    auto for_each_chunk_lookup = [&](const auto& f) {
       for (int64_t pos = pos_lo; pos < pos_hi; ++pos) {
         const int64_t s = slot_segs[pos];
         for (int64_t k = seg_start[s]; k < seg_start[s + 1]; ++k) {
-          ++last_count[sorted_last[k] + 1];
+          f(pos, k);
         }
       }
-      for (int64_t c = 0; c + 1 < L.d; ++c) {
+    };
+    // Digit c of slot u's group.
+    auto slot_digit = [&](int64_t u, int64_t c) {
+      return (slot_group[u] / digit_stride[c]) % in.L.m[c];
+    };
+    int64_t item_base[kMaxCores + 1] = {};
+    {
+      int64_t* last_count = bucket_of(in.L.d - 1);
+      for_each_chunk_lookup([&](int64_t, int64_t k) { ++last_count[sorted_last[k] + 1]; });
+      for (int64_t c = 0; c + 1 < in.L.d; ++c) {
         int64_t* count = bucket_of(c);
         for (int64_t u = u_lo; u < u_hi; ++u) {
-          ++count[(slot_group[u] / digit_stride[c]) % L.m[c] + 1];
+          ++count[slot_digit(u, c) + 1];
         }
       }
-      for (int64_t c = 0; c < L.d; ++c) {
+      for (int64_t c = 0; c < in.L.d; ++c) {
         int64_t* start = bucket_of(c);
-        for (int64_t i = 0; i < L.m[c]; ++i) {
+        for (int64_t i = 0; i < in.L.m[c]; ++i) {
           start[i + 1] += start[i];
         }
         // Last core: (lookup, segment position) pairs; prefix cores: slot ids.
-        item_base[c + 1] = item_base[c] + start[L.m[c]] * (c + 1 == L.d ? 2 : 1);
+        item_base[c + 1] = item_base[c] + start[in.L.m[c]] * (c + 1 == in.L.d ? 2 : 1);
       }
     }
-    bucket_items.resize(static_cast<size_t>(item_base[L.d]));
+    bucket_items.resize(static_cast<size_t>(item_base[in.L.d]));
     {
       std::vector<int64_t> fill;
-      const int64_t* start = bucket_of(L.d - 1);
-      fill.assign(start, start + L.m[L.d - 1]);
-      int64_t* items = bucket_items.data() + item_base[L.d - 1];
-      for (int64_t pos = pos_lo; pos < pos_hi; ++pos) {
-        const int64_t s = slot_segs[pos];
-        for (int64_t k = seg_start[s]; k < seg_start[s + 1]; ++k) {
-          const int64_t at = fill[sorted_last[k]]++;
-          items[2 * at] = sorted_lookups[k];
-          items[2 * at + 1] = pos;
-        }
-      }
-      for (int64_t c = 0; c + 1 < L.d; ++c) {
+      const int64_t* start = bucket_of(in.L.d - 1);
+      fill.assign(start, start + in.L.m[in.L.d - 1]);
+      int64_t* items = bucket_items.data() + item_base[in.L.d - 1];
+      for_each_chunk_lookup([&](int64_t pos, int64_t k) {
+        const int64_t at = fill[sorted_last[k]]++;
+        items[2 * at] = sorted_lookups[k];
+        items[2 * at + 1] = pos;
+      });
+      for (int64_t c = 0; c + 1 < in.L.d; ++c) {
         const int64_t* cstart = bucket_of(c);
-        fill.assign(cstart, cstart + L.m[c]);
+        fill.assign(cstart, cstart + in.L.m[c]);
         int64_t* citems = bucket_items.data() + item_base[c];
         for (int64_t u = u_lo; u < u_hi; ++u) {
-          citems[fill[(slot_group[u] / digit_stride[c]) % L.m[c]]++] = u;
+          citems[fill[slot_digit(u, c)]++] = u;
         }
       }
     }
@@ -890,7 +886,7 @@ void backward_grt(
       const int64_t c = core_of_task(t);
       const int64_t* start = bucket_of(c);
       const int64_t i = t - task_base[c];
-      task_cost[t + 1] = task_cost[t] + (start[i + 1] - start[i]) * L.slice_numel(c) + 1;
+      task_cost[t + 1] = task_cost[t] + (start[i + 1] - start[i]) * in.L.slice_numel(c) + 1;
     }
     weighted_parallel_for(
         num_tasks,
@@ -899,15 +895,15 @@ void backward_grt(
           for (int64_t t = t_begin; t < t_end; ++t) {
             const int64_t c = core_of_task(t);
             const int64_t i = t - task_base[c];
-            const int64_t slice = L.slice_numel(c);
+            const int64_t slice = in.L.slice_numel(c);
             const int64_t* start = bucket_of(c);
             acc_t* dst = grads[c] + i * slice;
-            if (c + 1 == L.d) {
+            if (c + 1 == in.L.d) {
               const int64_t* items = bucket_items.data() + item_base[c];
               for (int64_t e = start[i]; e < start[i + 1]; ++e) {
                 const int64_t j = items[2 * e];
                 const int64_t pos = items[2 * e + 1];
-                const acc_t w = coef.scale(seg_bag[slot_segs[pos]]) * coef.weight(j);
+                const acc_t w = in.coef.scale(seg_bag[slot_segs[pos]]) * in.coef.weight(j);
                 axpy(slice, w, seg_g.data() + (pos - pos_lo) * slice, dst);
               }
             } else {
@@ -929,17 +925,7 @@ void backward_grt(
 // Op entry points.
 // ----------------------------------------------------------------------------------------------
 
-struct CheckedInputs {
-  TTLayout layout;
-  std::vector<at::Tensor> cores; // contiguous
-  at::Tensor indices;
-  at::Tensor offsets;
-  std::optional<at::Tensor> psw;
-  int64_t batch_size = 0;
-  int64_t nnz = 0;
-};
-
-CheckedInputs check_inputs(
+TTInputs check_inputs(
     const char* op,
     at::TensorList cores,
     const at::Tensor& indices,
@@ -947,23 +933,10 @@ CheckedInputs check_inputs(
     const std::optional<at::Tensor>& per_sample_weights,
     int64_t pooling_mode,
     int64_t variant) {
-  CheckedInputs in;
-  in.layout = check_cores(op, cores, /*allow_reduced_precision=*/false);
-  TORCH_CHECK(cores[0].is_cpu(), op, ": expected CPU cores, got cores[0] on ", cores[0].device());
-  check_indices_offsets(op, indices, offsets, cores[0].device());
-  check_per_sample_weights(op, per_sample_weights, indices.numel(), cores[0]);
-  check_modes(op, pooling_mode, variant);
-  in.cores.reserve(cores.size());
-  for (const auto& c : cores) {
-    in.cores.push_back(c.contiguous());
-  }
-  in.indices = indices.contiguous();
-  in.offsets = offsets.contiguous();
-  if (per_sample_weights.has_value()) {
-    in.psw = per_sample_weights->contiguous();
-  }
-  in.batch_size = offsets.numel() - 1;
-  in.nnz = indices.numel();
+  TTInputs in = check_tt_inputs(
+      op, cores, indices, offsets, per_sample_weights, pooling_mode, variant, c10::DeviceType::CPU,
+      /*allow_reduced_precision=*/false);
+  make_tt_inputs_contiguous(in, cores, indices, offsets, per_sample_weights);
   // Value checks (CPU reads).
   TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_check_cpu", [&] {
     check_offsets_values_cpu(op, in.offsets.data_ptr<index_t>(), in.batch_size, in.nnz);
@@ -988,7 +961,7 @@ at::Tensor tt_embedding_bag_cpu(
     const std::optional<at::Tensor>& per_sample_weights,
     int64_t pooling_mode,
     int64_t variant) {
-  const CheckedInputs in = check_inputs(
+  const TTInputs in = check_inputs(
       "tt_embedding_bag", cores, indices, offsets, per_sample_weights, pooling_mode, variant);
   const TTLayout& L = in.layout;
   at::Tensor out = at::empty({in.batch_size, L.embedding_dim()}, in.cores[0].options());
@@ -1000,10 +973,11 @@ at::Tensor tt_embedding_bag_cpu(
     TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_cpu_idx", [&] {
       const index_t* idx = in.indices.data_ptr<index_t>();
       const index_t* off = in.offsets.data_ptr<index_t>();
+      const Batch<scalar_t, index_t> batch(L, cp, idx, off, psw, in.batch_size, in.nnz, mean);
       if (variant == kVariantGRT) {
-        forward_grt<scalar_t, index_t>(L, cp, idx, off, psw, in.batch_size, in.nnz, mean, y);
+        forward_grt(batch, y);
       } else {
-        forward_tt<scalar_t, index_t>(L, cp, idx, off, psw, in.batch_size, mean, y);
+        forward_tt(batch, y);
       }
     });
   });
@@ -1020,13 +994,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
     int64_t variant,
     bool per_sample_weights_requires_grad) {
   constexpr const char* op = "tt_embedding_bag_backward";
-  const CheckedInputs in =
+  const TTInputs in =
       check_inputs(op, cores, indices, offsets, per_sample_weights, pooling_mode, variant);
   const TTLayout& L = in.layout;
-  check_grad_output(op, grad_output, in.batch_size, L.embedding_dim(), in.cores[0]);
-  TORCH_CHECK(
-      !per_sample_weights_requires_grad || in.psw.has_value(),
-      op, ": per_sample_weights_requires_grad is true but per_sample_weights is None");
+  check_backward_inputs(op, grad_output, in, per_sample_weights_requires_grad);
   const at::Tensor grad_out = grad_output.contiguous();
   const bool mean = pooling_mode == kPoolingMean;
 
@@ -1054,11 +1025,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
     TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_backward_cpu_idx", [&] {
       const index_t* idx = in.indices.data_ptr<index_t>();
       const index_t* off = in.offsets.data_ptr<index_t>();
+      const Batch<scalar_t, index_t> batch(L, cp, idx, off, psw, in.batch_size, in.nnz, mean);
       if (variant == kVariantGRT) {
-        backward_grt<scalar_t, index_t>(
-            L, cp, idx, off, psw, in.batch_size, in.nnz, mean, g, grads, dpsw);
+        backward_grt(batch, g, grads, dpsw);
       } else {
-        backward_tt<scalar_t, index_t>(L, cp, idx, off, psw, in.batch_size, mean, g, grads, dpsw);
+        backward_tt(batch, g, grads, dpsw);
       }
     });
   });

@@ -278,6 +278,40 @@ void sort_by_key(
   radix_sort_pairs(ctx, keys, keys_sorted, items, items_sorted, static_cast<int>(n), bit_width_u64(max_key));
 }
 
+// (key, item) pairs for sort_by_key: the key kernels write keys/items, the sort the *_sorted ones.
+struct KeySortBuffers {
+  uint32_t* keys = nullptr;
+  uint32_t* keys_sorted = nullptr;
+  int32_t* items = nullptr;
+  int32_t* items_sorted = nullptr;
+};
+
+template <typename Ctx>
+KeySortBuffers alloc_key_sort_buffers(Ctx& ctx, int64_t n) {
+  KeySortBuffers kb;
+  kb.keys = alloc_n<uint32_t>(ctx, n);
+  kb.keys_sorted = alloc_n<uint32_t>(ctx, n);
+  kb.items = alloc_n<int32_t>(ctx, n);
+  kb.items_sorted = alloc_n<int32_t>(ctx, n);
+  return kb;
+}
+
+// Sorts the n pairs of kb by key (keys <= max_key).
+template <typename Ctx>
+void sort_by_key(Ctx& ctx, const KeySortBuffers& kb, int64_t n, uint64_t max_key) {
+  sort_by_key(ctx, kb.keys, kb.items, kb.keys_sorted, kb.items_sorted, n, max_key);
+}
+
+// Divisor of digit k in a mixed-radix number whose least significant digit is `last`:
+// prod m_{k+1..last}.
+inline int64_t digit_divisor(const TTDims& t, int k, int last) {
+  int64_t div = 1;
+  for (int kk = k + 1; kk <= last; ++kk) {
+    div *= t.m[kk];
+  }
+  return div;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Key kernels
 // ---------------------------------------------------------------------------------------------
@@ -667,50 +701,32 @@ __global__ void __launch_bounds__(kTTThreads) tt_psw_grad_kernel(
   const int nwarps = (blockDim.x + kWarpSize - 1) / kWarpSize;
   int ro[OPT];
   int co[OPT];
-#pragma unroll
-  for (int i = 0; i < OPT; ++i) {
-    const int o = threadIdx.x + i * blockDim.x;
-    ro[i] = o / nl;
-    co[i] = o - ro[i] * nl;
-  }
+  thread_output_coords(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), nl, ro, co);
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    const int64_t lo = offset_clamped(offsets, b, nnz);
-    const int64_t hi = offset_clamped(offsets, b + 1, nnz);
-    for (int64_t j = lo; j < hi; ++j) {
-      if (lookup_bag[j] != b) {
-        continue;
-      }
-      int64_t digits[kMaxCoresGpu] = {};
-      row_digits_dev(t, static_cast<int64_t>(indices[j]), digits);
-      const acc_t* q = block_row_prefix(t, cores, digits, buf0, buf1);
-      const scalar_t* cl = cores.p[t.d - 1] + digits[t.d - 1] * t.slice[t.d - 1];
-      acc_t part = acc_t(0);
+    for_each_bag_row(
+        t, cores, indices, offsets, lookup_bag, b, nnz, buf0, buf1,
+        [&](int64_t j, const acc_t* q, const scalar_t* cl) {
+          acc_t part = acc_t(0);
 #pragma unroll
-      for (int i = 0; i < OPT; ++i) {
-        const int o = threadIdx.x + i * blockDim.x;
-        if (o < N) {
-          const acc_t* qr = q + ro[i] * Rp;
-          acc_t w = acc_t(0);
-          for (int a = 0; a < Rp; ++a) {
-            w += qr[a] * to_acc(cl[a * nl + co[i]]);
+          for (int i = 0; i < OPT; ++i) {
+            const int o = threadIdx.x + i * blockDim.x;
+            if (o < N) {
+              part += row_entry(q + ro[i] * Rp, cl, Rp, nl, co[i]) * to_acc(grad_out[b * N + o]);
+            }
           }
-          part += w * to_acc(grad_out[b * N + o]);
-        }
-      }
-      part = warp_sum(part);
-      if (lane == 0) {
-        red[warp] = part;
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        acc_t v = acc_t(0);
-        for (int w = 0; w < nwarps; ++w) {
-          v += red[w];
-        }
-        psw_grad[j] = from_acc<scalar_t>(bag_scale[b] * v);
-      }
-      __syncthreads();
-    }
+          part = warp_sum(part);
+          if (lane == 0) {
+            red[warp] = part;
+          }
+          __syncthreads();
+          if (threadIdx.x == 0) {
+            acc_t v = acc_t(0);
+            for (int w = 0; w < nwarps; ++w) {
+              v += red[w];
+            }
+            psw_grad[j] = from_acc<scalar_t>(bag_scale[b] * v);
+          }
+        }); // for_each_bag_row's barrier: red is rewritten by the next lookup
   }
 }
 
@@ -753,61 +769,52 @@ inline size_t max_smem_bytes(const TTDims& t, int variant, bool backward, size_t
 template <typename scalar_t, typename index_t, typename Ctx>
 void grt_backward(
     Ctx& ctx,
-    const TTDims& t,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t B,
-    int64_t nnz,
-    int pooling_mode,
+    const LookupBatch<scalar_t, index_t>& in,
     const scalar_t* grad_out,
     acc_type<scalar_t>* const* grads,
     scalar_t* psw_grad,
     bool deterministic) {
   using acc_t = acc_type<scalar_t>;
-  if (B <= 0 || nnz <= 0) {
+  const TTDims& t = in.t;
+  if (in.B <= 0 || in.nnz <= 0) {
     return;
   }
   const int d = t.d;
-  const LookupInfo<acc_t> info =
-      compute_lookup_info(ctx, indices, offsets, psw, B, nnz, t.num_rows, pooling_mode);
+  const LookupInfo<acc_t> info = compute_lookup_info(ctx, in);
   const DevicePlan plan =
-      build_plan(ctx, indices, info.bag, B, nnz, t.m[d - 1], t.num_groups, PlanOutputs{});
+      build_plan(ctx, in.indices, info.bag, in.B, in.nnz, t.m[d - 1], t.num_groups, PlanOutputs{});
   const int64_t U_ub = plan.slots_ub;
 
   // Forward activations of every slot, then dS per segment (and psw grads).
   acc_t* act = alloc_n<acc_t>(ctx, U_ub * t.act_size);
-  launch_grt_prefix(ctx, t, cores, plan, act, /*store_all=*/1);
-  acc_t* dS = alloc_n<acc_t>(ctx, nnz * t.Rn);
+  launch_grt_prefix(ctx, t, in.cores, plan, act, /*store_all=*/1);
+  acc_t* dS = alloc_n<acc_t>(ctx, in.nnz * t.Rn);
   {
     const auto kernel = &grt_bwd_bag_kernel<scalar_t, acc_t>;
     const size_t smem = smem_grt_bwd_bag(t, sizeof(acc_t));
     set_dynamic_smem(ctx, kernel, smem);
     TORCHREC_TT_LAUNCH(
-        kernel, grid_for_items(B), kBagThreads, smem, ctx.stream, t, cores.p[d - 1],
+        kernel, grid_for_items(in.B), kBagThreads, smem, ctx.stream, t, in.cores.p[d - 1],
         static_cast<const acc_t*>(act), static_cast<const int32_t*>(plan.perm),
         static_cast<const int32_t*>(plan.lookup_last), static_cast<const int32_t*>(plan.seg_start),
         static_cast<const int64_t*>(plan.segment_bag), static_cast<const int64_t*>(plan.segment_slot),
         static_cast<const int64_t*>(plan.counts), grad_out, static_cast<const acc_t*>(info.bag_scale),
-        B, dS, psw_grad);
+        in.B, dS, psw_grad);
     ctx.check_launch();
   }
 
   // Last core: lookups sorted by their last digit.
   {
-    uint32_t* keys = alloc_n<uint32_t>(ctx, nnz);
-    uint32_t* keys_sorted = alloc_n<uint32_t>(ctx, nnz);
-    int32_t* items = alloc_n<int32_t>(ctx, nnz);
-    int32_t* items_sorted = alloc_n<int32_t>(ctx, nnz);
+    const KeySortBuffers kb = alloc_key_sort_buffers(ctx, in.nnz);
     const uint32_t m_last = static_cast<uint32_t>(t.m[d - 1]);
     launch_elems(
-        ctx, &last_keys_kernel<>, nnz, static_cast<const int32_t*>(info.bag),
-        static_cast<const int32_t*>(plan.lookup_last), nnz, m_last, keys, items);
-    sort_by_key(ctx, keys, items, keys_sorted, items_sorted, nnz, m_last);
+        ctx, &last_keys_kernel<>, in.nnz, static_cast<const int32_t*>(info.bag),
+        static_cast<const int32_t*>(plan.lookup_last), in.nnz, m_last, kb.keys, kb.items);
+    sort_by_key(ctx, kb, in.nnz, m_last);
     const GrtLastCoreGrad<acc_t> f{info.coef, plan.lookup_segment, dS, t.Rn};
     reduce_sorted(
-        ctx, f, items_sorted, keys_sorted, nnz, m_last, tt_min<int64_t>(nnz, t.m[d - 1]),
+        ctx, f, kb.items_sorted, kb.keys_sorted, in.nnz, m_last,
+        tt_min<int64_t>(in.nnz, t.m[d - 1]),
         kChunkLastCore, t.Rn, 0, deterministic, grads[d - 1], t.Rn);
   }
 
@@ -817,10 +824,10 @@ void grt_backward(
   {
     const GrtSlotGrad<scalar_t, acc_t> f{
         t.N,           t.Rp,          t.nl,           t.Rn,        grad_out,
-        cores.p[d - 1], plan.segment_bag, plan.seg_start, plan.perm, info.coef,
+        in.cores.p[d - 1], plan.segment_bag, plan.seg_start, plan.perm, info.coef,
         plan.lookup_last};
     reduce_sorted(
-        ctx, f, plan.segs_by_slot, plan.slot_run_keys, nnz, 0xffffffffu, U_ub, kChunkSlot,
+        ctx, f, plan.segs_by_slot, plan.slot_run_keys, in.nnz, 0xffffffffu, U_ub, kChunkSlot,
         t.Np * t.Rp, smem_grt_slot_grad(t, sizeof(acc_t)), deterministic, dact + t.act_off[d - 2],
         t.act_size);
   }
@@ -829,26 +836,20 @@ void grt_backward(
   if (d >= 3 && U_ub > 0) {
     const auto kernel = &grt_slot_backprop_kernel<scalar_t, acc_t>;
     TORCHREC_TT_LAUNCH(
-        kernel, grid_for_items(U_ub), kPrefixThreads, 0, ctx.stream, t, cores,
+        kernel, grid_for_items(U_ub), kPrefixThreads, 0, ctx.stream, t, in.cores,
         static_cast<const int64_t*>(plan.slot_group), static_cast<const int64_t*>(plan.counts), dact);
     ctx.check_launch();
   }
 
   // Prefix cores: slots sorted by digit k.
   if (U_ub > 0) {
-    uint32_t* keys = alloc_n<uint32_t>(ctx, U_ub);
-    uint32_t* keys_sorted = alloc_n<uint32_t>(ctx, U_ub);
-    int32_t* items = alloc_n<int32_t>(ctx, U_ub);
-    int32_t* items_sorted = alloc_n<int32_t>(ctx, U_ub);
+    const KeySortBuffers kb = alloc_key_sort_buffers(ctx, U_ub);
     for (int k = 0; k <= d - 2; ++k) {
-      int64_t div = 1;
-      for (int kk = k + 1; kk <= d - 2; ++kk) {
-        div *= t.m[kk];
-      }
       launch_elems(
           ctx, &slot_digit_keys_kernel<>, U_ub, static_cast<const int64_t*>(plan.slot_group),
-          static_cast<const int64_t*>(plan.counts), U_ub, div, t.m[k], keys, items);
-      sort_by_key(ctx, keys, items, keys_sorted, items_sorted, U_ub, static_cast<uint64_t>(t.m[k]));
+          static_cast<const int64_t*>(plan.counts), U_ub, digit_divisor(t, k, d - 2), t.m[k],
+          kb.keys, kb.items);
+      sort_by_key(ctx, kb, U_ub, static_cast<uint64_t>(t.m[k]));
       const int L = t.n[k] * t.R[k + 1];
       const GrtPrefixCoreGrad<acc_t> f{
           act,
@@ -861,7 +862,7 @@ void grt_backward(
           L,
           k == 0 ? 1 : 0};
       reduce_sorted(
-          ctx, f, items_sorted, keys_sorted, U_ub, static_cast<uint32_t>(t.m[k]),
+          ctx, f, kb.items_sorted, kb.keys_sorted, U_ub, static_cast<uint32_t>(t.m[k]),
           tt_min<int64_t>(U_ub, t.m[k]), kChunkPrefixCore, static_cast<int>(t.slice[k]), 0,
           deterministic, grads[k], t.slice[k]);
     }
@@ -871,45 +872,33 @@ void grt_backward(
 template <typename scalar_t, typename index_t, typename Ctx>
 void tt_backward(
     Ctx& ctx,
-    const TTDims& t,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t B,
-    int64_t nnz,
-    int pooling_mode,
+    const LookupBatch<scalar_t, index_t>& in,
     const scalar_t* grad_out,
     acc_type<scalar_t>* const* grads,
     scalar_t* psw_grad,
     bool deterministic) {
   using acc_t = acc_type<scalar_t>;
-  if (B <= 0 || nnz <= 0) {
+  const TTDims& t = in.t;
+  if (in.B <= 0 || in.nnz <= 0) {
     return;
   }
   const int d = t.d;
-  const LookupInfo<acc_t> info =
-      compute_lookup_info(ctx, indices, offsets, psw, B, nnz, t.num_rows, pooling_mode);
-  uint32_t* keys = alloc_n<uint32_t>(ctx, nnz);
-  uint32_t* keys_sorted = alloc_n<uint32_t>(ctx, nnz);
-  int32_t* items = alloc_n<int32_t>(ctx, nnz);
-  int32_t* items_sorted = alloc_n<int32_t>(ctx, nnz);
+  const LookupInfo<acc_t> info = compute_lookup_info(ctx, in);
+  const KeySortBuffers kb = alloc_key_sort_buffers(ctx, in.nnz);
   const size_t smem = smem_tt_core_grad(t, sizeof(acc_t));
   for (int k = 0; k < d; ++k) {
-    int64_t div = 1;
-    for (int kk = k + 1; kk < d; ++kk) {
-      div *= t.m[kk];
-    }
     launch_elems(
-        ctx, &tt_digit_keys_kernel<index_t>, nnz, indices, static_cast<const int32_t*>(info.bag), nnz,
-        div, t.m[k], keys, items);
-    sort_by_key(ctx, keys, items, keys_sorted, items_sorted, nnz, static_cast<uint64_t>(t.m[k]));
+        ctx, &tt_digit_keys_kernel<index_t>, in.nnz, in.indices,
+        static_cast<const int32_t*>(info.bag), in.nnz,
+        digit_divisor(t, k, d - 1), t.m[k], kb.keys, kb.items);
+    sort_by_key(ctx, kb, in.nnz, static_cast<uint64_t>(t.m[k]));
     const TTCoreGrad<scalar_t, acc_t, index_t> f{
-        t, cores, indices, info.bag, info.coef, grad_out, k, k > 0 ? t.chain[k - 1] : 1, t.R[k],
-        t.n[k] * t.R[k + 1]};
+        t, in.cores, in.indices, info.bag, info.coef, grad_out, k, k > 0 ? t.chain[k - 1] : 1,
+        t.R[k], t.n[k] * t.R[k + 1]};
     reduce_sorted(
-        ctx, f, items_sorted, keys_sorted, nnz, static_cast<uint32_t>(t.m[k]),
-        tt_min<int64_t>(nnz, t.m[k]), kChunkTT, static_cast<int>(t.slice[k]), smem, deterministic,
+        ctx, f, kb.items_sorted, kb.keys_sorted, in.nnz, static_cast<uint32_t>(t.m[k]),
+        tt_min<int64_t>(in.nnz, t.m[k]), kChunkTT, static_cast<int>(t.slice[k]), smem,
+        deterministic,
         grads[k], t.slice[k]);
   }
   if (psw_grad != nullptr) {
@@ -919,9 +908,10 @@ void tt_backward(
       const auto kernel = &tt_psw_grad_kernel<scalar_t, acc_t, index_t, OPT>;
       set_dynamic_smem(ctx, kernel, psmem);
       TORCHREC_TT_LAUNCH(
-          kernel, grid_for_items(B), kTTThreads, psmem, ctx.stream, t, cores, indices, offsets,
+          kernel, grid_for_items(in.B), kTTThreads, psmem, ctx.stream, t, in.cores, in.indices,
+          in.offsets,
           static_cast<const int32_t*>(info.bag), static_cast<const acc_t*>(info.bag_scale), grad_out,
-          B, nnz, psw_grad);
+          in.B, in.nnz, psw_grad);
       ctx.check_launch();
     });
   }

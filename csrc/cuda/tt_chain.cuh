@@ -11,6 +11,30 @@
 
 namespace torchrec_tt::gpu {
 
+// Entry e of a chain step's (total-entry) result: written to out and out_copy (each may be null)
+// and, with out_t != null, transposed into the (t_cols x total / t_cols) matrix out_t.
+template <typename acc_t>
+__device__ __forceinline__ void store_chain_entry(
+    int e,
+    acc_t v,
+    int total,
+    acc_t* out,
+    acc_t* out_copy,
+    acc_t* out_t,
+    int t_cols) {
+  if (out != nullptr) {
+    out[e] = v;
+  }
+  if (out_copy != nullptr) {
+    out_copy[e] = v;
+  }
+  if (out_t != nullptr) {
+    const int rows = total / t_cols;
+    const int row = e / t_cols;
+    out_t[(e - row * t_cols) * rows + row] = v;
+  }
+}
+
 // out = A (Nprev x Rk, acc_t) @ C (Rk x L, scalar_t, global), (Nprev x L) row-major, written to
 // `out` (may be null) and `out_copy` (may be null); with out_t != null also written transposed as
 // a (t_cols x rows) matrix, rows = Nprev * L / t_cols (the result viewed rows x t_cols).
@@ -35,17 +59,7 @@ __device__ __forceinline__ void block_chain_step(
     for (int a = 0; a < Rk; ++a) {
       acc += a_row[a] * to_acc(c_col[static_cast<int64_t>(a) * L]);
     }
-    if (out != nullptr) {
-      out[e] = acc;
-    }
-    if (out_copy != nullptr) {
-      out_copy[e] = acc;
-    }
-    if (out_t != nullptr) {
-      const int rows = total / t_cols;
-      const int row = e / t_cols;
-      out_t[(e - row * t_cols) * rows + row] = acc;
-    }
+    store_chain_entry(e, acc, total, out, out_copy, out_t, t_cols);
   }
 }
 
@@ -60,17 +74,7 @@ __device__ __forceinline__ void block_chain_first(
     int t_cols) {
   for (int e = threadIdx.x; e < total; e += blockDim.x) {
     const acc_t v = to_acc(C[e]);
-    if (out != nullptr) {
-      out[e] = v;
-    }
-    if (out_copy != nullptr) {
-      out_copy[e] = v;
-    }
-    if (out_t != nullptr) {
-      const int rows = total / t_cols;
-      const int row = e / t_cols;
-      out_t[(e - row * t_cols) * rows + row] = v;
-    }
+    store_chain_entry(e, v, total, out, out_copy, out_t, t_cols);
   }
 }
 

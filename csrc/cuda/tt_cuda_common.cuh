@@ -203,6 +203,21 @@ struct CorePtrs {
   const scalar_t* p[kMaxCoresGpu] = {};
 };
 
+// One table's batch for the host orchestration (tt/grt forward and backward): the TT sizes, the
+// cores and the lookups (device pointers, contiguous; psw nullable), B bags and nnz lookups
+// (< 2^31, checked by the caller), pooling_mode 0 = sum, 1 = mean.
+template <typename scalar_t, typename index_t>
+struct LookupBatch {
+  TTDims t;
+  CorePtrs<scalar_t> cores;
+  const index_t* indices = nullptr;
+  const index_t* offsets = nullptr;
+  const scalar_t* psw = nullptr;
+  int64_t B = 0;
+  int64_t nnz = 0;
+  int pooling_mode = 0;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------------

@@ -61,12 +61,12 @@ at::Tensor tt_embedding_bag_cuda(
     TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_cuda_idx", [&] {
       const index_t* idx = in.indices.data_ptr<index_t>();
       const index_t* off = in.offsets.data_ptr<index_t>();
+      const LookupBatch<cuda_t, index_t> batch{
+          in.dims, cp, idx, off, psw, in.batch_size, in.nnz, static_cast<int>(pooling_mode)};
       if (variant == kVariantGRT) {
-        grt_forward<cuda_t, index_t>(
-            ctx, in.dims, cp, idx, off, psw, in.batch_size, in.nnz, static_cast<int>(pooling_mode), y);
+        grt_forward(ctx, batch, y);
       } else {
-        tt_forward<cuda_t, index_t>(
-            ctx, in.dims, cp, idx, off, psw, in.batch_size, in.nnz, static_cast<int>(pooling_mode), y);
+        tt_forward(ctx, batch, y);
       }
     });
   });
@@ -88,10 +88,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
   const c10::cuda::CUDAGuard guard(indices.device());
   const CudaInputs in = check_cuda_inputs(
       op, cores, indices, offsets, per_sample_weights, pooling_mode, variant, /*backward=*/true);
-  check_grad_output(op, grad_output, in.batch_size, in.layout.embedding_dim(), in.cores[0]);
-  TORCH_CHECK(
-      !per_sample_weights_requires_grad || in.psw.has_value(),
-      op, ": per_sample_weights_requires_grad is true but per_sample_weights is None");
+  check_backward_inputs(op, grad_output, in, per_sample_weights_requires_grad);
   if (check_bounds_mode()) {
     check_index_values_cuda(op, in.indices, in.offsets, in.batch_size, in.nnz, in.layout.num_rows());
   }
@@ -129,14 +126,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
       TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_backward_cuda_idx", [&] {
         const index_t* idx = in.indices.data_ptr<index_t>();
         const index_t* off = in.offsets.data_ptr<index_t>();
+        const LookupBatch<cuda_t, index_t> batch{
+            in.dims, cp, idx, off, psw, in.batch_size, in.nnz, static_cast<int>(pooling_mode)};
         if (variant == kVariantGRT) {
-          grt_backward<cuda_t, index_t>(
-              ctx, in.dims, cp, idx, off, psw, in.batch_size, in.nnz,
-              static_cast<int>(pooling_mode), g, grads, dpsw, deterministic);
+          grt_backward(ctx, batch, g, grads, dpsw, deterministic);
         } else {
-          tt_backward<cuda_t, index_t>(
-              ctx, in.dims, cp, idx, off, psw, in.batch_size, in.nnz,
-              static_cast<int>(pooling_mode), g, grads, dpsw, deterministic);
+          tt_backward(ctx, batch, g, grads, dpsw, deterministic);
         }
       });
     });

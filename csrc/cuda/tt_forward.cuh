@@ -131,6 +131,22 @@ __global__ void __launch_bounds__(kPrefixThreads) grt_prefix_kernel(
   }
 }
 
+// Row and column (o / nl, o % nl) of the outputs o = first + i * stride (i < OPT) of this thread.
+template <int OPT>
+__device__ __forceinline__ void thread_output_coords(
+    int first,
+    int stride,
+    int nl,
+    int (&ro)[OPT],
+    int (&co)[OPT]) {
+#pragma unroll
+  for (int i = 0; i < OPT; ++i) {
+    const int o = first + i * stride;
+    ro[i] = o / nl;
+    co[i] = o - ro[i] * nl;
+  }
+}
+
 // One block per bag b < B; warps over the bag's segments [lower_bound(b), lower_bound(b + 1)) of
 // segment_bag[0..S). OT = outputs per lane (32 * OT >= N).
 template <typename scalar_t, typename acc_t, int OT>
@@ -160,12 +176,7 @@ __global__ void __launch_bounds__(kBagThreads) grt_fwd_bag_kernel(
   const int64_t S = counts[0];
   int ro[OT];
   int co[OT];
-#pragma unroll
-  for (int i = 0; i < OT; ++i) {
-    const int o = lane + kWarpSize * i;
-    ro[i] = o / nl;
-    co[i] = o - ro[i] * nl;
-  }
+  thread_output_coords(lane, kWarpSize, nl, ro, co);
   const int64_t q_stride = static_cast<int64_t>(Np) * Rp;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     const int64_t s_begin = lower_bound_i64(segment_bag, S, b);
@@ -251,6 +262,51 @@ __device__ __forceinline__ const acc_t* block_row_prefix(
   return cur;
 }
 
+// Entry (row, col) of a lookup's row W = Q @ L: sum_a qr[a] * cl[a, col], with qr = Q[row] (R')
+// and cl = core_last[last] (R' x nl).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t row_entry(
+    const acc_t* qr,
+    const scalar_t* __restrict__ cl,
+    int Rp,
+    int nl,
+    int col) {
+  acc_t w = acc_t(0);
+  for (int a = 0; a < Rp; ++a) {
+    w += qr[a] * to_acc(cl[a * nl + col]);
+  }
+  return w;
+}
+
+// The lookups j of bag b in order, each with its own full chain: f(j, q, cl) with q = Q (N' x R',
+// in buf0/buf1) and cl = core_last[last] (R' x nl). Lookups outside the bag (lookup_bag[j] != b,
+// block-uniform) are skipped. A barrier follows every f: the next lookup overwrites the buffers.
+template <typename scalar_t, typename acc_t, typename index_t, typename F>
+__device__ __forceinline__ void for_each_bag_row(
+    const TTDims& t,
+    const CorePtrs<scalar_t>& cores,
+    const index_t* __restrict__ indices,
+    const index_t* __restrict__ offsets,
+    const int32_t* __restrict__ lookup_bag,
+    int64_t b,
+    int64_t nnz,
+    acc_t* buf0,
+    acc_t* buf1,
+    F&& f) {
+  const int64_t lo = offset_clamped(offsets, b, nnz);
+  const int64_t hi = offset_clamped(offsets, b + 1, nnz);
+  for (int64_t j = lo; j < hi; ++j) {
+    if (lookup_bag[j] != b) { // invalid lookup: contributes nothing (block-uniform)
+      continue;
+    }
+    int64_t digits[kMaxCoresGpu] = {};
+    row_digits_dev(t, static_cast<int64_t>(indices[j]), digits);
+    const acc_t* q = block_row_prefix(t, cores, digits, buf0, buf1);
+    f(j, q, cores.p[t.d - 1] + digits[t.d - 1] * t.slice[t.d - 1]);
+    __syncthreads();
+  }
+}
+
 // One block per bag; lookups of the bag in order, each with its own full chain. OPT = outputs per
 // thread (kTTThreads * OPT >= N).
 template <typename scalar_t, typename acc_t, typename index_t, int OPT>
@@ -272,42 +328,24 @@ __global__ void __launch_bounds__(kTTThreads) tt_fwd_bag_kernel(
   const int nl = t.nl;
   int ro[OPT];
   int co[OPT];
-#pragma unroll
-  for (int i = 0; i < OPT; ++i) {
-    const int o = threadIdx.x + i * blockDim.x;
-    ro[i] = o / nl;
-    co[i] = o - ro[i] * nl;
-  }
+  thread_output_coords(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), nl, ro, co);
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     acc_t acc[OPT];
 #pragma unroll
     for (int i = 0; i < OPT; ++i) {
       acc[i] = acc_t(0);
     }
-    const int64_t lo = offset_clamped(offsets, b, nnz);
-    const int64_t hi = offset_clamped(offsets, b + 1, nnz);
-    for (int64_t j = lo; j < hi; ++j) {
-      if (lookup_bag[j] != b) { // invalid lookup: contributes nothing (block-uniform)
-        continue;
-      }
-      int64_t digits[kMaxCoresGpu] = {};
-      row_digits_dev(t, static_cast<int64_t>(indices[j]), digits);
-      const acc_t c = coef[j];
-      const acc_t* q = block_row_prefix(t, cores, digits, buf0, buf1);
-      const scalar_t* cl = cores.p[t.d - 1] + digits[t.d - 1] * t.slice[t.d - 1];
+    for_each_bag_row(
+        t, cores, indices, offsets, lookup_bag, b, nnz, buf0, buf1,
+        [&](int64_t j, const acc_t* q, const scalar_t* cl) {
+          const acc_t c = coef[j];
 #pragma unroll
-      for (int i = 0; i < OPT; ++i) {
-        if (threadIdx.x + i * blockDim.x < N) {
-          const acc_t* qr = q + ro[i] * Rp;
-          acc_t w = acc_t(0);
-          for (int a = 0; a < Rp; ++a) {
-            w += qr[a] * to_acc(cl[a * nl + co[i]]);
+          for (int i = 0; i < OPT; ++i) {
+            if (threadIdx.x + i * blockDim.x < N) {
+              acc[i] += c * row_entry(q + ro[i] * Rp, cl, Rp, nl, co[i]);
+            }
           }
-          acc[i] += c * w;
-        }
-      }
-      __syncthreads(); // before the next lookup overwrites the chain buffers
-    }
+        });
 #pragma unroll
     for (int i = 0; i < OPT; ++i) {
       const int o = threadIdx.x + i * blockDim.x;
@@ -344,33 +382,37 @@ void launch_grt_prefix(
   ctx.check_launch();
 }
 
+// The forward of a batch without bags (nothing to write) or without lookups (zero bags); returns
+// false when the batch needs the kernels.
+template <typename scalar_t, typename Ctx>
+bool forward_without_lookups(Ctx& ctx, const TTDims& t, int64_t B, int64_t nnz, scalar_t* out) {
+  if (B <= 0) {
+    return true;
+  }
+  if (nnz <= 0) {
+    memset_async(ctx, out, 0, static_cast<size_t>(B) * t.N * sizeof(scalar_t));
+    return true;
+  }
+  return false;
+}
+
 // out: (B, N) in the cores' dtype. Requires B, nnz < 2^31 and the TT sizes validated by the caller.
 template <typename scalar_t, typename index_t, typename Ctx>
 void grt_forward(
     Ctx& ctx,
-    const TTDims& t,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t B,
-    int64_t nnz,
-    int pooling_mode,
+    const LookupBatch<scalar_t, index_t>& in,
     scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
-  if (B <= 0) {
+  const TTDims& t = in.t;
+  if (forward_without_lookups(ctx, t, in.B, in.nnz, out)) {
     return;
   }
-  if (nnz <= 0) {
-    memset_async(ctx, out, 0, static_cast<size_t>(B) * t.N * sizeof(scalar_t));
-    return;
-  }
-  const LookupInfo<acc_t> info =
-      compute_lookup_info(ctx, indices, offsets, psw, B, nnz, t.num_rows, pooling_mode);
+  const LookupInfo<acc_t> info = compute_lookup_info(ctx, in);
   const DevicePlan plan =
-      build_plan(ctx, indices, info.bag, B, nnz, t.m[t.d - 1], t.num_groups, PlanOutputs{});
+      build_plan(
+          ctx, in.indices, info.bag, in.B, in.nnz, t.m[t.d - 1], t.num_groups, PlanOutputs{});
   acc_t* qt = alloc_n<acc_t>(ctx, plan.slots_ub * t.Np * t.Rp);
-  launch_grt_prefix(ctx, t, cores, plan, qt, /*store_all=*/0);
+  launch_grt_prefix(ctx, t, in.cores, plan, qt, /*store_all=*/0);
 
   const size_t smem = smem_grt_fwd_bag(t, sizeof(acc_t));
   dispatch_pow2_upto32((t.N + kWarpSize - 1) / kWarpSize, [&](auto ot) {
@@ -378,12 +420,12 @@ void grt_forward(
     const auto kernel = &grt_fwd_bag_kernel<scalar_t, acc_t, OT>;
     set_dynamic_smem(ctx, kernel, smem);
     TORCHREC_TT_LAUNCH(
-        kernel, grid_for_items(B), kBagThreads, smem, ctx.stream, t, cores.p[t.d - 1],
+        kernel, grid_for_items(in.B), kBagThreads, smem, ctx.stream, t, in.cores.p[t.d - 1],
         static_cast<const acc_t*>(qt), static_cast<const int32_t*>(plan.perm),
         static_cast<const acc_t*>(info.coef), static_cast<const int32_t*>(plan.lookup_last),
         static_cast<const int32_t*>(plan.seg_start), static_cast<const int64_t*>(plan.segment_bag),
-        static_cast<const int64_t*>(plan.segment_slot), static_cast<const int64_t*>(plan.counts), B,
-        out);
+        static_cast<const int64_t*>(plan.segment_slot), static_cast<const int64_t*>(plan.counts),
+        in.B, out);
     ctx.check_launch();
   });
 }
@@ -391,33 +433,23 @@ void grt_forward(
 template <typename scalar_t, typename index_t, typename Ctx>
 void tt_forward(
     Ctx& ctx,
-    const TTDims& t,
-    const CorePtrs<scalar_t>& cores,
-    const index_t* indices,
-    const index_t* offsets,
-    const scalar_t* psw,
-    int64_t B,
-    int64_t nnz,
-    int pooling_mode,
+    const LookupBatch<scalar_t, index_t>& in,
     scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
-  if (B <= 0) {
+  const TTDims& t = in.t;
+  if (forward_without_lookups(ctx, t, in.B, in.nnz, out)) {
     return;
   }
-  if (nnz <= 0) {
-    memset_async(ctx, out, 0, static_cast<size_t>(B) * t.N * sizeof(scalar_t));
-    return;
-  }
-  const LookupInfo<acc_t> info =
-      compute_lookup_info(ctx, indices, offsets, psw, B, nnz, t.num_rows, pooling_mode);
+  const LookupInfo<acc_t> info = compute_lookup_info(ctx, in);
   const size_t smem = smem_tt_fwd(t, sizeof(acc_t));
   dispatch_pow2_upto8((t.N + kTTThreads - 1) / kTTThreads, [&](auto opt) {
     constexpr int OPT = decltype(opt)::value;
     const auto kernel = &tt_fwd_bag_kernel<scalar_t, acc_t, index_t, OPT>;
     set_dynamic_smem(ctx, kernel, smem);
     TORCHREC_TT_LAUNCH(
-        kernel, grid_for_items(B), kTTThreads, smem, ctx.stream, t, cores, indices, offsets,
-        static_cast<const int32_t*>(info.bag), static_cast<const acc_t*>(info.coef), B, nnz, out);
+        kernel, grid_for_items(in.B), kTTThreads, smem, ctx.stream, t, in.cores, in.indices,
+        in.offsets, static_cast<const int32_t*>(info.bag), static_cast<const acc_t*>(info.coef), in.B,
+        in.nnz, out);
     ctx.check_launch();
   });
 }

@@ -128,6 +128,14 @@ LookupInfo<acc_type<scalar_t>> compute_lookup_info(
   return info;
 }
 
+template <typename scalar_t, typename index_t, typename Ctx>
+LookupInfo<acc_type<scalar_t>> compute_lookup_info(
+    Ctx& ctx,
+    const LookupBatch<scalar_t, index_t>& in) {
+  return compute_lookup_info(
+      ctx, in.indices, in.offsets, in.psw, in.B, in.nnz, in.t.num_rows, in.pooling_mode);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plan kernels
 // ---------------------------------------------------------------------------------------------

@@ -136,15 +136,8 @@ inline void check_index_values_cuda(
 }
 
 // Inputs of tt_embedding_bag(_backward) on CUDA, checked and made contiguous.
-struct CudaInputs {
-  TTLayout layout;
+struct CudaInputs : TTInputs {
   TTDims dims;
-  std::vector<at::Tensor> cores;
-  at::Tensor indices;
-  at::Tensor offsets;
-  std::optional<at::Tensor> psw;
-  int64_t batch_size = 0;
-  int64_t nnz = 0;
 };
 
 inline CudaInputs check_cuda_inputs(
@@ -157,16 +150,11 @@ inline CudaInputs check_cuda_inputs(
     int64_t variant,
     bool backward) {
   CudaInputs in;
-  in.layout = check_cores(op, cores, /*allow_reduced_precision=*/true);
-  TORCH_CHECK(
-      cores[0].is_cuda(), op, ": expected CUDA cores, got cores[0] on ", cores[0].device());
-  check_indices_offsets(op, indices, offsets, cores[0].device());
-  check_per_sample_weights(op, per_sample_weights, indices.numel(), cores[0]);
-  check_modes(op, pooling_mode, variant);
+  static_cast<TTInputs&>(in) = check_tt_inputs(
+      op, cores, indices, offsets, per_sample_weights, pooling_mode, variant, c10::DeviceType::CUDA,
+      /*allow_reduced_precision=*/true);
   const TTLayout& L = in.layout;
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  in.nnz = indices.numel();
-  in.batch_size = offsets.numel() - 1;
   TORCH_CHECK(
       in.nnz < kIntMax, op, ": the CUDA kernels support fewer than 2^31 - 1 indices, got ", in.nnz);
   TORCH_CHECK(
@@ -213,15 +201,7 @@ inline CudaInputs check_cuda_inputs(
       smem <= smem_limit, op, ": TT shapes too large for the CUDA kernels (variant ", variant,
       "): they need ", smem, " bytes of shared memory per block, the device allows ", smem_limit,
       "; reduce the ranks or the dim factors n_k");
-  in.cores.reserve(cores.size());
-  for (const auto& c : cores) {
-    in.cores.push_back(c.contiguous());
-  }
-  in.indices = indices.contiguous();
-  in.offsets = offsets.contiguous();
-  if (per_sample_weights.has_value()) {
-    in.psw = per_sample_weights->contiguous();
-  }
+  make_tt_inputs_contiguous(in, cores, indices, offsets, per_sample_weights);
   return in;
 }
 

@@ -45,10 +45,11 @@ void instantiate(CheckCtx& ctx) {
   const scalar_t* grad = nullptr;
   scalar_t* out = nullptr;
   acc_t* grads[4] = {};
-  grt_forward<scalar_t, index_t>(ctx, t, cores, idx, off, psw, 1, 1, 0, out);
-  tt_forward<scalar_t, index_t>(ctx, t, cores, idx, off, psw, 1, 1, 0, out);
-  grt_backward<scalar_t, index_t>(ctx, t, cores, idx, off, psw, 1, 1, 0, grad, grads, out, true);
-  tt_backward<scalar_t, index_t>(ctx, t, cores, idx, off, psw, 1, 1, 0, grad, grads, out, false);
+  const LookupBatch<scalar_t, index_t> batch{t, cores, idx, off, psw, 1, 1, 0};
+  grt_forward(ctx, batch, out);
+  tt_forward(ctx, batch, out);
+  grt_backward(ctx, batch, grad, grads, out, true);
+  tt_backward(ctx, batch, grad, grads, out, false);
   (void)max_smem_bytes(t, 1, true, sizeof(acc_t));
 }
 

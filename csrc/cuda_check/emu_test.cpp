@@ -342,15 +342,17 @@ GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic)
     psw.push_back(to_t<scalar_t>(v));
   }
   const scalar_t* psw_ptr = P.has_psw ? psw.data() : nullptr;
+  const LookupBatch<scalar_t, index_t> batch{
+      t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode};
   std::vector<scalar_t> y(static_cast<size_t>(B * N));
   std::memset(static_cast<void*>(y.data()), 0xff, y.size() * sizeof(scalar_t));
   GpuOut o;
   {
     tt_emu::Ctx ctx;
     if (variant == 1) {
-      grt_forward<scalar_t, index_t>(ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, y.data());
+      grt_forward(ctx, batch, y.data());
     } else {
-      tt_forward<scalar_t, index_t>(ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, y.data());
+      tt_forward(ctx, batch, y.data());
     }
   }
   for (auto v : y) {
@@ -374,11 +376,9 @@ GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic)
   {
     tt_emu::Ctx ctx;
     if (variant == 1) {
-      grt_backward<scalar_t, index_t>(
-          ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, g.data(), gp, pg_ptr, deterministic);
+      grt_backward(ctx, batch, g.data(), gp, pg_ptr, deterministic);
     } else {
-      tt_backward<scalar_t, index_t>(
-          ctx, t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode, g.data(), gp, pg_ptr, deterministic);
+      tt_backward(ctx, batch, g.data(), gp, pg_ptr, deterministic);
     }
   }
   for (int k = 0; k < P.d; ++k) {

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <vector>
 
 #include "torchrec_tt/tt_layout.h"
 
@@ -170,6 +171,74 @@ inline void check_grad_output(
   TORCH_CHECK(
       grad_output.device() == like.device(),
       op, ": grad_output must be on ", like.device(), ", got ", grad_output.device());
+}
+
+// Inputs of tt_embedding_bag(_backward), checked by check_tt_inputs and made contiguous by
+// make_tt_inputs_contiguous.
+struct TTInputs {
+  TTLayout layout;
+  std::vector<at::Tensor> cores; // contiguous
+  at::Tensor indices;
+  at::Tensor offsets;
+  std::optional<at::Tensor> psw;
+  int64_t batch_size = 0;
+  int64_t nnz = 0;
+};
+
+// The boundary checks of tt_embedding_bag(_backward) common to every device (no value reads): the
+// cores (on a `device_type` device), indices/offsets, per_sample_weights and the modes. Returns the
+// layout and sizes; the tensors are filled in by make_tt_inputs_contiguous.
+inline TTInputs check_tt_inputs(
+    const char* op,
+    at::TensorList cores,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t pooling_mode,
+    int64_t variant,
+    c10::DeviceType device_type,
+    bool allow_reduced_precision) {
+  TTInputs in;
+  in.layout = check_cores(op, cores, allow_reduced_precision);
+  TORCH_CHECK(
+      cores[0].device().type() == device_type, op, ": expected ", c10::DeviceTypeName(device_type),
+      " cores, got cores[0] on ", cores[0].device());
+  check_indices_offsets(op, indices, offsets, cores[0].device());
+  check_per_sample_weights(op, per_sample_weights, indices.numel(), cores[0]);
+  check_modes(op, pooling_mode, variant);
+  in.batch_size = offsets.numel() - 1;
+  in.nnz = indices.numel();
+  return in;
+}
+
+inline void make_tt_inputs_contiguous(
+    TTInputs& in,
+    at::TensorList cores,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights) {
+  in.cores.reserve(cores.size());
+  for (const auto& c : cores) {
+    in.cores.push_back(c.contiguous());
+  }
+  in.indices = indices.contiguous();
+  in.offsets = offsets.contiguous();
+  if (per_sample_weights.has_value()) {
+    in.psw = per_sample_weights->contiguous();
+  }
+}
+
+// The backward's own arguments: grad_output (B, N) like the cores, and per_sample_weights given
+// when its gradient is requested.
+inline void check_backward_inputs(
+    const char* op,
+    const at::Tensor& grad_output,
+    const TTInputs& in,
+    bool per_sample_weights_requires_grad) {
+  check_grad_output(op, grad_output, in.batch_size, in.layout.embedding_dim(), in.cores[0]);
+  TORCH_CHECK(
+      !per_sample_weights_requires_grad || in.psw.has_value(),
+      op, ": per_sample_weights_requires_grad is true but per_sample_weights is None");
 }
 
 // CPU only (reads values). offsets must be contiguous: offsets[0] == 0, offsets[B] == nnz and
