@@ -1,0 +1,504 @@
+#!/usr/bin/env python3
+"""DLRM-style liked-item prediction on MovieLens-20M (or its synthetic twin) with TT tables.
+
+The user's liked history is one embedding bag (feature ``history``, mean pooling), the
+candidate item another (feature ``candidate``); both go through TT tables
+(``--embedding grt`` or ``tt``, :class:`torchrec_tt.TTEmbeddingBagCollection`) or through
+TorchRec's ``EmbeddingBagCollection`` (``--embedding dense``). A small dense arch embeds
+``log(1 + history length)``; the interaction concatenates the three vectors and their
+pairwise dot products; an MLP gives the logit of "liked". Labels: held-out likes versus
+sampled negatives (:mod:`torchrec_tt.data.task`).
+
+Item ids are renumbered from training data (default ``--renumber cluster``: co-liked items
+get neighbouring ids, hot items first in each cluster, so bags touch fewer TT groups and
+similar items share TT core slices; ``freq``: by frequency only); the mapping is a buffer
+of the model (``renumber.mapping``). The run prints per-table memory and compression, P and
+P_G before/after renumbering, eval AUC and throughput.
+
+Single process::
+
+    python examples/dlrm_movielens.py --embedding grt            # synthetic ML-20M twin
+    python examples/dlrm_movielens.py --embedding grt,tt,dense   # same data and seed, compared
+    python examples/dlrm_movielens.py --movielens ~/ml-20m/ratings.csv
+
+N ranks (``DistributedModelParallel``; gloo on CPU, nccl on GPUs)::
+
+    torchrun --nproc_per_node 2 examples/dlrm_movielens.py --embedding grt
+    torchx run -s local_cwd launch/components.py:train -j 1x2 --embedding grt
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
+
+try:
+    import torchrec_tt  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
+from torchrec_tt.data.movielens import load_movielens
+from torchrec_tt.data.renumber import FeatureRenumbering, cluster_renumbering, frequency_renumbering, group_stats
+from torchrec_tt.data.synthetic import SyntheticConfig, generate_liked_items
+from torchrec_tt.data.task import CANDIDATE, HISTORY, LikedTask
+
+EMBEDDINGS = ("grt", "tt", "dense")
+DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.03, "tt": 0.03}  # Adagrad; best of the grids in README
+RENUMBERINGS = ("cluster", "freq", "none")
+ADAGRAD_EPS = 1e-8  # FBGEMM's default; the same for TorchRec, TT and unsharded tables
+
+
+# ----------------------------------------------------------------------------- model
+class DLRMLike(nn.Module):
+    """History bag + candidate embeddings, dense arch, dot/concat interaction, over arch.
+
+    Args:
+        embedding_bag_collection (nn.Module): ``EmbeddingBagCollection`` or
+            ``TTEmbeddingBagCollection`` with features ``history`` and ``candidate``
+            (same ``embedding_dim`` D).
+        renumber (Optional[FeatureRenumbering]): id mapping applied to the input KJT.
+        dense_in_features (int): dense features per example.
+        over_arch (Sequence[int]): hidden sizes of the over arch.
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: nn.Module,
+        renumber: Optional[FeatureRenumbering] = None,
+        dense_in_features: int = 1,
+        over_arch: Sequence[int] = (128, 64),
+    ) -> None:
+        super().__init__()
+        configs = embedding_bag_collection.embedding_bag_configs()
+        dim = configs[0].embedding_dim
+        self._features = [f for c in configs for f in c.feature_names]
+        num_vectors = 1 + len(self._features)
+        self.renumber = renumber
+        self.sparse_arch = embedding_bag_collection
+        self.dense_arch = nn.Sequential(nn.Linear(dense_in_features, dim), nn.ReLU())
+        layers: List[nn.Module] = []
+        width = num_vectors * dim + num_vectors * (num_vectors - 1) // 2  # vectors and pairwise dots
+        for hidden in over_arch:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.over_arch = nn.Sequential(*layers)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """``(B, dense_in_features)`` and a KJT -> ``(B,)`` logits."""
+        if self.renumber is not None:
+            sparse = self.renumber(sparse)
+        pooled = self.sparse_arch(sparse).to_dict()
+        vectors = torch.stack([self.dense_arch(dense)] + [pooled[k] for k in self._features], dim=1)
+        dots = torch.bmm(vectors, vectors.transpose(1, 2))
+        i, j = torch.triu_indices(vectors.shape[1], vectors.shape[1], offset=1, device=dots.device)
+        x = torch.cat([vectors.flatten(1), dots[:, i, j]], dim=1)
+        return self.over_arch(x).squeeze(1)
+
+
+def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> List[EmbeddingBagConfig]:
+    """Item tables (TT configs unless ``embedding == "dense"``): one per feature
+    (``--tables separate``) or one for both (``shared``; mean pooling, the candidate bag
+    has one id)."""
+    if args.tables == "shared":
+        layout = [("item", [HISTORY, CANDIDATE], PoolingType.MEAN)]
+    else:
+        layout = [(HISTORY, [HISTORY], PoolingType.MEAN), (CANDIDATE, [CANDIDATE], PoolingType.SUM)]
+    tables: List[EmbeddingBagConfig] = []
+    for name, features, pooling in layout:
+        common = dict(name=name, num_embeddings=num_items, embedding_dim=args.embedding_dim,
+                      feature_names=features, pooling=pooling,
+                      weight_init_min=-args.init_scale, weight_init_max=args.init_scale)
+        if embedding == "dense":
+            tables.append(EmbeddingBagConfig(**common))
+        else:
+            tables.append(TTEmbeddingBagConfig(
+                **common,
+                tt_p_shapes=list(args.tt_p_shapes or []),
+                tt_ranks=[args.tt_rank] * (args.tt_cores - 1),
+                tt_num_cores=args.tt_cores,
+                variant=embedding,
+            ))
+    return tables
+
+
+def table_memory(tables: Sequence[EmbeddingBagConfig]) -> List[Dict[str, Any]]:
+    """Per table: stored bytes, dense bytes, compression."""
+    rows = []
+    for t in tables:
+        dense = t.num_embeddings * t.embedding_dim * 4
+        stored = t.storage_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
+        rows.append({"table": t.name, "rows": t.num_embeddings, "dim": t.embedding_dim,
+                     "shape": getattr(t, "tt_p_shapes", None), "ranks": getattr(t, "tt_ranks", None),
+                     "bytes": stored, "dense_bytes": dense, "compression": dense / stored})
+    return rows
+
+
+# ----------------------------------------------------------------------------- metrics
+def auc_score(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC (Mann-Whitney U with tied scores sharing their mean rank)."""
+    scores, labels = scores.double().flatten(), labels.flatten() > 0.5
+    num_pos = int(labels.sum())
+    num_neg = labels.numel() - num_pos
+    if num_pos == 0 or num_neg == 0:
+        raise ValueError(f"auc_score: needs positives and negatives, got {num_pos} and {num_neg}")
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    _, counts = torch.unique_consecutive(sorted_scores, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    mean_rank = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)  # 1-based
+    pos_rank_sum = float(mean_rank[labels[order]].sum())
+    return (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+
+
+# ----------------------------------------------------------------------------- distributed
+class Dist:
+    """Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    def __init__(self, device_arg: str) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            self.device = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.backend = "nccl" if use_cuda else "gloo"
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(self.backend, device_id=self.device if use_cuda else None)
+        self.pg = dist.group.WORLD if self.world_size > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def embedding_fused_params(emb_lr: float) -> Dict[str, Any]:
+    """The tables' optimizer, in TorchRec's ``fused_params`` form (CPU TBE kernels offer
+    only SGD and Adagrad variants; exact Adagrad is used for every kind of table)."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    return {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
+
+
+def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int, env: Dist,
+                tables: Sequence[EmbeddingBagConfig], sample: KeyedJaggedTensor,
+                pooling_factors: Dict[str, float]) -> nn.Module:
+    """``DistributedModelParallel``: tables table-wise over the ranks (their optimizer fused
+    into backward), the rest data parallel."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingEnv, ShardingType
+
+    topology = Topology(world_size=env.world_size, compute_device=env.device.type, local_world_size=env.world_size)
+    constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value],
+                                                pooling_factors=[pooling_factors[f] for f in t.feature_names])
+                   for t in tables}
+    if embedding == "dense":
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+        sharders = [EmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr))]
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    else:
+        from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder, make_tt_planner
+
+        sharders = [TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr))]
+        planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints,
+                                  sample_batch=model.renumber(sample) if model.renumber is not None else sample)
+    plan = planner.collective_plan(model, sharders, env.pg)
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
+                                    plan=plan, sharders=sharders)
+
+
+class Optimizers:
+    """Adagrad for the tables (unless a sharder fused it into backward), Adam for the rest."""
+
+    def __init__(self, model: nn.Module, lr: float, emb_lr: float) -> None:
+        tables, dense = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad or getattr(param, "_in_backward_optimizers", None):
+                continue  # stepped in backward by the sharded module's fused optimizer
+            (tables if "sparse_arch." in name else dense).append(param)
+        self.optimizers = [torch.optim.Adam(dense, lr=lr)]
+        if tables:
+            self.optimizers.append(torch.optim.Adagrad(tables, lr=emb_lr, eps=ADAGRAD_EPS))
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
+# ----------------------------------------------------------------------------- run
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--embedding", type=_embeddings, default=["grt"],
+                   help="grt | tt (TT kernel variants) | dense (TorchRec tables); a comma list such as "
+                        "grt,dense trains each on the same data and seed and prints a comparison")
+    p.add_argument("--movielens", default=None,
+                   help="path of ML-20M ratings.csv (or its folder); default: synthetic data")
+    p.add_argument("--synthetic-users", type=int, default=SyntheticConfig.num_users)
+    p.add_argument("--synthetic-items", type=int, default=SyntheticConfig.num_items)
+    p.add_argument("--synthetic-p", type=float, default=SyntheticConfig.mean_liked, help="mean liked items per user")
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--tt-rank", type=int, default=32, help="every inner TT rank")
+    p.add_argument("--tt-cores", type=int, default=3)
+    p.add_argument("--tt-p-shapes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="row factors, e.g. 21,22,50 (default: torchrec_tt.suggest_tt_shapes)")
+    p.add_argument("--tables", choices=("separate", "shared"), default="separate",
+                   help="one item table per feature (history, candidate) or one shared table")
+    p.add_argument("--init-scale", type=float, default=0.1, help="uniform init range of the tables (TT: same variance)")
+    p.add_argument("--renumber", choices=RENUMBERINGS, default="cluster",
+                   help="item renumbering: co-occurrence clusters with hot items first in each (cluster), "
+                        "by frequency (freq), or none")
+    p.add_argument("--batch-size", type=int, default=512, help="per rank")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the users")
+    p.add_argument("--train-positives", type=int, default=4, help="training positives per user and epoch")
+    p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the MLPs")
+    p.add_argument("--emb-lr", type=float, default=None,
+                   help="Adagrad learning rate of the tables (default: 1.0 dense, 0.03 TT; measured best)")
+    p.add_argument("--negatives", choices=("popularity", "uniform"), default="popularity")
+    p.add_argument("--train-negatives", type=int, default=1, help="negatives per training positive")
+    p.add_argument("--test-negatives", type=int, default=1, help="negatives per held-out like")
+    p.add_argument("--eval-users", type=int, default=20_000, help="users in the AUC evaluation (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file (rank 0)")
+    p.add_argument("--save", default=None,
+                   help="save the trained model's state_dict here, '{embedding}' is replaced (world size 1)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p.parse_args(argv)
+
+
+def _embeddings(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in EMBEDDINGS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {EMBEDDINGS}")
+    return names
+
+
+def load_data(args: argparse.Namespace):
+    if args.movielens:
+        return load_movielens(args.movielens)
+    return generate_liked_items(SyntheticConfig(num_users=args.synthetic_users, num_items=args.synthetic_items,
+                                                mean_liked=args.synthetic_p, seed=args.seed))
+
+
+class Prepared:
+    """What every embedding kind shares: data, split, renumberings and their group statistics."""
+
+    def __init__(self, args: argparse.Namespace, say) -> None:
+        t0 = time.perf_counter()
+        self.liked = load_data(args)
+        self.task = LikedTask(self.liked, negatives=args.negatives, train_positives=args.train_positives,
+                              train_negatives=args.train_negatives, test_negatives=args.test_negatives,
+                              seed=args.seed)
+        self.stats = {"source": args.movielens or "synthetic", **self.liked.stats(),
+                      "seconds": time.perf_counter() - t0}
+        say(f"data: {self.stats['source']}: {self.liked.num_users} users, {self.stats['items']} items, "
+            f"{self.stats['P']:.1f} liked per user ({self.stats['seconds']:.1f} s)")
+        t0 = time.perf_counter()
+        task = self.task
+        self.mappings = {
+            "none": None,
+            "freq": frequency_renumbering(task.item_counts),
+            "cluster": cluster_renumbering(task.history_offsets, task.history_items, task.num_items, seed=args.seed),
+        }
+        # P and P_G of the history bags in the run's TT layout, before and after renumbering.
+        layout = make_tables(args, "grt", task.num_items)[0]
+        self.groups = {"tt_p_shapes": layout.tt_p_shapes, "renumber": args.renumber, "seconds": 0.0, **{
+            name: asdict(group_stats(layout, task.history_batches(args.batch_size), m))
+            for name, m in self.mappings.items()}}
+        self.groups["seconds"] = time.perf_counter() - t0
+
+
+def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data: Prepared, say) -> Dict[str, Any]:
+    """Build, (shard,) train and evaluate one model; returns its results."""
+    task = data.task
+    emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
+    results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "world_size": env.world_size,
+                               "backend": env.backend, "device": str(env.device), "args": vars(args),
+                               "data": data.stats, "groups": data.groups}
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)  # same initial MLPs whatever ran before
+    tables = make_tables(args, embedding, task.num_items)
+    results["tables"] = table_memory(tables)
+    renumber = FeatureRenumbering(task.num_items, [HISTORY, CANDIDATE], data.mappings[args.renumber])
+    if embedding == "dense":
+        ebc: nn.Module = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+    else:
+        ebc = TTEmbeddingBagCollection(tables, device=torch.device("cpu"), validate_inputs=False)
+    model: nn.Module = DLRMLike(ebc, renumber)
+    first_epoch = task.train_examples(0)
+    if env.world_size > 1:
+        sample = task.make_batch(first_epoch.subset(torch.arange(args.batch_size))).sparse
+        pooling = {HISTORY: data.groups["none"]["pooling_factor"], CANDIDATE: 1.0}
+        model = shard_model(model, embedding, emb_lr, args.batch_size, env, tables, sample, pooling)
+    else:
+        model = model.to(env.device)
+    optimizer = Optimizers(model, args.lr, emb_lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    # ---- train
+    total_steps = task.num_batches(first_epoch, args.batch_size, env.world_size) * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    say(f"train {embedding}: {total_steps} steps of {env.world_size} x {args.batch_size} examples "
+        f"({env.world_size} rank(s), {env.backend}, {torch.get_num_threads()} thread(s) per rank)")
+    model.train()
+    step, losses = 0, []  # losses: mean of every 10 steps (read every 10 steps: few host syncs)
+    running = torch.zeros((), device=env.device)
+    bar = tqdm(total=total_steps, disable=args.no_progress or not env.is_main, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15.0)  # few lines in logs
+    t_train = time.perf_counter()
+    for epoch in range(args.epochs):
+        examples = first_epoch if epoch == 0 else task.train_examples(epoch)
+        for batch in task.batches(examples, args.batch_size, env.rank, env.world_size):
+            if step >= total_steps:
+                break
+            batch = batch.to(env.device)
+            loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running += loss.detach()
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                losses.append(float(running) / (step - 10 * len(losses)))
+                running.zero_()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    bar.close()
+    train_seconds = time.perf_counter() - t_train
+    results["train"] = {"steps": step, "seconds": train_seconds,
+                        "examples_per_second": step * args.batch_size * env.world_size / max(train_seconds, 1e-9),
+                        "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
+
+    # ---- evaluate
+    model.eval()
+    test = task.test_examples(args.eval_users or None)
+    scores, labels, valid = [], [], []
+    t_eval = time.perf_counter()
+    with torch.no_grad():
+        for batch in task.batches(test, args.batch_size, env.rank, env.world_size, pad=True):
+            batch = batch.to(env.device)
+            scores.append(model(batch.dense, batch.sparse).float())
+            labels.append(batch.labels)
+            valid.append(batch.valid.to(torch.uint8))  # NCCL gathers bytes, not bools
+    scores_all = env.all_gather(torch.cat(scores)).cpu()
+    labels_all = env.all_gather(torch.cat(labels)).cpu()
+    valid_all = env.all_gather(torch.cat(valid)).cpu().bool()
+    results["eval"] = {"examples": int(valid_all.sum()), "seconds": time.perf_counter() - t_eval,
+                       "auc": auc_score(scores_all[valid_all], labels_all[valid_all]),
+                       "popularity_auc": auc_score(task.item_counts[test.candidates].double(), test.labels)}
+    results["seconds"] = time.perf_counter() - t0
+    if args.save:
+        if env.world_size == 1:
+            torch.save(model.state_dict(), args.save.format(embedding=embedding))
+        else:
+            say("--save: skipped; this example saves unsharded models only (world size 1)")
+    return results
+
+
+def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """Train and evaluate every ``--embedding`` kind on the same data; results by kind."""
+    env = Dist(args.device)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # optimizer state of rarely seen rows decays into (slow) denormals
+    say = print if env.is_main else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    data = Prepared(args, say)
+    results = {}
+    for embedding in args.embedding:
+        results[embedding] = train_and_evaluate(args, embedding, env, data, say)
+        say(format_report(results[embedding]))
+    if len(results) > 1:
+        say(format_comparison(results))
+    say(f"total {time.perf_counter() - t0:.1f} s")
+    if env.is_main and args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    env.barrier()
+    env.close()
+    return results
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    lines = ["", f"== {r['embedding']} | {r['world_size']} rank(s) ({r['backend']}) | table lr {r['emb_lr']} | "
+             f"data: {r['data']['source']} "
+             f"({r['data']['users']} users, {r['data']['items']} items, {r['data']['P']:.1f} liked per user)"]
+    lines.append(f"{'table':<10} {'rows':>7} {'dim':>4} {'TT rows (p)':<14} {'ranks':<9} {'MiB':>8} "
+                 f"{'dense MiB':>10} {'compression':>11}")
+    for t in r["tables"]:
+        lines.append(f"{t['table']:<10} {t['rows']:>7} {t['dim']:>4} {str(t['shape'] or '-'):<14} "
+                     f"{str(t['ranks'] or '-'):<9} "
+                     f"{t['bytes'] / 2**20:>8.3f} {t['dense_bytes'] / 2**20:>10.3f} {t['compression']:>10.1f}x")
+    g = r["groups"]
+    b, a = g["none"], g[g["renumber"]]
+    lines.append(f"history bags, TT rows {g['tt_p_shapes']} (group = id // {g['tt_p_shapes'][-1]}), "
+                 f"batch {r['args']['batch_size']}, renumbering used: {g['renumber']}")
+    lines.append(f"  P = {b['pooling_factor']:.2f}   P_G: before renumbering {b['groups_per_bag']:.2f}, "
+                 f"after freq {g['freq']['groups_per_bag']:.2f}, after cluster {g['cluster']['groups_per_bag']:.2f}")
+    lines.append(f"  forward MFLOP per batch: tt {b['tt_flops'] / 1e6:.4g}; grt {b['grt_flops'] / 1e6:.4g} before, "
+                 f"{a['grt_flops'] / 1e6:.4g} after renumbering ({b['tt_flops'] / a['grt_flops']:.1f}x fewer than tt)")
+    t, e = r["train"], r["eval"]
+    lines.append(f"train: {t['steps']} steps in {t['seconds']:.1f} s = {t['examples_per_second']:.0f} examples/s, "
+                 f"final loss {t['final_loss']:.4f}")
+    lines.append(f"eval: AUC = {e['auc']:.4f} on {e['examples']} examples (popularity-only baseline "
+                 f"{e['popularity_auc']:.4f})   model built, trained and evaluated in {r['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def format_comparison(results: Dict[str, Dict[str, Any]]) -> str:
+    """One line per embedding kind: same data, seed and steps."""
+    lines = ["", f"{'embedding':<10} {'tables MiB':>10} {'compression':>11} {'steps':>6} {'examples/s':>11} {'AUC':>7}"]
+    for name, r in results.items():
+        stored = sum(t["bytes"] for t in r["tables"])
+        dense = sum(t["dense_bytes"] for t in r["tables"])
+        lines.append(f"{name:<10} {stored / 2**20:>10.3f} {dense / stored:>10.1f}x {r['train']['steps']:>6} "
+                     f"{r['train']['examples_per_second']:>11.0f} {r['eval']['auc']:>7.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

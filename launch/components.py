@@ -1,0 +1,114 @@
+"""TorchX components of the end-to-end pipeline (``examples/dlrm_movielens.py``).
+
+Run from the repository root::
+
+    torchx run -s local_cwd launch/components.py:train -j 1x2               # 2 CPU ranks, gloo
+    torchx run -s local_cwd launch/components.py:train -j 1x2 --embedding dense
+    torchx run -s local_cwd launch/components.py:train -j 1x8 --gpu 8      # 8 GPUs, nccl
+    torchx run -s local_cwd launch/components.py:train -j 1x2 --movielens ~/ml-20m/ratings.csv
+
+The script picks gloo on CPU and nccl when CUDA is available; ranks come from
+torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
+"""
+
+import re
+from typing import Dict, List, Optional
+
+import torchx.specs as specs
+from torchx.components import dist
+
+SCRIPT = "examples/dlrm_movielens.py"
+EMBEDDINGS = ("grt", "tt", "dense")
+_TOPOLOGY = re.compile(r"^(?:(\d+):)?(\d+)x(\d+)$|^(\d+)$")
+
+
+def parse_topology(j: str, gpu: int = 0) -> List[int]:
+    """``[min_nnodes, nnodes, nproc_per_node]`` from ``[[min:]nnodes x]nproc_per_node``.
+
+    Raises:
+        ValueError: ``j`` is malformed, asks for zero nodes or processes, has
+            ``min_nnodes > nnodes``, or more processes per node than ``gpu`` GPUs.
+    """
+    match = _TOPOLOGY.match(j.strip())
+    if not match:
+        raise ValueError(f"invalid topology -j {j!r}: expected [[min_nnodes:]nnodes x]nproc_per_node, e.g. 1x2 or 2")
+    if match.group(4) is not None:
+        min_nnodes, nnodes, nproc = 1, 1, int(match.group(4))
+    else:
+        nnodes, nproc = int(match.group(2)), int(match.group(3))
+        min_nnodes = int(match.group(1)) if match.group(1) is not None else nnodes
+    if nnodes < 1 or nproc < 1 or min_nnodes < 1:
+        raise ValueError(f"invalid topology -j {j!r}: nodes and processes per node must be >= 1")
+    if min_nnodes > nnodes:
+        raise ValueError(f"invalid topology -j {j!r}: min_nnodes {min_nnodes} > nnodes {nnodes}")
+    if gpu > 0 and nproc > gpu:
+        raise ValueError(f"invalid topology -j {j!r}: {nproc} processes per node but only gpu={gpu} GPUs per node")
+    return [min_nnodes, nnodes, nproc]
+
+
+def train(
+    *script_args: str,
+    j: str = "1x2",
+    embedding: str = "grt",
+    movielens: Optional[str] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    gpu: int = 0,
+    cpu: int = 2,
+    memMB: int = 8192,
+    image: str = "ghcr.io/pytorch/torchx:0.7.0",
+    name: str = "/torchrec_tt_dlrm",
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """DLRM-style training on MovieLens-20M (or synthetic data) with TT embedding tables.
+
+    Every rank runs ``examples/dlrm_movielens.py``; the tables are sharded table-wise
+    over the ranks with ``DistributedModelParallel`` (gloo on CPU, nccl on GPUs).
+
+    Args:
+        script_args: more arguments for the script (see ``python examples/dlrm_movielens.py -h``)
+        j: topology ``[[min_nnodes:]nnodes x]nproc_per_node``, e.g. ``1x2``
+        embedding: ``grt`` (GRT-GnR TT kernel), ``tt`` (TT-Rec kernel) or ``dense`` (TorchRec tables)
+        movielens: path of ML-20M ``ratings.csv`` on the workers; synthetic data if omitted
+        epochs: passes over the users (script default if omitted)
+        batch_size: batch size per rank (script default if omitted)
+        seed: random seed of data, split and model
+        gpu: GPUs per replica (0: CPU ranks with gloo)
+        cpu: CPUs per replica
+        memMB: memory per replica in MB
+        image: container image (ignored by the local_cwd scheduler)
+        name: job name, ``{experiment}/{run}``
+        env: extra environment variables, e.g. ``OMP_NUM_THREADS=1``
+        max_retries: scheduler retries
+
+    Returns:
+        specs.AppDef: the job.
+
+    Raises:
+        ValueError: bad topology ``j`` or unknown ``embedding``.
+    """
+    parse_topology(j, gpu)
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding={embedding!r} must be one of {EMBEDDINGS}")
+    args = ["--embedding", embedding, "--seed", str(seed), "--device", "cuda" if gpu > 0 else "cpu"]
+    if movielens:
+        args += ["--movielens", movielens]
+    if epochs is not None:
+        args += ["--epochs", str(epochs)]
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    return dist.ddp(
+        *args,
+        *script_args,
+        script=SCRIPT,
+        image=image,
+        name=name,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=env,
+        max_retries=max_retries,
+    )
