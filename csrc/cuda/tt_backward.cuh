@@ -903,7 +903,7 @@ void tt_backward(
   }
   if (psw_grad != nullptr) {
     const size_t psmem = smem_tt_psw_grad(t, sizeof(acc_t));
-    dispatch_pow2_upto8((t.N + kTTThreads - 1) / kTTThreads, [&](auto opt) {
+    dispatch_pow2<8>((t.N + kTTThreads - 1) / kTTThreads, [&](auto opt) {
       constexpr int OPT = decltype(opt)::value;
       const auto kernel = &tt_psw_grad_kernel<scalar_t, acc_t, index_t, OPT>;
       set_dynamic_smem(ctx, kernel, psmem);

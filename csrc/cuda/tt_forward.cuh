@@ -15,6 +15,7 @@
 #pragma once
 
 #include <type_traits>
+#include <utility>
 
 #include "tt_chain.cuh"
 #include "tt_cuda_common.cuh"
@@ -27,35 +28,16 @@ constexpr int kBagThreads = 128;
 constexpr int kBagWarps = kBagThreads / kWarpSize;
 constexpr int kTTThreads = 128;
 
-// Calls fn(std::integral_constant<int, P>{}) with P the smallest power of two >= v among 1..32.
-template <typename Fn>
-void dispatch_pow2_upto32(int v, Fn&& fn) {
-  if (v <= 1) {
-    fn(std::integral_constant<int, 1>{});
-  } else if (v <= 2) {
-    fn(std::integral_constant<int, 2>{});
-  } else if (v <= 4) {
-    fn(std::integral_constant<int, 4>{});
-  } else if (v <= 8) {
-    fn(std::integral_constant<int, 8>{});
-  } else if (v <= 16) {
-    fn(std::integral_constant<int, 16>{});
+// Calls fn(std::integral_constant<int, P>{}) with P the smallest power of two >= v, capped at Max
+// (a power of two): kernels are instantiated for these few per-thread output counts only.
+template <int Max, int P = 1, typename Fn>
+void dispatch_pow2(int v, Fn&& fn) {
+  if constexpr (P >= Max) {
+    fn(std::integral_constant<int, Max>{});
+  } else if (v <= P) {
+    fn(std::integral_constant<int, P>{});
   } else {
-    fn(std::integral_constant<int, 32>{});
-  }
-}
-
-// Calls fn(std::integral_constant<int, P>{}) with P the smallest power of two >= v among 1..8.
-template <typename Fn>
-void dispatch_pow2_upto8(int v, Fn&& fn) {
-  if (v <= 1) {
-    fn(std::integral_constant<int, 1>{});
-  } else if (v <= 2) {
-    fn(std::integral_constant<int, 2>{});
-  } else if (v <= 4) {
-    fn(std::integral_constant<int, 4>{});
-  } else {
-    fn(std::integral_constant<int, 8>{});
+    dispatch_pow2<Max, 2 * P>(v, std::forward<Fn>(fn));
   }
 }
 
@@ -415,7 +397,7 @@ void grt_forward(
   launch_grt_prefix(ctx, t, in.cores, plan, qt, /*store_all=*/0);
 
   const size_t smem = smem_grt_fwd_bag(t, sizeof(acc_t));
-  dispatch_pow2_upto32((t.N + kWarpSize - 1) / kWarpSize, [&](auto ot) {
+  dispatch_pow2<32>((t.N + kWarpSize - 1) / kWarpSize, [&](auto ot) {
     constexpr int OT = decltype(ot)::value;
     const auto kernel = &grt_fwd_bag_kernel<scalar_t, acc_t, OT>;
     set_dynamic_smem(ctx, kernel, smem);
@@ -442,7 +424,7 @@ void tt_forward(
   }
   const LookupInfo<acc_t> info = compute_lookup_info(ctx, in);
   const size_t smem = smem_tt_fwd(t, sizeof(acc_t));
-  dispatch_pow2_upto8((t.N + kTTThreads - 1) / kTTThreads, [&](auto opt) {
+  dispatch_pow2<8>((t.N + kTTThreads - 1) / kTTThreads, [&](auto opt) {
     constexpr int OPT = decltype(opt)::value;
     const auto kernel = &tt_fwd_bag_kernel<scalar_t, acc_t, index_t, OPT>;
     set_dynamic_smem(ctx, kernel, smem);
