@@ -21,23 +21,20 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(torchrec_tt, m) {
-  // Groups the lookups of a batch by (bag, group), group = index // last_rows.
-  // segments: distinct (bag, group) pairs ordered by (bag, group); slots: distinct groups, ascending.
-  // All outputs are int64 and sized by upper bounds (nnz) so that no host sync is needed;
-  // counts = [S, U] (number of segments, number of slots); entries past the counts are unspecified.
-  m.def(
-      "group_plan(Tensor indices, Tensor offsets, int last_rows) -> ("
-      "Tensor lookup_segment, Tensor segment_bag, Tensor segment_group, Tensor segment_slot, "
-      "Tensor slot_group, Tensor counts)");
-  // Pooled TT embedding lookup: (B, N) in the cores' dtype.
-  // pooling_mode: 0 = sum, 1 = mean; variant: 0 = tt (one chain per lookup), 1 = grt (group reduce).
+  // The (bag, group) plan of a batch, group = index // last_rows, packed in one int64 tensor whose
+  // layout is csrc/include/torchrec_tt/plan_layout.h (segments ordered by (bag, group), slots =
+  // distinct groups ascending). Its size depends only on (nnz, B): no host sync is needed.
+  m.def("group_plan(Tensor indices, Tensor offsets, int last_rows) -> Tensor");
+  // Pooled TT embedding lookup: (B, N) in the cores' dtype. pooling_mode / variant: the
+  // PoolingMode / Variant enums of checks.h. plan: group_plan(indices, offsets, m_{d-1}) of this
+  // batch, built once and shared with the backward (grt only; built internally when absent).
   m.def(
       "tt_embedding_bag(Tensor[] cores, Tensor indices, Tensor offsets, "
-      "Tensor? per_sample_weights, int pooling_mode, int variant) -> Tensor");
+      "Tensor? per_sample_weights, int pooling_mode, int variant, Tensor? plan=None) -> Tensor");
   // Gradients of tt_embedding_bag: dense core grads (shapes of the cores) and the per-sample-weight
   // grad ((nnz,) if per_sample_weights_requires_grad else an empty tensor).
   m.def(
       "tt_embedding_bag_backward(Tensor grad_output, Tensor[] cores, Tensor indices, "
       "Tensor offsets, Tensor? per_sample_weights, int pooling_mode, int variant, "
-      "bool per_sample_weights_requires_grad) -> (Tensor[] core_grads, Tensor psw_grad)");
+      "bool per_sample_weights_requires_grad, Tensor? plan=None) -> (Tensor[] core_grads, Tensor psw_grad)");
 }
