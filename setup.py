@@ -12,6 +12,7 @@ whose headers require it); the project's sources are C++17.
 
 import glob
 import os
+import platform
 import sys
 
 import torch
@@ -36,10 +37,27 @@ def _with_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _cpu_arch_flags() -> list:
+    """Vector ISA of the CPU kernels (csrc/cpu/micro_gemm.h keeps tiles in vector registers).
+
+    ``pip install -e .`` builds on the machine that runs the kernels, so the default is that
+    machine's ISA (``-march=native``: AVX2+FMA on the project's CPU machines). Set
+    ``TORCHREC_TT_CPU_ARCH`` to another ``-march`` value (e.g. ``x86-64-v3``) for a wheel that
+    runs elsewhere, or to ``none`` for the compiler's default.
+    """
+    arch = os.environ.get("TORCHREC_TT_CPU_ARCH", "native")
+    flags = ["-ffp-contract=fast"]  # ISO C++ modes default to off: no FMA from a * b + c
+    if arch != "none" and platform.machine().lower() in ("x86_64", "amd64", "i686"):
+        flags.append(f"-march={arch}")
+    elif arch != "none" and platform.machine().lower() in ("aarch64", "arm64"):
+        flags.append(f"-mcpu={arch}")
+    return flags
+
+
 def _extension():
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3"] + _cpu_arch_flags()
     link_args = []
     if sys.platform.startswith("linux"):
         cxx_flags += ["-fopenmp"]

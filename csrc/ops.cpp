@@ -24,7 +24,9 @@ TORCH_LIBRARY(torchrec_tt, m) {
   // The (bag, group) plan of a batch, group = index // last_rows, packed in one int64 tensor whose
   // layout is csrc/include/torchrec_tt/plan_layout.h (segments ordered by (bag, group), slots =
   // distinct groups ascending). Its size depends only on (nnz, B): no host sync is needed.
-  m.def("group_plan(Tensor indices, Tensor offsets, int last_rows) -> Tensor");
+  // num_rows >= 0: the table's rows prod(m), against which the indices are checked where this
+  // device checks values (CPU); -1: only non-negativity.
+  m.def("group_plan(Tensor indices, Tensor offsets, int last_rows, int num_rows=-1) -> Tensor");
   // Pooled TT embedding lookup: (B, N) in the cores' dtype. pooling_mode / variant: the
   // PoolingMode / Variant enums of checks.h. plan: group_plan(indices, offsets, m_{d-1}) of this
   // batch, built once and shared with the backward (grt only; built internally when absent).

@@ -4,7 +4,7 @@ Used by the pure-PyTorch kernels, :func:`torchrec_tt.count_ops`, the planner and
 benchmarks. The C++/CUDA ops implement the same contract (``torchrec_tt::group_plan``).
 """
 
-from typing import List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Sequence
 
 import torch
 
@@ -55,6 +55,40 @@ class GroupPlan(NamedTuple):
     @property
     def num_slots(self) -> int:
         return self.slot_group.numel()
+
+
+# Fields of the packed plan returned by ``torch.ops.torchrec_tt.group_plan``, in order, with their
+# sizes in terms of (L = lookups, B = bags). Mirrors csrc/include/torchrec_tt/plan_layout.h.
+PLAN_HEADER_SIZE = 8
+PLAN_FIELDS = (
+    ("lookup_segment", 1, 0, 0),  # (name, L multiplier, B multiplier, constant)
+    ("sorted_lookup", 1, 0, 0),
+    ("sorted_last", 1, 0, 0),
+    ("segment_start", 1, 0, 1),
+    ("segment_bag", 1, 0, 0),
+    ("segment_group", 1, 0, 0),
+    ("segment_slot", 1, 0, 0),
+    ("bag_segment_start", 0, 1, 1),
+    ("slot_group", 1, 0, 0),
+    ("slot_segment_start", 1, 0, 1),
+    ("slot_segment", 1, 0, 0),
+)
+
+
+def plan_numel(num_lookups: int, batch_size: int) -> int:
+    """Entries of the packed plan of a batch (works with SymInts)."""
+    return PLAN_HEADER_SIZE + sum(a * num_lookups + b * batch_size + c for _, a, b, c in PLAN_FIELDS)
+
+
+def unpack_plan(plan: torch.Tensor, num_lookups: int, batch_size: int) -> Dict[str, torch.Tensor]:
+    """Views of the fields of a packed plan (untrimmed: segment and slot fields hold L entries)."""
+    fields = {"header": plan[:PLAN_HEADER_SIZE]}
+    at = PLAN_HEADER_SIZE
+    for name, a, b, c in PLAN_FIELDS:
+        size = a * num_lookups + b * batch_size + c
+        fields[name] = plan[at : at + size]
+        at += size
+    return fields
 
 
 def group_plan_python(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> GroupPlan:

@@ -14,7 +14,7 @@ import torch
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_tt import _python_ops
-from torchrec_tt.grouping import GroupPlan, group_plan_python
+from torchrec_tt.grouping import GroupPlan, group_plan_python, plan_numel, unpack_plan
 
 try:
     importlib.import_module("torchrec_tt._C")  # registers torch.ops.torchrec_tt.*
@@ -81,7 +81,13 @@ def tt_embedding_bag(
         offsets = offsets.to(indices.dtype)  # never cast float offsets: the op rejects them
     cores = list(cores)
     if uses_extension(indices.device):
-        return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var)
+        # grt: the batch's plan is built once here; autograd saves it for the backward.
+        plan = (
+            torch.ops.torchrec_tt.group_plan(indices, offsets, cores[-1].shape[0], math.prod(c.shape[0] for c in cores))
+            if var == _python_ops.VARIANT_GRT
+            else None
+        )
+        return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var, plan)
     return _python_ops.tt_embedding_bag_python(cores, indices, offsets, per_sample_weights, mode, var)
 
 
@@ -95,15 +101,15 @@ def group_plan(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> 
         offsets = offsets.to(indices.dtype)
     if not uses_extension(indices.device):
         return group_plan_python(indices, offsets, last_rows)
-    *parts, counts = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows)
-    num_segments, num_slots = counts.tolist()
-    lookup_segment, segment_bag, segment_group, segment_slot, slot_group = parts
+    plan = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows)
+    fields = unpack_plan(plan, indices.numel(), offsets.numel() - 1)
+    num_segments, num_slots = fields["header"][:2].tolist()
     return GroupPlan(
-        lookup_segment=lookup_segment,
-        segment_bag=segment_bag[:num_segments],
-        segment_group=segment_group[:num_segments],
-        segment_slot=segment_slot[:num_segments],
-        slot_group=slot_group[:num_slots],
+        lookup_segment=fields["lookup_segment"],
+        segment_bag=fields["segment_bag"][:num_segments],
+        segment_group=fields["segment_group"][:num_segments],
+        segment_slot=fields["segment_slot"][:num_segments],
+        slot_group=fields["slot_group"][:num_slots],
     )
 
 
@@ -111,33 +117,38 @@ def _register_extension_ops() -> None:
     """Fake kernels and autograd for the compiled ops (registered once per process)."""
 
     @torch.library.register_fake("torchrec_tt::group_plan")
-    def _group_plan_fake(indices, offsets, last_rows):
+    def _group_plan_fake(indices, offsets, last_rows, num_rows=-1):
         torch._check(indices.dim() == 1, lambda: f"indices must be 1-D, got {indices.dim()}-D")
-        buffers = [indices.new_empty(indices.shape[0], dtype=torch.int64) for _ in range(5)]
-        return (*buffers, indices.new_empty(2, dtype=torch.int64))
+        torch._check(offsets.dim() == 1, lambda: f"offsets must be 1-D, got {offsets.dim()}-D")
+        return indices.new_empty(plan_numel(indices.shape[0], offsets.shape[0] - 1), dtype=torch.int64)
 
     @torch.library.register_fake("torchrec_tt::tt_embedding_bag")
-    def _forward_fake(cores, indices, offsets, per_sample_weights, pooling_mode, variant):
+    def _forward_fake(cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan=None):
         torch._check(offsets.dim() == 1, lambda: f"offsets must be 1-D, got {offsets.dim()}-D")
         dim = math.prod(c.shape[2] for c in cores)
         return cores[0].new_empty(offsets.shape[0] - 1, dim)
 
     @torch.library.register_fake("torchrec_tt::tt_embedding_bag_backward")
-    def _backward_fake(grad_output, cores, indices, offsets, per_sample_weights, pooling_mode, variant, psw_grad):
+    def _backward_fake(
+        grad_output, cores, indices, offsets, per_sample_weights, pooling_mode, variant, psw_grad, plan=None
+    ):
         weights_grad = (
             per_sample_weights.new_empty(indices.shape[0]) if psw_grad else cores[0].new_empty(0)
         )
         return [torch.empty_like(c) for c in cores], weights_grad
 
     def _setup_context(ctx, inputs, output):
-        cores, indices, offsets, per_sample_weights, pooling_mode, variant = inputs
+        cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan = inputs
+        # The dispatcher drops an argument equal to its default (plan=None) from the call, and the
+        # backward must return one gradient per argument actually passed.
+        ctx.num_inputs = 6 if plan is None else 7
         ctx.num_cores = len(cores)
         ctx.pooling_mode, ctx.variant = pooling_mode, variant
         ctx.psw_requires_grad = per_sample_weights is not None and per_sample_weights.requires_grad
-        ctx.save_for_backward(*cores, indices, offsets, per_sample_weights)
+        ctx.save_for_backward(*cores, indices, offsets, per_sample_weights, plan)
 
     def _backward(ctx, grad_output):
-        *cores, indices, offsets, per_sample_weights = ctx.saved_tensors
+        *cores, indices, offsets, per_sample_weights, plan = ctx.saved_tensors
         core_grads, psw_grad = torch.ops.torchrec_tt.tt_embedding_bag_backward(
             grad_output.contiguous(),
             cores,
@@ -147,8 +158,10 @@ def _register_extension_ops() -> None:
             ctx.pooling_mode,
             ctx.variant,
             ctx.psw_requires_grad,
+            plan,
         )
-        return list(core_grads), None, None, psw_grad if ctx.psw_requires_grad else None, None, None
+        grads = (list(core_grads), None, None, psw_grad if ctx.psw_requires_grad else None, None, None, None)
+        return grads[: ctx.num_inputs]
 
     torch.library.register_autograd(
         "torchrec_tt::tt_embedding_bag", _backward, setup_context=_setup_context

@@ -1,11 +1,13 @@
-// CPU implementation of torchrec_tt::group_plan: groups the lookups of a batch by (bag, group).
+// CPU implementation of torchrec_tt::group_plan: groups the lookups of a batch by (bag, group) into
+// the packed plan of plan_layout.h.
 //
 //   segments = distinct (bag, group) pairs, ordered by (bag asc, group asc)
 //   slots    = distinct groups of the batch, ascending
 //
 // Two parallel passes over bags (sort each bag's lookups by group and count its segments; then
 // number the segments) around a prefix sum, then a slot pass (a dense marker array when the group
-// range is small compared with the batch, sort + unique otherwise).
+// range is small compared with the batch, sort + unique otherwise) and a counting sort of the
+// segments by slot (the order the grt kernels walk them in).
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -13,13 +15,14 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <tuple>
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include "torchrec_tt/checks.h"
 #include "torchrec_tt/cpu_group_plan.h"
 #include "torchrec_tt/dispatch.h"
+#include "torchrec_tt/plan_layout.h"
 
 namespace torchrec_tt::cpu {
 
@@ -28,44 +31,32 @@ namespace {
 constexpr int64_t kBagGrain = 64;
 constexpr int64_t kSegmentGrain = 16384;
 
-void zero_tail(at::Tensor& t, int64_t from) {
-  int64_t* p = t.data_ptr<int64_t>();
-  std::fill(p + from, p + t.numel(), int64_t{0});
-}
-
 } // namespace
 
 template <typename index_t>
-GroupPlan build_group_plan_cpu(
+void build_group_plan_cpu(
     const index_t* indices,
     const index_t* offsets,
     int64_t batch_size,
     int64_t nnz,
     int64_t last_rows,
-    int64_t num_groups) {
-  const auto opts = at::TensorOptions().dtype(at::kLong).device(at::kCPU);
-  GroupPlan plan;
-  plan.lookup_segment = at::empty({nnz}, opts);
-  plan.segment_bag = at::empty({nnz}, opts);
-  plan.segment_group = at::empty({nnz}, opts);
-  plan.segment_slot = at::empty({nnz}, opts);
-  plan.slot_group = at::empty({nnz}, opts);
-  plan.sorted_lookups = at::empty({nnz}, opts);
-  plan.sorted_last = at::empty({nnz}, opts);
-  plan.segment_start = at::empty({nnz + 1}, opts);
-  plan.bag_segment_start = at::empty({batch_size + 1}, opts);
-  at::Tensor sorted_groups = at::empty({nnz}, opts);
+    int64_t num_groups,
+    int64_t* plan_data) {
+  const PlanLayout layout = PlanLayout::make(nnz, batch_size);
+  std::fill(plan_data, plan_data + kPlanHeaderSize, int64_t{0});
+  const PlanView<int64_t> plan = PlanView<int64_t>::make(plan_data, nnz, batch_size);
+  std::vector<int64_t> sorted_group(static_cast<size_t>(nnz));
 
-  int64_t* const perm = plan.sorted_lookups.data_ptr<int64_t>();
-  int64_t* const slast = plan.sorted_last.data_ptr<int64_t>();
-  int64_t* const sgroup = sorted_groups.data_ptr<int64_t>();
-  int64_t* const bag_seg = plan.bag_segment_start.data_ptr<int64_t>();
-  int64_t* const lookup_seg = plan.lookup_segment.data_ptr<int64_t>();
-  int64_t* const seg_bag = plan.segment_bag.data_ptr<int64_t>();
-  int64_t* const seg_group = plan.segment_group.data_ptr<int64_t>();
-  int64_t* const seg_slot = plan.segment_slot.data_ptr<int64_t>();
-  int64_t* const seg_start = plan.segment_start.data_ptr<int64_t>();
-  int64_t* const slot_group = plan.slot_group.data_ptr<int64_t>();
+  int64_t* const perm = plan.sorted_lookup;
+  int64_t* const slast = plan.sorted_last;
+  int64_t* const sgroup = sorted_group.data();
+  int64_t* const bag_seg = plan.bag_segment_start;
+  int64_t* const lookup_seg = plan.lookup_segment;
+  int64_t* const seg_bag = plan.segment_bag;
+  int64_t* const seg_group = plan.segment_group;
+  int64_t* const seg_slot = plan.segment_slot;
+  int64_t* const seg_start = plan.segment_start;
+  int64_t* const slot_group = plan.slot_group;
 
   // Pass 1: order each bag's lookups by (group, j); bag_seg[b + 1] = number of distinct groups.
   const FastDivmod divmod(last_rows);
@@ -138,59 +129,129 @@ GroupPlan build_group_plan_cpu(
       }
     });
   }
-  plan.num_segments = S;
-  plan.num_slots = U;
 
-  zero_tail(plan.segment_bag, S);
-  zero_tail(plan.segment_group, S);
-  zero_tail(plan.segment_slot, S);
-  zero_tail(plan.slot_group, U);
-  return plan;
+  // Segments bucketed by slot (counting sort: ascending segment id within a slot).
+  int64_t* const slot_start = plan.slot_segment_start;
+  std::fill(slot_start, slot_start + U + 1, int64_t{0});
+  for (int64_t s = 0; s < S; ++s) {
+    ++slot_start[seg_slot[s] + 1];
+  }
+  for (int64_t u = 0; u < U; ++u) {
+    slot_start[u + 1] += slot_start[u];
+  }
+  {
+    std::vector<int64_t> fill(slot_start, slot_start + U);
+    for (int64_t s = 0; s < S; ++s) {
+      plan.slot_segment[fill[seg_slot[s]]++] = s;
+    }
+  }
+
+  // Deterministic contents past the counts.
+  std::fill(seg_start + S + 1, seg_start + nnz + 1, int64_t{nnz});
+  std::fill(seg_bag + S, seg_bag + nnz, int64_t{0});
+  std::fill(seg_group + S, seg_group + nnz, int64_t{0});
+  std::fill(seg_slot + S, seg_slot + nnz, int64_t{0});
+  std::fill(slot_group + U, slot_group + nnz, int64_t{0});
+  std::fill(slot_start + U + 1, slot_start + nnz + 1, int64_t{S});
+  std::fill(plan.slot_segment + S, plan.slot_segment + nnz, int64_t{0});
+
+  plan.header[static_cast<int64_t>(PlanHeader::kNumSegments)] = S;
+  plan.header[static_cast<int64_t>(PlanHeader::kNumSlots)] = U;
+  plan.header[static_cast<int64_t>(PlanHeader::kNumLookups)] = nnz;
+  plan.header[static_cast<int64_t>(PlanHeader::kNumBags)] = batch_size;
+  plan.header[static_cast<int64_t>(PlanHeader::kLastRows)] = last_rows;
+  (void)layout;
 }
 
-template GroupPlan build_group_plan_cpu<int32_t>(
-    const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t);
-template GroupPlan build_group_plan_cpu<int64_t>(
-    const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t);
+template void build_group_plan_cpu<int32_t>(
+    const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t*);
+template void build_group_plan_cpu<int64_t>(
+    const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t*);
+
+at::Tensor check_plan_cpu(
+    const char* op,
+    const at::Tensor& plan,
+    int64_t nnz,
+    int64_t batch_size,
+    int64_t last_rows) {
+  const int64_t numel = PlanLayout::make(nnz, batch_size).numel;
+  TORCH_CHECK_VALUE(
+      plan.dim() == 1 && plan.scalar_type() == at::kLong && plan.numel() == numel,
+      op, ": plan must be the 1-D int64 tensor of group_plan(indices, offsets, last_rows) for this "
+      "batch (", numel, " entries for nnz = ", nnz, ", B = ", batch_size, "), got ",
+      plan.scalar_type(), " of shape ", plan.sizes());
+  TORCH_CHECK_VALUE(plan.is_cpu(), op, ": plan must be on cpu, got ", plan.device());
+  at::Tensor p = plan.contiguous();
+  const int64_t* h = p.data_ptr<int64_t>();
+  const auto at_ = [&](PlanHeader f) { return h[static_cast<int64_t>(f)]; };
+  TORCH_CHECK_VALUE(
+      at_(PlanHeader::kNumLookups) == nnz && at_(PlanHeader::kNumBags) == batch_size &&
+          at_(PlanHeader::kLastRows) == last_rows,
+      op, ": plan was built for another batch or table (nnz ", at_(PlanHeader::kNumLookups),
+      ", B ", at_(PlanHeader::kNumBags), ", last_rows ", at_(PlanHeader::kLastRows),
+      "); this call has nnz ", nnz, ", B ", batch_size, ", last_rows ", last_rows);
+  return p;
+}
+
+template <typename index_t>
+at::Tensor plan_for_batch_cpu(
+    const char* op,
+    const std::optional<at::Tensor>& plan,
+    const index_t* indices,
+    const index_t* offsets,
+    int64_t batch_size,
+    int64_t nnz,
+    int64_t last_rows,
+    int64_t num_groups) {
+  if (plan.has_value()) {
+    return check_plan_cpu(op, *plan, nnz, batch_size, last_rows);
+  }
+  at::Tensor built =
+      at::empty({PlanLayout::make(nnz, batch_size).numel}, at::TensorOptions().dtype(at::kLong));
+  build_group_plan_cpu<index_t>(
+      indices, offsets, batch_size, nnz, last_rows, num_groups, built.data_ptr<int64_t>());
+  return built;
+}
+
+template at::Tensor plan_for_batch_cpu<int32_t>(
+    const char*, const std::optional<at::Tensor>&, const int32_t*, const int32_t*, int64_t, int64_t,
+    int64_t, int64_t);
+template at::Tensor plan_for_batch_cpu<int64_t>(
+    const char*, const std::optional<at::Tensor>&, const int64_t*, const int64_t*, int64_t, int64_t,
+    int64_t, int64_t);
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_plan_cpu(
+at::Tensor group_plan_cpu(
     const at::Tensor& indices_in,
     const at::Tensor& offsets_in,
-    int64_t last_rows) {
+    int64_t last_rows,
+    int64_t num_rows) {
   constexpr const char* op = "group_plan";
   check_indices_offsets(op, indices_in, offsets_in, indices_in.device());
-  TORCH_CHECK(indices_in.is_cpu(), op, ": expected CPU tensors, got indices on ", indices_in.device());
-  TORCH_CHECK(last_rows >= 1, op, ": last_rows must be >= 1, got ", last_rows);
+  TORCH_CHECK_VALUE(
+      indices_in.is_cpu(), op, ": expected CPU tensors, got indices on ", indices_in.device());
+  TORCH_CHECK_VALUE(last_rows >= 1, op, ": last_rows must be >= 1, got ", last_rows);
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t nnz = indices.numel();
   const int64_t batch_size = offsets.numel() - 1;
-
-  GroupPlan plan;
+  at::Tensor plan = at::empty(
+      {PlanLayout::make(nnz, batch_size).numel}, indices.options().dtype(at::kLong));
   TORCHREC_TT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "group_plan_cpu", [&] {
     const index_t* idx = indices.data_ptr<index_t>();
     const index_t* off = offsets.data_ptr<index_t>();
     check_offsets_values_cpu(op, off, batch_size, nnz);
-    check_indices_range_cpu(op, idx, nnz, /*num_rows=*/-1);
+    check_indices_range_cpu(op, idx, nnz, num_rows);
     int64_t max_index = -1;
     for (int64_t j = 0; j < nnz; ++j) {
       max_index = std::max<int64_t>(max_index, static_cast<int64_t>(idx[j]));
     }
     const int64_t num_groups = max_index < 0 ? 0 : max_index / last_rows + 1;
-    plan = build_group_plan_cpu<index_t>(idx, off, batch_size, nnz, last_rows, num_groups);
+    build_group_plan_cpu<index_t>(
+        idx, off, batch_size, nnz, last_rows, num_groups, plan.data_ptr<int64_t>());
   });
-  at::Tensor counts = at::empty({2}, indices.options().dtype(at::kLong));
-  counts.data_ptr<int64_t>()[0] = plan.num_segments;
-  counts.data_ptr<int64_t>()[1] = plan.num_slots;
-  return {
-      plan.lookup_segment,
-      plan.segment_bag,
-      plan.segment_group,
-      plan.segment_slot,
-      plan.slot_group,
-      counts};
+  return plan;
 }
 
 } // namespace

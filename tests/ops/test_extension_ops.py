@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import torchrec_tt
 from torchrec_tt import _python_ops
-from torchrec_tt.grouping import group_plan_python
+from torchrec_tt.grouping import group_plan_python, plan_numel, unpack_plan
 from tt_testing import DEVICES, OP_ERRORS, assert_message, problems, random_cores, tolerances
 
 pytestmark = pytest.mark.skipif(
@@ -88,18 +88,32 @@ def test_compiled_group_plan_matches_python(problem, index_dtype, device):
     _require_kernel(device)
     _, indices, offsets, _ = problem.tensors(index_dtype=index_dtype, device=device)
     last_rows = problem.p_shapes[-1]
-    *parts, counts = _ops().group_plan(indices, offsets, last_rows)
+    plan = _ops().group_plan(indices, offsets, last_rows)
     expected = group_plan_python(indices, offsets, last_rows)
-    nnz = len(problem.indices)
-    assert all(t.dtype == torch.int64 and t.shape == (nnz,) for t in parts)  # upper-bound sizes
-    assert counts.dtype == torch.int64 and counts.tolist() == [expected.num_segments, expected.num_slots]
-    num_segments, num_slots = counts.tolist()
-    lookup_segment, segment_bag, segment_group, segment_slot, slot_group = parts
-    assert torch.equal(lookup_segment, expected.lookup_segment)
-    assert torch.equal(segment_bag[:num_segments], expected.segment_bag)
-    assert torch.equal(segment_group[:num_segments], expected.segment_group)
-    assert torch.equal(segment_slot[:num_segments], expected.segment_slot)
-    assert torch.equal(slot_group[:num_slots], expected.slot_group)
+    nnz, batch = len(problem.indices), offsets.numel() - 1
+    assert plan.dtype == torch.int64 and plan.shape == (plan_numel(nnz, batch),)  # sizes from (L, B) only
+    f = unpack_plan(plan.cpu(), nnz, batch)
+    S, U = expected.num_segments, expected.num_slots
+    assert f["header"][:5].tolist() == [S, U, nnz, batch, last_rows]
+    assert torch.equal(f["lookup_segment"], expected.lookup_segment.cpu())
+    assert torch.equal(f["segment_bag"][:S], expected.segment_bag.cpu())
+    assert torch.equal(f["segment_group"][:S], expected.segment_group.cpu())
+    assert torch.equal(f["segment_slot"][:S], expected.segment_slot.cpu())
+    assert torch.equal(f["slot_group"][:U], expected.slot_group.cpu())
+    # Kernel-side fields, derived independently from the reference plan.
+    idx = indices.cpu().to(torch.int64)
+    seg = expected.lookup_segment.cpu()
+    order = sorted(range(nnz), key=lambda j: (int(seg[j]), j))  # (bag, group) then position
+    assert f["sorted_lookup"].tolist() == order
+    assert f["sorted_last"].tolist() == [int(idx[j]) % last_rows for j in order]
+    sizes = torch.bincount(seg, minlength=S)[:S] if nnz else torch.zeros(0, dtype=torch.int64)
+    assert f["segment_start"][: S + 1].tolist() == [0, *torch.cumsum(sizes, 0).tolist()]
+    per_bag = torch.bincount(expected.segment_bag.cpu(), minlength=batch)[:batch] if S else torch.zeros(batch, dtype=torch.int64)
+    assert f["bag_segment_start"].tolist() == [0, *torch.cumsum(per_bag, 0).tolist()]
+    by_slot = sorted(range(S), key=lambda s: (int(expected.segment_slot[s]), s))
+    assert f["slot_segment"][:S].tolist() == by_slot
+    per_slot = torch.bincount(expected.segment_slot.cpu(), minlength=U)[:U] if S else torch.zeros(U, dtype=torch.int64)
+    assert f["slot_segment_start"][: U + 1].tolist() == [0, *torch.cumsum(per_slot, 0).tolist()]
 
 
 def test_compiled_group_plan_rejects_bad_batches():
@@ -137,8 +151,9 @@ def test_meta_shapes(p, q, ranks, nnz, batch, weighted):
     assert [g.shape for g in grads] == [c.shape for c in cores]
     assert psw_grad.shape == ((nnz,) if weighted else (0,))
     plan = _ops().group_plan(indices, offsets, p[-1])
-    assert [t.shape for t in plan] == [(nnz,)] * 5 + [(2,)]
-    assert all(t.dtype == torch.int64 for t in plan)
+    assert plan.shape == (plan_numel(nnz, batch),) and plan.dtype == torch.int64
+    out = _ops().tt_embedding_bag(cores, indices, offsets, psw, 0, 1, plan)
+    assert out.shape == (batch, dim)
 
 
 def _opcheck_cases():
@@ -166,6 +181,10 @@ def test_opcheck_tt_embedding_bag(case, variant, pooling_mode):
     if psw is not None:
         psw = psw.requires_grad_(True)
     torch.library.opcheck(_ops().tt_embedding_bag.default, (cores, indices, offsets, psw, pooling_mode, variant))
+    plan = _ops().group_plan(indices, offsets, cores[-1].shape[0])
+    torch.library.opcheck(
+        _ops().tt_embedding_bag.default, (cores, indices, offsets, psw, pooling_mode, variant, plan)
+    )
 
 
 @pytest.mark.parametrize("case", range(6))

@@ -1,11 +1,12 @@
 // (bag, group) plan of a batch on CPU: the host-side implementation behind torchrec_tt::group_plan,
-// also used directly by the CPU grt kernels (csrc/cpu/tt_embedding_bag_cpu.cpp).
+// also used by the CPU grt kernels (csrc/cpu/tt_embedding_bag_cpu.cpp) when no plan is passed in.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstdint>
 #include <vector>
 
@@ -75,28 +76,34 @@ inline void sort_bag_by_group(
   }
 }
 
-// All tensors are int64 on CPU. Arrays indexed by segment or slot are sized by the upper bound nnz
-// (their first S or U entries are valid); the group_plan op returns the first five of them.
-struct GroupPlan {
-  int64_t num_segments = 0; // S: distinct (bag, group) pairs
-  int64_t num_slots = 0; // U: distinct groups in the batch
-  at::Tensor lookup_segment; // [nnz] segment of lookup j
-  at::Tensor segment_bag; // [nnz] bag of segment s (non-decreasing)
-  at::Tensor segment_group; // [nnz] group of segment s (ascending within a bag)
-  at::Tensor segment_slot; // [nnz] slot of segment s
-  at::Tensor slot_group; // [nnz] group of slot u (ascending)
-  // Kernel-side views of the same plan:
-  at::Tensor sorted_lookups; // [nnz] lookups ordered by (bag, group, position j)
-  at::Tensor sorted_last; // [nnz] last digit (index % last_rows) of sorted_lookups[k]
-  at::Tensor segment_start; // [nnz + 1] segment s = sorted_lookups[segment_start[s], segment_start[s+1])
-  at::Tensor bag_segment_start; // [B + 1] bag b = segments [bag_segment_start[b], bag_segment_start[b+1])
-};
-
-// Builds the plan for a batch. indices / offsets are the raw contiguous CPU data (already
-// validated: offsets[0] = 0, offsets[B] = nnz, non-decreasing, indices in [0, num_groups * last_rows)).
+// Fills the packed plan of a batch (layout: plan_layout.h) at `plan` (PlanLayout::make(nnz,
+// batch_size).numel entries). indices / offsets are the raw contiguous CPU data, already validated:
+// offsets[0] = 0, offsets[B] = nnz, non-decreasing, indices in [0, num_groups * last_rows).
 // Entries past the counts are filled with 0.
 template <typename index_t>
-GroupPlan build_group_plan_cpu(
+void build_group_plan_cpu(
+    const index_t* indices,
+    const index_t* offsets,
+    int64_t batch_size,
+    int64_t nnz,
+    int64_t last_rows,
+    int64_t num_groups,
+    int64_t* plan);
+
+// Checks a plan passed to tt_embedding_bag(_backward) against the batch: an int64 CPU tensor of the
+// packed size whose header matches (nnz, B, last_rows). Returns it contiguous.
+at::Tensor check_plan_cpu(
+    const char* op,
+    const at::Tensor& plan,
+    int64_t nnz,
+    int64_t batch_size,
+    int64_t last_rows);
+
+// The plan of a validated batch: `plan` when given (checked), else built here.
+template <typename index_t>
+at::Tensor plan_for_batch_cpu(
+    const char* op,
+    const std::optional<at::Tensor>& plan,
     const index_t* indices,
     const index_t* offsets,
     int64_t batch_size,

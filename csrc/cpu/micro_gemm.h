@@ -1,0 +1,315 @@
+// Register-blocked small-matrix products for the CPU kernels (docs/design.md section 4).
+//
+// Every TT contraction is a product of small matrices (a few to a few hundred per side), far too
+// small for a BLAS call per product, and too many for the call overhead. These kernels keep an
+// MR x (NV * W) tile of C in vector registers across the whole K loop (W = lanes of a 32-byte
+// vector: 8 floats or 4 doubles), so each k-step is NV vector loads of B, MR broadcasts of A and
+// MR * NV fused multiply-adds; C is loaded and stored once per tile. With AVX2 + FMA (the
+// extension builds with -march=native, see setup.py) a 4 x 16 float tile is 8 ymm accumulators.
+//
+// The vectors are GCC/Clang vector extensions: portable C++ that the compiler lowers to the widest
+// unit it was told about (two SSE registers when built without AVX).
+//
+// Operand conventions (all row-major):
+//   A(i, k) = A[i * a_row + k * a_col]  (a strided view: A, A^T or an interleaved slice)
+//   B[k, j] = B[k * ldb + j]            (rows contiguous)
+//   C[i, j] = C[i * ldc + j]
+// A K range may be split into "segments" with their own A and B pointers (multi_gemm): the tile of
+// C stays in registers across all of them, e.g. dQ = sum_s g_s S_s^T over the segments of a group.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define TORCHREC_TT_ALWAYS_INLINE inline __attribute__((always_inline))
+#define TORCHREC_TT_RESTRICT __restrict__
+#else
+#define TORCHREC_TT_ALWAYS_INLINE inline
+#define TORCHREC_TT_RESTRICT
+#endif
+
+namespace torchrec_tt::cpu {
+
+template <typename T>
+struct VecTraits;
+template <>
+struct VecTraits<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+};
+template <>
+struct VecTraits<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int kLanes = 4;
+};
+
+template <typename T>
+using vec_t = typename VecTraits<T>::type;
+
+template <typename T>
+TORCHREC_TT_ALWAYS_INLINE vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+TORCHREC_TT_ALWAYS_INLINE void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+TORCHREC_TT_ALWAYS_INLINE vec_t<T> vbroadcast(T x) {
+  return vec_t<T>{} + x;
+}
+
+// Rows of the register tile and vectors per row. 4 x 2 vectors keep 8 accumulators, 2 B vectors
+// and a broadcast in the 16 architectural vector registers of AVX2.
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 2;
+
+// acc[r][v] += sum_{k < K} A(r, k) * B[k, v*W : (v+1)*W] for a full MR x NV tile.
+template <int MR, int NV, typename T>
+TORCHREC_TT_ALWAYS_INLINE void tile_accumulate(
+    vec_t<T> (&acc)[MR][NV],
+    int64_t K,
+    const T* TORCHREC_TT_RESTRICT A,
+    int64_t a_row,
+    int64_t a_col,
+    const T* TORCHREC_TT_RESTRICT B,
+    int64_t ldb) {
+  constexpr int W = VecTraits<T>::kLanes;
+  for (int64_t k = 0; k < K; ++k) {
+    vec_t<T> b[NV];
+    for (int v = 0; v < NV; ++v) {
+      b[v] = vload(B + k * ldb + v * W);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const vec_t<T> a = vbroadcast(A[r * a_row + k * a_col]);
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] += a * b[v];
+      }
+    }
+  }
+}
+
+// One segment of a multi-segment product: its own A, B pointers and K.
+template <typename T>
+struct GemmSegment {
+  const T* A;
+  const T* B;
+  int64_t K;
+};
+
+// C tile (MR x NV*W at C) (= or +=) alpha * sum over segments of A_s B_s.
+template <int MR, int NV, bool kAccumulate, typename T, typename Segments>
+TORCHREC_TT_ALWAYS_INLINE void tile_multi(
+    const Segments& segs,
+    int64_t num_segs,
+    T alpha,
+    int64_t a_row,
+    int64_t a_col,
+    int64_t ldb,
+    T* C,
+    int64_t ldc) {
+  constexpr int W = VecTraits<T>::kLanes;
+  vec_t<T> acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = vec_t<T>{};
+    }
+  }
+  for (int64_t s = 0; s < num_segs; ++s) {
+    const GemmSegment<T> seg = segs(s);
+    tile_accumulate<MR, NV, T>(acc, seg.K, seg.A, a_row, a_col, seg.B, ldb);
+  }
+  const vec_t<T> va = vbroadcast(alpha);
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      T* c = C + r * ldc + v * W;
+      vstore(c, kAccumulate ? vload(c) + va * acc[r][v] : va * acc[r][v]);
+    }
+  }
+}
+
+// Scalar edge tile: rows [0, mr) x columns [0, nc), any sizes.
+template <bool kAccumulate, typename T, typename Segments>
+inline void tile_multi_scalar(
+    const Segments& segs,
+    int64_t num_segs,
+    T alpha,
+    int64_t mr,
+    int64_t nc,
+    int64_t a_row,
+    int64_t a_col,
+    int64_t ldb,
+    T* C,
+    int64_t ldc) {
+  for (int64_t r = 0; r < mr; ++r) {
+    for (int64_t j = 0; j < nc; ++j) {
+      T sum = 0;
+      for (int64_t s = 0; s < num_segs; ++s) {
+        const GemmSegment<T> seg = segs(s);
+        for (int64_t k = 0; k < seg.K; ++k) {
+          sum += seg.A[r * a_row + k * a_col] * seg.B[k * ldb + j];
+        }
+      }
+      T* c = C + r * ldc + j;
+      *c = kAccumulate ? *c + alpha * sum : alpha * sum;
+    }
+  }
+}
+
+// Full-width tiles of MR rows (MR known at compile time) over columns [0, N).
+template <int MR, bool kAccumulate, typename T, typename Segments>
+inline void row_block(
+    const Segments& segs,
+    int64_t num_segs,
+    int64_t N,
+    T alpha,
+    int64_t a_row,
+    int64_t a_col,
+    int64_t ldb,
+    T* C,
+    int64_t ldc) {
+  constexpr int W = VecTraits<T>::kLanes;
+  int64_t j = 0;
+  for (; j + kTileVecs * W <= N; j += kTileVecs * W) {
+    const auto shifted = [&](int64_t s) {
+      GemmSegment<T> seg = segs(s);
+      seg.B += j;
+      return seg;
+    };
+    tile_multi<MR, kTileVecs, kAccumulate>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
+  }
+  for (; j + W <= N; j += W) {
+    const auto shifted = [&](int64_t s) {
+      GemmSegment<T> seg = segs(s);
+      seg.B += j;
+      return seg;
+    };
+    tile_multi<MR, 1, kAccumulate>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
+  }
+  if (j < N) {
+    const auto shifted = [&](int64_t s) {
+      GemmSegment<T> seg = segs(s);
+      seg.B += j;
+      return seg;
+    };
+    tile_multi_scalar<kAccumulate>(shifted, num_segs, alpha, MR, N - j, a_row, a_col, ldb, C + j, ldc);
+  }
+}
+
+// C[M x N] (= or +=) alpha * sum_s A_s(M x K_s) B_s(K_s x N); segs(s) -> GemmSegment<T> with A, B
+// pointing at row 0 / column 0 of segment s. The stride arguments are shared by all segments.
+template <bool kAccumulate, typename T, typename Segments>
+inline void multi_gemm(
+    int64_t M,
+    int64_t N,
+    const Segments& segs,
+    int64_t num_segs,
+    T alpha,
+    int64_t a_row,
+    int64_t a_col,
+    int64_t ldb,
+    T* C,
+    int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kTileRows <= M; i += kTileRows) {
+    const auto rows = [&](int64_t s) {
+      GemmSegment<T> seg = segs(s);
+      seg.A += i * a_row;
+      return seg;
+    };
+    row_block<kTileRows, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, C + i * ldc, ldc);
+  }
+  const int64_t rest = M - i;
+  if (rest == 0) {
+    return;
+  }
+  const auto rows = [&](int64_t s) {
+    GemmSegment<T> seg = segs(s);
+    seg.A += i * a_row;
+    return seg;
+  };
+  T* c = C + i * ldc;
+  switch (rest) {
+    case 1:
+      row_block<1, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
+      break;
+    case 2:
+      row_block<2, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
+      break;
+    default:
+      row_block<3, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
+      break;
+  }
+}
+
+// C[M x N] (= or +=) alpha * A(M x K) B(K x N), A strided as above.
+template <bool kAccumulate, typename T>
+inline void gemm(
+    int64_t M,
+    int64_t N,
+    int64_t K,
+    T alpha,
+    const T* A,
+    int64_t a_row,
+    int64_t a_col,
+    const T* B,
+    int64_t ldb,
+    T* C,
+    int64_t ldc) {
+  const auto one = [&](int64_t) { return GemmSegment<T>{A, B, K}; };
+  multi_gemm<kAccumulate>(M, N, one, 1, alpha, a_row, a_col, ldb, C, ldc);
+}
+
+// y[0, n) += alpha * x[0, n).
+template <typename T>
+TORCHREC_TT_ALWAYS_INLINE void axpy(int64_t n, T alpha, const T* TORCHREC_TT_RESTRICT x, T* TORCHREC_TT_RESTRICT y) {
+  constexpr int W = VecTraits<T>::kLanes;
+  const vec_t<T> va = vbroadcast(alpha);
+  int64_t t = 0;
+  for (; t + W <= n; t += W) {
+    vstore(y + t, vload(y + t) + va * vload(x + t));
+  }
+  for (; t < n; ++t) {
+    y[t] += alpha * x[t];
+  }
+}
+
+// sum_t x[t] * y[t].
+template <typename T>
+TORCHREC_TT_ALWAYS_INLINE T dot(int64_t n, const T* TORCHREC_TT_RESTRICT x, const T* TORCHREC_TT_RESTRICT y) {
+  constexpr int W = VecTraits<T>::kLanes;
+  vec_t<T> acc0{}, acc1{};
+  int64_t t = 0;
+  for (; t + 2 * W <= n; t += 2 * W) {
+    acc0 += vload(x + t) * vload(y + t);
+    acc1 += vload(x + t + W) * vload(y + t + W);
+  }
+  for (; t + W <= n; t += W) {
+    acc0 += vload(x + t) * vload(y + t);
+  }
+  acc0 += acc1;
+  T sum = 0;
+  for (int l = 0; l < W; ++l) {
+    sum += acc0[l];
+  }
+  for (; t < n; ++t) {
+    sum += x[t] * y[t];
+  }
+  return sum;
+}
+
+// dst[cols x rows] = src[rows x cols]^T.
+template <typename T>
+inline void transpose(int64_t rows, int64_t cols, const T* TORCHREC_TT_RESTRICT src, T* TORCHREC_TT_RESTRICT dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[c * rows + r] = src[r * cols + c];
+    }
+  }
+}
+
+} // namespace torchrec_tt::cpu
