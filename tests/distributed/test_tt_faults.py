@@ -170,6 +170,22 @@ def test_load_rejects_state_of_the_wrong_shape() -> None:
     assert_same(_state(fresh_module, fresh), before, "a rejected load loads nothing")
 
 
+def test_state_of_the_wrong_shape_found_before_any_core_steps() -> None:
+    """State that bypassed the load check (set in place) fails the step before any core moves."""
+    module = _two_tables()
+    optimizer = TTFusedOptimizer(dict(module.named_parameters()), torch.optim.Adagrad, {"lr": 0.1})
+    _loss(module, 0).backward()
+    core = module.embedding_bags["u"].cores[2]
+    optimizer._optimizers["embedding_bags.u.cores.2"].state[core]["sum"] = torch.zeros(6, 3)
+    before = _state(module, optimizer)
+    with pytest.raises(ValueError) as error:
+        _loss(module, 1).backward()
+    assert str(error.value) == (
+        "table 'u', parameter 'embedding_bags.u.cores.2': optimizer state 'sum' has shape (6, 3), expected (6, 3, 2, 1)"
+    )
+    assert_same(_state(module, optimizer), before, "a refused step")
+
+
 # ---------------------------------------------------------------------------- torchrun: a bad id on one rank
 TORCHRUN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrun_bad_id.py")
 
