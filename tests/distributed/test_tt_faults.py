@@ -10,6 +10,7 @@ that never saw the failure takes.
 import copy
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -199,9 +200,16 @@ def test_bad_id_on_one_rank_ends_the_torchrun_job_promptly(tmp_path) -> None:
            "--log-dir", str(log_dir), "--tee", "3", TORCHRUN_SCRIPT]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: nothing outlives the test
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the torchrun job was still running after 120 s:\n{(stdout + stderr)[-3000:]}")
     end = time.time()
-    output = proc.stdout + proc.stderr
+    output = stdout + stderr
     assert proc.returncode != 0, output[-3000:]
     assert end - start < 60, f"the job took {end - start:.1f} s"
     bad_step = float(re.search(r"rank 1: step 1 at ([0-9.]+)", output).group(1))
