@@ -132,7 +132,8 @@ class ShardedTTEmbeddingBagCollection(
     table, the feature and the bad value (:func:`torchrec_tt.modules.validate_lookups`);
     the owning rank does not check again. A rank that raises there never enters the
     collective, so the other ranks wait in it: under ``torchrun`` the elastic agent then
-    stops them (docs/design.md, section 6). ``validate_inputs=False`` checks nothing.
+    stops them (docs/design.md, section 6). ``validate_inputs=False`` skips these checks
+    (the op then rejects only ids beyond ``prod(tt_p_shapes)``, on the owning rank).
 
     Args:
         module (TTEmbeddingBagCollection): the unsharded module; materialized cores of the
