@@ -42,6 +42,19 @@ def test_resolve_optimizer(fused_params, expected) -> None:
     assert resolve_optimizer(fused_params) == expected
 
 
+def test_optimizer_kwargs_dict_is_read_as_a_dict() -> None:
+    """``{"lr": 0.1}`` once became ``{"l": "r"}`` (the dict was read as pairs)."""
+    fused_params = {"optimizer": torch.optim.Adam, "optimizer_kwargs": {"lr": 0.1, "betas": (0.8, 0.9)}}
+    assert resolve_optimizer(fused_params) == (torch.optim.Adam, {"lr": 0.1, "betas": (0.8, 0.9)})
+    assert resolve_optimizer({"optimizer": torch.optim.SGD, "optimizer_kwargs": (("lr", 0.3),)}) == (
+        torch.optim.SGD,
+        {"lr": 0.3},
+    )
+    with pytest.raises(ValueError) as error:
+        resolve_optimizer({"optimizer": torch.optim.SGD, "optimizer_kwargs": ["lr"]}, "t0")
+    assert str(error.value) == "table 't0': optimizer_kwargs must be a dict or (name, value) pairs, got ['lr']"
+
+
 def test_resolve_optimizer_rejects_unsupported() -> None:
     with pytest.raises(ValueError, match="table 't0'.*exact_row_wise_adagrad.*not supported"):
         resolve_optimizer({"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD}, "t0")

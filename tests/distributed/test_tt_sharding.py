@@ -278,6 +278,21 @@ def _errors_worker(rank: int, world_size: int) -> None:
         # DistributedModelParallel reports a sharded module's keys relative to the module.
         assert dmp.load_state_dict(incomplete, strict=False).missing_keys == ["embedding_bags.t2.cores.3"]
 
+        # Optimizer state of the wrong shape: refused when loaded, naming table, key and shapes.
+        adam = _tt_model(seed=0)
+        dmp = shard(adam, ctx.pg, interleaved_plan(adam, world_size), sharders, ctx.device)
+        _train_step(dmp, rank_batches(adam, world_size, seed=1)[0], loss_weights(world_size, 52, seed=1)[0])
+        saved = tt_optimizer_state_dict(dmp)
+        saved["tt.embedding_bags.t1.cores.0"]["exp_avg"] = torch.zeros(9, 1, 2)
+        try:
+            load_tt_optimizer_state_dict(dmp, saved)
+            raise AssertionError("optimizer state of the wrong shape was accepted")
+        except ValueError as e:
+            assert str(e) == (
+                "table 't1', parameter 'embedding_bags.t1.cores.0': optimizer state 'exp_avg' has shape (9, 1, 2), "
+                "expected (9, 1, 2, 3)"
+            ), e
+
 
 class TTShardingTest(MultiProcessTestBase):
     def _timed(self, label: str, **kwargs) -> None:

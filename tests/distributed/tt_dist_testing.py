@@ -80,9 +80,10 @@ class SparseArch(nn.Module):
         regular: Optional[List[EmbeddingBagConfig]] = None,
         is_weighted: bool = False,
         dense: bool = False,
+        validate_inputs: bool = True,
     ) -> None:
         super().__init__()
-        self.tt = TTEmbeddingBagCollection(tables, is_weighted=is_weighted)
+        self.tt = TTEmbeddingBagCollection(tables, is_weighted=is_weighted, validate_inputs=validate_inputs)
         self.ebc = EmbeddingBagCollection(regular, is_weighted=is_weighted) if regular else None
         width = sum(t.embedding_dim * len(t.feature_names) for t in tables + (regular or []))
         self.dense = nn.Linear(width, 3) if dense else None

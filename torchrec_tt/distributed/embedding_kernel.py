@@ -86,8 +86,10 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """``(F, B, L)`` features of this group's tables -> ``(B, sum of feature dims)``."""
+        # No validation here: the sending ranks checked the ids before the input all-to-all
+        # (ShardedTTEmbeddingBagCollection.input_dist, when validate_inputs is on).
         pooled = [
-            self.embedding_bags[table.name].forward_features(kjt, self._config.is_weighted, validate=True)
+            self.embedding_bags[table.name].forward_features(kjt, self._config.is_weighted, validate=False)
             for table, kjt in zip(self._tables, features.split(self._feature_splits))
         ]
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)

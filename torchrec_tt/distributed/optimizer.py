@@ -1,12 +1,20 @@
 """Optimizers of sharded TT cores, exposed the way TorchRec exposes fused optimizers.
 
 The cores of a sharded table are updated in backward, as TorchRec's fused (FBGEMM)
-kernels update their rows: every core gets its own ``torch.optim`` optimizer, stepped by
-a post-accumulate-grad hook, and carries ``_in_backward_optimizers`` so that
-``torchrec.optim.optimizers.in_backward_optimizer_filter`` keeps it out of the dense
-optimizer. :class:`TTFusedOptimizer` presents those optimizers as one
-``KeyedOptimizer`` keyed by the unsharded parameter names, which
+kernels update their rows: every core gets its own ``torch.optim`` optimizer and carries
+``_in_backward_optimizers`` so that ``torchrec.optim.optimizers.in_backward_optimizer_filter``
+keeps it out of the dense optimizer. :class:`TTFusedOptimizer` presents those optimizers
+as one ``KeyedOptimizer`` keyed by the unsharded parameter names, which
 ``DistributedModelParallel.fused_optimizer`` picks up.
+
+**Atomic steps** (docs/design.md, section 5). A core's post-accumulate-grad hook does not
+step: it moves the gradient into a per-backward stash. One autograd-engine callback
+(``Variable._execution_engine.queue_callback``), which the engine runs only when the
+whole backward has succeeded, then steps every stashed core of every TT optimizer of the
+process. A backward that raises anywhere (the loss, a hook, another module, a
+collective) runs no callback, so every table and its optimizer state are left exactly as
+they were; the stash of a failed backward is dropped when the next backward starts. One
+backward at a time per process (no nested, reentrant backward through TT lookups).
 
 The optimizer is configured like TorchRec's: the sharder's ``fused_params``
 (``optimizer``: an ``EmbOptimType`` such as ``EXACT_ADAGRAD``, plus ``learning_rate``,
@@ -16,11 +24,14 @@ unsharded module, whose class and kwargs are used verbatim.
 """
 
 import copy
+import re
+import threading
 from enum import Enum
 from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import torch
 from torch import nn
+from torch.autograd import Variable
 import torchrec.optim as trec_optim
 from torchrec.optim.fused import FusedOptimizer
 
@@ -87,13 +98,26 @@ def resolve_optimizer(fused_params: Mapping[str, Any], table: str = "") -> Optio
             )
         optimizer_class = _EMB_OPT_TYPE_TO_TORCH[name]
     if "optimizer_kwargs" in fused_params:
-        kwargs = {k: v for k, v in fused_params["optimizer_kwargs"]}
+        kwargs = _optimizer_kwargs(fused_params["optimizer_kwargs"], table)
     else:
         kwargs = {"lr": fused_params.get("learning_rate", _DEFAULT_LEARNING_RATE)}
         kwargs.update({k: fused_params[k] for k in _FUSED_KWARGS.get(optimizer_class, ()) if k in fused_params})
         if optimizer_class is torch.optim.Adam and ("beta1" in fused_params or "beta2" in fused_params):
             kwargs["betas"] = (fused_params.get("beta1", 0.9), fused_params.get("beta2", 0.999))
     return optimizer_class, kwargs
+
+
+def _optimizer_kwargs(value: Any, table: str) -> Dict[str, Any]:
+    """``optimizer_kwargs`` as a dict: a mapping (``{"lr": 0.1}``) or the hashable pairs
+    :func:`optimizer_fused_params` stores (``(("lr", 0.1),)``)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    pairs = list(value) if isinstance(value, (tuple, list)) else None
+    if pairs is None or any(not isinstance(p, (tuple, list)) or len(p) != 2 or not isinstance(p[0], str) for p in pairs):
+        raise ValueError(
+            f"table '{table}': optimizer_kwargs must be a dict or (name, value) pairs, got {value!r}"
+        )
+    return dict(pairs)
 
 
 def optimizer_state_multiplier(
@@ -115,18 +139,99 @@ def optimizer_state_multiplier(
     return 1.0
 
 
+_CORE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.cores\.\d+$")
+
+
+def _table_of(key: str) -> str:
+    """Table name in a core's parameter name (``...embedding_bags.<table>.cores.<k>``)."""
+    match = _CORE_KEY.search(key)
+    return match.group(1) if match else key
+
+
+def check_state_shapes(key: str, param: torch.Tensor, state: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` if a state tensor of core ``key`` has neither the core's shape
+    nor a scalar's (``step``): naming the table, the parameter, the state key, expected and
+    actual shape."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"table '{_table_of(key)}', parameter '{key}': optimizer state '{name}' has shape "
+                f"{tuple(value.shape)}, expected {tuple(param.shape)}"
+            )
+
+
+class _DeferredSteps:
+    """Gradients stashed by the cores' hooks during one backward, stepped at its end.
+
+    The first hook of a backward (autograd graph task) queues :meth:`_finish` on the
+    engine; the engine runs queued callbacks only after every node of the backward ran
+    without error. :meth:`_finish` queues :meth:`_apply` once more, so the steps come
+    after the callbacks other modules queued during the backward (e.g. DDP's gradient
+    all-reduce): if one of those raises, nothing is stepped either.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._task: int = -1
+        self._pending: Dict[int, Tuple["TTFusedOptimizer", str, torch.Tensor, torch.Tensor]] = {}
+
+    def stash(self, optimizer: "TTFusedOptimizer", key: str, param: torch.Tensor) -> None:
+        grad, param.grad = param.grad, None
+        if grad is None:
+            return
+        task = torch._C._current_graph_task_id()
+        if task < 0:  # not inside a backward (cannot happen for accumulate-grad hooks): step now
+            optimizer._step_one(key, param, grad)
+            return
+        with self._lock:
+            if task != self._task:
+                # A backward that left a stash behind failed: drop its gradients.
+                self._pending.clear()
+                self._task = task
+                Variable._execution_engine.queue_callback(self._finish)
+            previous = self._pending.get(id(param))
+            if previous is not None:
+                grad = previous[3] + grad
+            self._pending[id(param)] = (optimizer, key, param, grad)
+
+    def _finish(self) -> None:
+        Variable._execution_engine.queue_callback(self._apply)
+
+    def _apply(self) -> None:
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._task = -1
+        # Check everything first: a step either happens for every core or for none.
+        for optimizer, key, param, grad in pending:
+            check_state_shapes(key, param, optimizer._optimizers[key].state.get(param, {}))
+        for optimizer, key, param, grad in pending:
+            optimizer._step_one(key, param, grad)
+
+    def discard(self, optimizer: "TTFusedOptimizer") -> None:
+        with self._lock:
+            for ident in [i for i, entry in self._pending.items() if entry[0] is optimizer]:
+                del self._pending[ident]
+
+
+_DEFERRED = _DeferredSteps()
+
+
 class TTFusedOptimizer(FusedOptimizer):
     """In-backward optimizers of TT cores as one ``KeyedOptimizer``.
 
-    Each core gets ``optimizer_class([core], **optimizer_kwargs)``, stepped by a hook as
-    soon as the core's gradient is accumulated; the gradient is then dropped. ``step()``
-    only steps cores that still hold a gradient (e.g. after ``init_state()``), so a
-    training loop that calls ``optimizer.step()`` after ``backward()`` stays correct.
+    Each core gets ``optimizer_class([core], **optimizer_kwargs)``. Its gradient is taken
+    from the core as soon as it is accumulated and the core is stepped when the whole
+    backward has succeeded (atomic: a backward that raises steps no core and leaves
+    every optimizer state as it was; see the module docstring). ``step()`` only steps
+    cores that still hold a gradient (e.g. after ``init_state()``), so a training loop
+    that calls ``optimizer.step()`` after ``backward()`` stays correct.
 
     ``state_dict()`` is keyed by the given parameter names. ``load_state_dict()`` also
     accepts a state saved before the first step or loaded into a fresh optimizer (the
     generic ``KeyedOptimizer.load_state_dict`` reached through a ``CombinedOptimizer``
-    needs ``init_state()`` first, as for any lazily initialized torch optimizer).
+    needs ``init_state()`` first, as for any lazily initialized torch optimizer), and
+    rejects state tensors whose shape is not the core's with ``ValueError``.
 
     Args:
         params (Mapping[str, nn.Parameter]): the cores, by parameter name.
@@ -150,8 +255,21 @@ class TTFusedOptimizer(FusedOptimizer):
             param._in_backward_optimizers = [optimizer]  # pyre-ignore[16]
             param._optimizer_classes = [optimizer_class]  # pyre-ignore[16]
             param._optimizer_kwargs = [dict(optimizer_kwargs)]  # pyre-ignore[16]
-            param.register_post_accumulate_grad_hook(_step_and_release(optimizer))
+            param.register_post_accumulate_grad_hook(self._stash_hook(key))
         super().__init__(dict(params), self._collect_state(params), self._collect_param_groups())
+
+    def _stash_hook(self, key: str):
+        def hook(param: torch.Tensor) -> None:
+            _DEFERRED.stash(self, key, param)
+
+        return hook
+
+    def _step_one(self, key: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        param.grad = grad
+        try:
+            self._optimizers[key].step()
+        finally:
+            param.grad = None
 
     def _collect_state(self, params: Mapping[str, nn.Parameter]) -> Dict[nn.Parameter, Dict[str, Any]]:
         # torch optimizers fill ``state[p]`` in place on their first step, so sharing the
@@ -165,10 +283,10 @@ class TTFusedOptimizer(FusedOptimizer):
     def step(self, closure: Any = None) -> None:
         for key, param in self.params.items():
             if param.grad is not None:
-                self._optimizers[key].step()
-                param.grad = None
+                self._step_one(key, param, param.grad)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
+        _DEFERRED.discard(self)
         for param in self.params.values():
             param.grad = None
 
@@ -177,6 +295,8 @@ class TTFusedOptimizer(FusedOptimizer):
         missing = [key for key in self.params if key not in new_state]
         if missing:
             raise ValueError(f"optimizer state is missing parameters {missing}")
+        for key, param in self.params.items():  # check all before loading any
+            check_state_shapes(key, param, new_state[key])
         for key, optimizer in self._optimizers.items():
             # torch's load_state_dict keeps same-device tensors by reference: copy them so
             # this optimizer never shares state with the checkpoint or another model.
@@ -190,11 +310,3 @@ class TTFusedOptimizer(FusedOptimizer):
 
 def _copy_value(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-
-
-def _step_and_release(optimizer: torch.optim.Optimizer):
-    def hook(param: torch.Tensor) -> None:
-        optimizer.step()
-        param.grad = None
-
-    return hook

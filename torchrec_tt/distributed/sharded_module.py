@@ -45,6 +45,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_tt import modules as tt_modules
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.distributed.embedding_kernel import TTEmbeddingBagKernel
 from torchrec_tt.distributed.optimizer import optimizer_fused_params
@@ -126,6 +127,14 @@ class ShardedTTEmbeddingBagCollection(
     ``fused_optimizer``; gradients of the cores arrive through TorchRec's pooled
     all-to-all, which divides them by the world size (as for TorchRec's own tables).
 
+    With the unsharded module's ``validate_inputs=True`` (the default) every rank checks
+    the ids it *sends*, before the input all-to-all, and raises ``ValueError`` naming the
+    table, the feature and the bad value (:func:`torchrec_tt.modules.validate_lookups`);
+    the owning rank does not check again. A rank that raises there never enters the
+    collective, so the other ranks wait in it: under ``torchrun`` the elastic agent then
+    stops them (docs/design.md, section 6). ``validate_inputs=False`` skips these checks
+    (the op then rejects only ids beyond ``prod(tt_p_shapes)``, on the owning rank).
+
     Args:
         module (TTEmbeddingBagCollection): the unsharded module; materialized cores of the
             tables this rank owns are copied.
@@ -151,6 +160,10 @@ class ShardedTTEmbeddingBagCollection(
         self._device = device
         self._table_configs: List[TTEmbeddingBagConfig] = module.embedding_bag_configs()
         self._is_weighted: bool = module.is_weighted()
+        self._validate_inputs: bool = bool(getattr(module, "_validate_inputs", True))
+        self._feature_table: Dict[str, TTEmbeddingBagConfig] = {
+            f: t for t in self._table_configs for f in t.feature_names
+        }
         self._owner: Dict[str, int] = {}
         infos = []
         for table in self._table_configs:
@@ -226,6 +239,8 @@ class ShardedTTEmbeddingBagCollection(
         with torch.no_grad():
             if self._permute_input:
                 features = features.permute(self._input_order)
+            if self._validate_inputs:
+                self._validate(features)
             ctx.sharding_contexts.append(
                 EmbeddingShardingContext(
                     batch_size_per_feature_pre_a2a=features.stride_per_key(),
@@ -233,6 +248,12 @@ class ShardedTTEmbeddingBagCollection(
                 )
             )
             return KJTListSplitsAwaitable([self._input_dist(features)], ctx)
+
+    def _validate(self, features: KeyedJaggedTensor) -> None:
+        """Check the ids this rank sends (the TT features, in sharding order) before the
+        all-to-all: ``ValueError`` naming the table, the feature and the bad value."""
+        for name, jt in features.to_dict().items():
+            tt_modules.validate_lookups(self._feature_table[name], name, jt.values(), jt.lengths(), jt.weights_or_none())
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         return [self._lookup(dist_input[0])]
