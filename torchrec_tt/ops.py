@@ -7,13 +7,14 @@ PyTorch (:mod:`torchrec_tt._python_ops`); the package says so once, at import.
 
 import importlib
 import math
+import os
 import warnings
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
-from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_tt import _python_ops
+from torchrec_tt.enums import PoolingLike, PoolingMode, Variant, VariantLike
 from torchrec_tt.grouping import GroupPlan, group_plan_python
 
 try:
@@ -27,8 +28,6 @@ except ImportError as _err:  # pragma: no cover - depends on the build
         stacklevel=2,
     )
 
-_POOLING_MODES = {"sum": _python_ops.POOLING_SUM, "mean": _python_ops.POOLING_MEAN}
-_VARIANTS = {"tt": _python_ops.VARIANT_TT, "grt": _python_ops.VARIANT_GRT}
 _INDEX_DTYPES = {torch.int32, torch.int64}
 
 
@@ -42,17 +41,24 @@ def uses_extension(device: torch.device) -> bool:
     )
 
 
-def _pooling_mode(pooling: Union[str, PoolingType]) -> int:
-    name = pooling.value.lower() if isinstance(pooling, PoolingType) else str(pooling).lower()
-    if name not in _POOLING_MODES:
-        raise ValueError(f"pooling must be one of {list(_POOLING_MODES)}, got {pooling!r}")
-    return _POOLING_MODES[name]
+def _pooling_mode(pooling: PoolingLike) -> PoolingMode:
+    return PoolingMode.parse(pooling, "tt_embedding_bag")
 
 
-def _variant(variant: str) -> int:
-    if variant not in _VARIANTS:
-        raise ValueError(f"variant must be one of {list(_VARIANTS)}, got {variant!r}")
-    return _VARIANTS[variant]
+def _variant(variant: VariantLike) -> Variant:
+    return Variant.parse(variant, "tt_embedding_bag")
+
+
+def _check_values_outside_kernels(per_sample_weights: Optional[torch.Tensor]) -> None:
+    """Value checks the compiled kernels do not do: finite per-sample weights.
+
+    On CPU always; on CUDA only with ``TORCHREC_TT_CHECK_BOUNDS=1`` (reading device values
+    syncs). The pure-PyTorch path does these checks itself.
+    """
+    if per_sample_weights is None:
+        return
+    if per_sample_weights.device.type == "cpu" or os.environ.get("TORCHREC_TT_CHECK_BOUNDS", "0") == "1":
+        _python_ops.check_per_sample_weights_finite("tt_embedding_bag", per_sample_weights)
 
 
 def tt_embedding_bag(
@@ -60,8 +66,8 @@ def tt_embedding_bag(
     indices: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor] = None,
-    pooling: Union[str, PoolingType] = "sum",
-    variant: str = "grt",
+    pooling: PoolingLike = "sum",
+    variant: VariantLike = "grt",
 ) -> torch.Tensor:
     """Pooled lookups in a TT-compressed table (differentiable).
 
@@ -69,9 +75,14 @@ def tt_embedding_bag(
         cores (Sequence[Tensor]): ``d`` cores, core ``k`` of shape ``(m_k, R[k], n_k, R[k+1])``.
         indices (Tensor): ``(L,)`` int32/int64 row ids.
         offsets (Tensor): ``(B + 1,)`` bag boundaries (``offsets[-1] == L``).
-        per_sample_weights (Optional[Tensor]): ``(L,)`` weights, cores' dtype.
-        pooling (str | PoolingType): ``"sum"`` or ``"mean"``.
-        variant (str): ``"grt"`` (group-reduced) or ``"tt"`` (one chain per lookup).
+        per_sample_weights (Optional[Tensor]): ``(L,)`` finite weights, cores' dtype.
+        pooling (PoolingMode | PoolingType | str): ``SUM``/``"sum"`` or ``MEAN``/``"mean"``.
+        variant (Variant | str): ``GRT``/``"grt"`` (group-reduced) or ``TT``/``"tt"`` (one
+            chain per lookup).
+
+    Raises:
+        ValueError: a bad argument, named with the expected and the actual value. On
+            ``meta`` tensors only shapes, dtypes and devices are checked.
 
     Returns:
         Tensor: ``(B, N)`` with ``N = prod(n_k)``; an empty bag gives zeros.
@@ -81,6 +92,7 @@ def tt_embedding_bag(
         offsets = offsets.to(indices.dtype)  # never cast float offsets: the op rejects them
     cores = list(cores)
     if uses_extension(indices.device):
+        _check_values_outside_kernels(per_sample_weights)
         return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var)
     return _python_ops.tt_embedding_bag_python(cores, indices, offsets, per_sample_weights, mode, var)
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
-from torchrec_tt import TTEmbeddingBagConfig, suggest_tt_shapes
+from torchrec_tt import TTEmbeddingBagConfig, Variant, suggest_tt_shapes
 from torchrec_tt.tt_shapes import max_useful_ranks
 
 
@@ -72,7 +72,7 @@ def test_config_is_a_torchrec_config_with_defaults():
     assert isinstance(cfg, EmbeddingBagConfig)
     assert (cfg.tt_p_shapes, cfg.tt_q_shapes) == tuple(suggest_tt_shapes(23100, 64, 3))
     assert cfg.tt_ranks == [min(32, r) for r in max_useful_ranks(cfg.tt_p_shapes, cfg.tt_q_shapes)]
-    assert cfg.variant == "grt" and cfg.pooling == PoolingType.SUM
+    assert cfg.variant is Variant.GRT and cfg.pooling == PoolingType.SUM
     assert cfg.num_cores == 3 and cfg.full_ranks == [1, *cfg.tt_ranks, 1]
     assert cfg.core_shapes == [
         (cfg.tt_p_shapes[k], cfg.full_ranks[k], cfg.tt_q_shapes[k], cfg.full_ranks[k + 1]) for k in range(3)
