@@ -72,6 +72,28 @@ def check_per_sample_weights_finite(op: str, per_sample_weights: Optional[torch.
         raise ValueError(f"{op}: {argument}[{bad[0]}] must be finite, got {bad[1]}")
 
 
+def check_index_values(op: str, indices: torch.Tensor, offsets: torch.Tensor, num_rows: Optional[int]) -> None:
+    """Value checks of 1-D ``indices``/``offsets`` (as ``checks.h``): offsets run from 0 to
+    ``indices.numel()`` without decreasing; indices in ``[0, num_rows)`` (``None``: only >= 0)."""
+    if not reads_values(indices, offsets):
+        return
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise ValueError(f"{op}: offsets[0] must be 0, got {first}")
+    if last != indices.numel():
+        raise ValueError(f"{op}: offsets[-1] (offsets[{offsets.numel() - 1}]) must equal indices.numel() = {indices.numel()}, got {last}")
+    steps = offsets[1:] - offsets[:-1]
+    if steps.numel() and int(steps.min()) < 0:
+        k = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(
+            f"{op}: offsets must be non-decreasing, got offsets[{k}] = {int(offsets[k])} > offsets[{k + 1}] = {int(offsets[k + 1])}"
+        )
+    bad = first_out_of_range(indices, 0, num_rows)
+    if bad is not None:
+        expected = ">= 0" if num_rows is None else f"in [0, {num_rows})"
+        raise ValueError(f"{op}: indices[{bad[0]}] must be {expected}, got {bad[1]}")
+
+
 def check_inputs(
     op: str,
     cores: Sequence[torch.Tensor],
@@ -132,19 +154,7 @@ def check_inputs(
     Variant.parse(variant, op)
     if not reads_values(indices, offsets, per_sample_weights, *cores):
         return
-    first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0:
-        fail(f"offsets[0] must be 0, got {first}")
-    if last != indices.numel():
-        fail(f"offsets[-1] must equal the number of indices ({indices.numel()}), got {last}")
-    steps = offsets[1:] - offsets[:-1]
-    if steps.numel() and int(steps.min()) < 0:
-        k = int(torch.nonzero(steps < 0)[0])
-        fail(f"offsets must be non-decreasing, got offsets[{k}]={int(offsets[k])} > offsets[{k + 1}]={int(offsets[k + 1])}")
-    num_rows = math.prod(c.size(0) for c in cores)
-    bad = first_out_of_range(indices, 0, num_rows)
-    if bad is not None:
-        fail(f"indices[{bad[0]}] must be in [0, {num_rows}), got {bad[1]}")
+    check_index_values(op, indices, offsets, math.prod(c.size(0) for c in cores))
     check_per_sample_weights_finite(op, per_sample_weights)
 
 

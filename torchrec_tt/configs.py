@@ -9,6 +9,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec_tt.enums import Variant
 from torchrec_tt.tt_shapes import (
     MAX_CORES,
+    MIN_CORE_BYTES_LIMIT,
     MIN_CORES,
     full_ranks,
     max_useful_ranks,
@@ -19,9 +20,6 @@ from torchrec_tt.tt_shapes import (
 
 VARIANTS = tuple(str(v) for v in Variant)  # ("tt", "grt")
 DEFAULT_RANK = 32
-# A TT table whose cores take more bytes than both its dense table and this is a mistake (ranks
-# far too large); it is rejected before anything is allocated.
-MIN_CORE_BYTES_LIMIT = 1 << 30
 _SUPPORTED_POOLING = (PoolingType.SUM, PoolingType.MEAN)
 _SUPPORTED_DATA_TYPES = (DataType.FP32,)
 

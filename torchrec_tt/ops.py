@@ -97,6 +97,18 @@ def tt_embedding_bag(
     return _python_ops.tt_embedding_bag_python(cores, indices, offsets, per_sample_weights, mode, var)
 
 
+def _check_group_plan_inputs(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> None:
+    """The checks of the compiled ``group_plan`` for its pure-PyTorch twin."""
+    for name, t in (("indices", indices), ("offsets", offsets)):
+        if t.dim() != 1 or t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"group_plan: {name} must be a 1-D int32 or int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    if offsets.numel() == 0:
+        raise ValueError("group_plan: offsets must have B + 1 >= 1 entries, got 0")
+    if last_rows < 1:
+        raise ValueError(f"group_plan: last_rows must be >= 1, got {last_rows}")
+    _python_ops.check_index_values("group_plan", indices, offsets, None)
+
+
 def group_plan(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> GroupPlan:
     """Distinct (bag, group) segments and groups of a batch, trimmed to their counts.
 
@@ -106,6 +118,7 @@ def group_plan(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> 
     if offsets.dtype != indices.dtype and {indices.dtype, offsets.dtype} <= _INDEX_DTYPES:
         offsets = offsets.to(indices.dtype)
     if not uses_extension(indices.device):
+        _check_group_plan_inputs(indices, offsets, last_rows)
         return group_plan_python(indices, offsets, last_rows)
     *parts, counts = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows)
     num_segments, num_slots = counts.tolist()

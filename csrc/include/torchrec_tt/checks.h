@@ -260,29 +260,53 @@ inline void check_backward_inputs(
       op, ": per_sample_weights_requires_grad is true but per_sample_weights is None");
 }
 
+// The messages of the value checks, shared by the CPU checks below and the CUDA opt-in bounds
+// check (which finds the first bad position on the device and reports it on the host).
+inline void fail_offsets_first(const char* op, int64_t first) {
+  TORCH_CHECK_VALUE(false, op, ": offsets[0] must be 0, got ", first);
+}
+
+inline void fail_offsets_last(const char* op, int64_t B, int64_t nnz, int64_t last) {
+  TORCH_CHECK_VALUE(
+      false, op, ": offsets[-1] (offsets[", B, "]) must equal indices.numel() = ", nnz, ", got ",
+      last);
+}
+
+inline void fail_offsets_decreasing(const char* op, int64_t b, int64_t at_b, int64_t at_next) {
+  TORCH_CHECK_VALUE(
+      false, op, ": offsets must be non-decreasing, got offsets[", b, "] = ", at_b, " > offsets[",
+      b + 1, "] = ", at_next);
+}
+
+// num_rows < 0: unbounded (only negative indices are errors).
+inline void fail_index_out_of_range(const char* op, int64_t j, int64_t v, int64_t num_rows) {
+  if (num_rows < 0) {
+    TORCH_CHECK_VALUE(false, op, ": indices[", j, "] must be >= 0, got ", v);
+  }
+  TORCH_CHECK_VALUE(false, op, ": indices[", j, "] must be in [0, ", num_rows, "), got ", v);
+}
+
 // CPU only (reads values). offsets must be contiguous: offsets[0] == 0, offsets[B] == nnz and
 // non-decreasing.
 template <typename index_t>
 inline void check_offsets_values_cpu(const char* op, const index_t* offsets, int64_t B, int64_t nnz) {
-  TORCH_CHECK_VALUE(
-      static_cast<int64_t>(offsets[0]) == 0,
-      op, ": offsets[0] must be 0, got ", static_cast<int64_t>(offsets[0]));
-  TORCH_CHECK_VALUE(
-      static_cast<int64_t>(offsets[B]) == nnz,
-      op, ": offsets[-1] (offsets[", B, "]) must equal indices.numel() = ", nnz, ", got ",
-      static_cast<int64_t>(offsets[B]));
+  if (C10_UNLIKELY(static_cast<int64_t>(offsets[0]) != 0)) {
+    fail_offsets_first(op, static_cast<int64_t>(offsets[0]));
+  }
+  if (C10_UNLIKELY(static_cast<int64_t>(offsets[B]) != nnz)) {
+    fail_offsets_last(op, B, nnz, static_cast<int64_t>(offsets[B]));
+  }
   for (int64_t b = 0; b < B; ++b) {
     if (C10_UNLIKELY(offsets[b + 1] < offsets[b])) {
-      TORCH_CHECK_VALUE(
-          false, op, ": offsets must be non-decreasing, but offsets[", b, "] = ",
-          static_cast<int64_t>(offsets[b]), " > offsets[", b + 1, "] = ",
-          static_cast<int64_t>(offsets[b + 1]));
+      fail_offsets_decreasing(
+          op, b, static_cast<int64_t>(offsets[b]), static_cast<int64_t>(offsets[b + 1]));
     }
   }
 }
 
 // CPU only (reads values). Every index must lie in [0, num_rows); num_rows < 0 means unbounded
-// (only non-negativity is checked).
+// (only non-negativity is checked). Compares in 64 bits whatever index_t is, so int32 indices of
+// a table of more than 2^31 rows are accepted, and a bad index is reported with its own value.
 template <typename index_t>
 inline void check_indices_range_cpu(
     const char* op,
@@ -300,12 +324,8 @@ inline void check_indices_range_cpu(
   }
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t v = static_cast<int64_t>(indices[j]);
-    if (num_rows < 0) {
-      TORCH_CHECK_VALUE(v >= 0, op, ": indices[", j, "] = ", v, " is negative");
-    } else {
-      TORCH_CHECK_VALUE(
-          v >= 0 && v < num_rows,
-          op, ": indices[", j, "] = ", v, " is out of range [0, ", num_rows, ")");
+    if (static_cast<uint64_t>(v) >= hi) {
+      fail_index_out_of_range(op, j, v, num_rows);
     }
   }
 }
