@@ -101,14 +101,17 @@ def validate_features(
         raise ValueError(f"{where(first)}: KJT lengths must be 1-D, got shape {tuple(lengths.shape)}")
     if not keys or not read_values or not _python_ops.reads_values(lengths):
         return
-    if features.variable_stride_per_key():
-        sums = [int(t.sum()) for t in lengths.split(features.stride_per_key())]
-    else:
-        if lengths.numel() != len(keys) * features.stride():
-            raise ValueError(
-                f"{where(first)}: KJT lengths must have (keys x batch) = {len(keys)} x {features.stride()} entries, got {lengths.numel()}"
-            )
-        sums = lengths.view(len(keys), -1).sum(1).tolist() if lengths.numel() else [0] * len(keys)
+    if lengths.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{where(first)}: KJT lengths must be int32 or int64, got {lengths.dtype}")
+    strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(keys)
+    if lengths.numel() != sum(strides):
+        raise ValueError(f"{where(first)}: KJT lengths must have one entry per key and sample ({sum(strides)}), got {lengths.numel()}")
+    per_key = lengths.split(strides)
+    for key, key_lengths in zip(keys, per_key):
+        bad = _python_ops.first_out_of_range(key_lengths, 0, None)
+        if bad is not None:
+            raise ValueError(f"{where(key)}: lengths must be >= 0, but bag {bad[0]} has length {bad[1]}")
+    sums = [int(t.sum()) for t in per_key]
     for name, count in (("values", values.numel()), ("weights", None if weights is None else weights.numel())):
         if count is None:
             continue
