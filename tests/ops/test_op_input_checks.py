@@ -4,11 +4,14 @@ The pure-PyTorch path and the compiled ops (``TORCH_CHECK_VALUE``) raise the sam
 messages follow ``<op>: <argument> <what was expected>, got <value>``.
 """
 
+import math
+
 import pytest
 import torch
 
-from torchrec_tt import tt_embedding_bag
-from tt_testing import OP_ERRORS, assert_message, random_cores
+from torchrec_tt import PoolingMode, TTEmbeddingBagConfig, Variant, count_ops, tt_embedding_bag, tt_to_dense
+from torchrec_tt.ops import uses_extension
+from tt_testing import OP_ERRORS, assert_message, embedding_bag_ref, random_cores
 
 P, Q, RANKS = [3, 4, 5], [2, 1, 2], [2, 3]  # 60 rows, dim 4
 
@@ -191,12 +194,6 @@ def test_bad_input_leaves_cores_untouched():
 # ---------------------------------------------------------------------------------------
 # Issue 10 (part A): every bad input gets a ValueError naming the argument and the value.
 # ---------------------------------------------------------------------------------------
-
-import math  # noqa: E402
-
-from torchrec_tt import PoolingMode, Variant, count_ops, tt_to_dense, TTEmbeddingBagConfig  # noqa: E402
-from torchrec_tt.ops import uses_extension  # noqa: E402
-from tt_testing import embedding_bag_ref  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
