@@ -90,6 +90,8 @@ def validate_features(
     values, weights = features.values(), features.weights_or_none()
     if values.dim() != 1:
         raise ValueError(f"{where(first)}: KJT values must be 1-D, got shape {tuple(values.shape)}")
+    if values.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{where(first)}: KJT values (ids) must be int32 or int64, got {values.dtype}")
     if weights is not None and weights.dim() != 1:
         raise ValueError(f"{where(first)}: KJT weights must be 1-D, got shape {tuple(weights.shape)}")
     if is_weighted and weights is None:
@@ -226,20 +228,20 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError(f"table '{self.config.name}': a variable batch size per feature is not supported")
         validate_features(features, {f: self.config for f in self.config.feature_names}, is_weighted, validate)
         weights = features.weights().to(self.cores[0].dtype) if is_weighted else None
-        if validate:
-            # Per feature, after the cast to the cores' dtype (a float64 weight can overflow to inf).
-            dicts = features.to_dict()
-            if weights is not None:
-                split = KeyedJaggedTensor(
-                    keys=features.keys(), values=features.values(), lengths=features.lengths(), weights=weights
-                )
-                dicts = split.to_dict()
-            for name, jt in dicts.items():
-                validate_lookups(self.config, name, jt.values(), jt.lengths(), jt.weights_or_none() if is_weighted else None)
+        if validate and _python_ops.reads_values(features.lengths()):
+            # Per feature (validate_features checked that the lengths cover the values), with the
+            # weights after the cast to the cores' dtype (a float64 weight can overflow to inf).
+            keys, values = features.keys(), features.values()
+            per_key = features.lengths().split([features.stride()] * len(keys))
+            sums = [int(n.sum()) for n in per_key]
+            per_key_weights = weights.split(sums) if weights is not None else [None] * len(keys)
+            for name, lengths, ids, w in zip(keys, per_key, values.split(sums), per_key_weights):
+                validate_lookups(self.config, name, ids, lengths, w)
         pooled = self._pool(features.values(), features.offsets(), weights)  # (F * B, N), feature-major
         num_features, batch = len(features.keys()), features.stride()
         if num_features > 1:
-            pooled = pooled.view(num_features, batch, -1).transpose(0, 1).reshape(batch, -1)
+            dim = self.config.embedding_dim  # explicit: B = 0 leaves -1 ambiguous
+            pooled = pooled.view(num_features, batch, dim).transpose(0, 1).reshape(batch, num_features * dim)
         return pooled
 
     def full_weight(self) -> torch.Tensor:

@@ -121,7 +121,7 @@ inline void check_indices_offsets(
       offsets.scalar_type());
   TORCH_CHECK_VALUE(
       offsets.numel() >= 1,
-      op, ": offsets must have B + 1 >= 1 entries (offsets[0] = 0), got an empty tensor");
+      op, ": offsets must have B + 1 >= 1 entries, got 0");
   TORCH_CHECK_VALUE(
       indices.device() == device, op, ": indices must be on ", device, ", got ", indices.device());
   TORCH_CHECK_VALUE(
