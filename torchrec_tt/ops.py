@@ -41,12 +41,14 @@ def uses_extension(device: torch.device) -> bool:
     )
 
 
-def _pooling_mode(pooling: PoolingLike) -> PoolingMode:
-    return PoolingMode.parse(pooling, "tt_embedding_bag")
+def _pooling_mode(pooling: PoolingLike) -> int:
+    """The op's ``int pooling_mode``: a plain int (the dispatcher and tracing see no enum)."""
+    return int(PoolingMode.parse(pooling, "tt_embedding_bag"))
 
 
-def _variant(variant: VariantLike) -> Variant:
-    return Variant.parse(variant, "tt_embedding_bag")
+def _variant(variant: VariantLike) -> int:
+    """The op's ``int variant``."""
+    return int(Variant.parse(variant, "tt_embedding_bag"))
 
 
 def _check_values_outside_kernels(per_sample_weights: Optional[torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchrec_tt import TTEmbeddingBagConfig, chain_flops, count_ops, expected_groups_per_bag
+from torchrec_tt import PoolingMode, TTEmbeddingBagConfig, Variant, chain_flops, count_ops, expected_groups_per_bag
 from torchrec_tt import _python_ops
 from torchrec_tt.grouping import decompose_indices, group_plan_python
 from torchrec_tt.ops import group_plan
@@ -210,7 +210,7 @@ def test_grt_cheaper_when_lookups_share_groups(groups, data):
     assert c.grt_backward_flops < c.tt_backward_flops
 
 
-@pytest.mark.parametrize("variant", [_python_ops.VARIANT_TT, _python_ops.VARIANT_GRT], ids=["tt", "grt"])
+@pytest.mark.parametrize("variant", list(Variant), ids=str)
 @settings(deadline=None, max_examples=15)
 @given(problem=problems(min_cores=3, min_batch=1, max_len=8))
 def test_python_kernel_matmul_flops_match_counts(problem, variant):
@@ -219,8 +219,8 @@ def test_python_kernel_matmul_flops_match_counts(problem, variant):
     cores, indices, offsets, _ = problem.tensors()
     c = count_ops(_config(problem), indices, offsets)
     c_pre, c_last = chain_flops(problem.q_shapes, problem.full_ranks)
-    measured = _flops(lambda: _python_ops.tt_embedding_bag_python(cores, indices, offsets, None, 0, variant))
-    if variant == _python_ops.VARIANT_TT:
+    measured = _flops(lambda: _python_ops.tt_embedding_bag_python(cores, indices, offsets, None, PoolingMode.SUM, variant))
+    if variant is Variant.TT:
         assert measured == c.num_lookups * (c_pre + c_last)
     else:
         assert measured == c.num_distinct_groups * c_pre + c.num_segments * c_last
