@@ -112,24 +112,28 @@ def check_inputs(
         raise ValueError(f"{op}: {msg}")
 
     if not 2 <= len(cores) <= 4:
-        fail(f"expected 2 to 4 cores, got {len(cores)}")
+        fail(f"cores must hold 2 to 4 cores, got {len(cores)}")
     for k, core in enumerate(cores):
         if not isinstance(core, torch.Tensor):
             fail(f"cores[{k}] must be a tensor, got {type(core).__name__}")
         if core.dim() != 4:
-            fail(f"cores[{k}] must be 4-D (m, r_in, n, r_out), got shape {tuple(core.shape)}")
-        if core.dtype != cores[0].dtype or core.device != cores[0].device:
-            fail(f"cores[{k}] must have the dtype and device of cores[0] ({cores[0].dtype} on {cores[0].device}), got {core.dtype} on {core.device}")
+            fail(f"cores[{k}] must be 4-D (m_k, R[k], n_k, R[k+1]), got shape {tuple(core.shape)}")
+        if core.dtype != cores[0].dtype:
+            fail(f"cores[{k}] must have the dtype of cores[0] ({cores[0].dtype}), got {core.dtype}")
+        if core.device != cores[0].device:
+            fail(f"cores[{k}] must be on the device of cores[0] ({cores[0].device}), got {core.device}")
         if min(core.shape) < 1:
             fail(f"cores[{k}] must have positive sizes, got shape {tuple(core.shape)}")
     if cores[0].dtype not in _FLOAT_DTYPES:
-        fail(f"cores must be floating point, got {cores[0].dtype}")
+        fail(f"cores must be float32, float64, float16 or bfloat16, got cores[0] of dtype {cores[0].dtype}")
     ranks = [c.size(1) for c in cores] + [cores[-1].size(3)]
     for k in range(len(cores) - 1):
         if cores[k].size(3) != cores[k + 1].size(1):
-            fail(f"rank mismatch: cores[{k}].size(3)={cores[k].size(3)} != cores[{k + 1}].size(1)={cores[k + 1].size(1)}")
-    if ranks[0] != 1 or ranks[-1] != 1:
-        fail(f"boundary ranks must be 1, got R[0]={ranks[0]}, R[d]={ranks[-1]}")
+            fail(f"rank mismatch: cores[{k + 1}].size(1) must equal cores[{k}].size(3) = {cores[k].size(3)}, got {cores[k + 1].size(1)}")
+    if ranks[0] != 1:
+        fail(f"cores[0].size(1) (R[0]) must be 1, got {ranks[0]}")
+    if ranks[-1] != 1:
+        fail(f"cores[{len(cores) - 1}].size(3) (R[d]) must be 1, got {ranks[-1]}")
     for name, t in (("indices", indices), ("offsets", offsets)):
         if not isinstance(t, torch.Tensor):
             fail(f"{name} must be a tensor, got {type(t).__name__}")

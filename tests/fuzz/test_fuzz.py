@@ -168,18 +168,18 @@ def _op_case(problem, dtype, index_dtype, weighted, pooling, variant, device, mu
         k = draw(st.integers(1, len(cores) - 1))
         m, r, n, r_out = cores[k].shape
         cores[k] = torch.zeros(m, r + 1, n, r_out, dtype=dtype)
-        patterns = [r"rank mismatch", rf"cores\[{k}\]\.size\(1\) ?=? ?{r + 1}"]
+        patterns = [rf"rank mismatch: cores\[{k}\]\.size\(1\) must equal cores\[{k - 1}\]\.size\(3\) = {r}, got {r + 1}$"]
     elif mutation == "core_dtype":
         k = draw(st.integers(1, len(cores) - 1))
         other = torch.float64 if dtype == torch.float32 else torch.float32
         cores[k] = cores[k].to(other)
-        patterns = [rf"cores\[{k}\]", _dtype_pattern(other)]
+        patterns = [rf"cores\[{k}\] must have the dtype of cores\[0\]", rf"got {_dtype_pattern(other)}$"]
     elif mutation == "cores_int":
         cores = [c.to(torch.int64) for c in cores]
         patterns = [r"cores must be", _dtype_pattern(torch.int64)]
     elif mutation == "num_cores":
         cores = cores[:1]
-        patterns = [r"2 to 4 cores", r"got 1$"]
+        patterns = [r"cores must hold 2 to 4 cores, got 1$"]
     elif mutation == "pooling_name":
         pooling = draw(st.sampled_from(["max", "none", 7]))
         patterns = [r"^tt_embedding_bag: pooling must be one of", rf"got {re.escape(repr(pooling))}$"]

@@ -44,13 +44,13 @@ inline TTLayout check_cores(
   const int64_t d = static_cast<int64_t>(cores.size());
   TORCH_CHECK_VALUE(
       d >= kMinCores && d <= kMaxCores,
-      op, ": expected ", kMinCores, " to ", kMaxCores, " cores, got ", d);
+      op, ": cores must hold ", kMinCores, " to ", kMaxCores, " cores, got ", d);
   const at::Tensor& c0 = cores[0];
   TORCH_CHECK_VALUE(
       is_core_dtype(c0.scalar_type(), allow_reduced_precision),
       op, ": cores must be ",
       allow_reduced_precision ? "float32, float64, float16 or bfloat16" : "float32 or float64",
-      " on device ", c0.device(), ", got cores[0] of dtype ", c0.scalar_type());
+      " on ", c0.device(), ", got cores[0] of dtype ", c0.scalar_type());
   TTLayout layout;
   layout.d = d;
   for (const auto k : c10::irange(d)) {
@@ -61,12 +61,12 @@ inline TTLayout check_cores(
         "-D tensor of shape ", c.sizes());
     TORCH_CHECK_VALUE(
         c.scalar_type() == c0.scalar_type(),
-        op, ": all cores must have one dtype; cores[0] is ", c0.scalar_type(), " but cores[", k,
-        "] is ", c.scalar_type());
+        op, ": cores[", k, "] must have the dtype of cores[0] (", c0.scalar_type(), "), got ",
+        c.scalar_type());
     TORCH_CHECK_VALUE(
         c.device() == c0.device(),
-        op, ": all cores must be on one device; cores[0] is on ", c0.device(), " but cores[", k,
-        "] is on ", c.device());
+        op, ": cores[", k, "] must be on the device of cores[0] (", c0.device(), "), got ",
+        c.device());
     for (const auto t : c10::irange(4)) {
       TORCH_CHECK_VALUE(
           c.size(t) >= 1,
@@ -78,22 +78,23 @@ inline TTLayout check_cores(
     if (k > 0) {
       TORCH_CHECK_VALUE(
           cores[k - 1].size(3) == c.size(1),
-          op, ": rank mismatch between consecutive cores: cores[", k - 1, "].size(3) = ",
-          cores[k - 1].size(3), " but cores[", k, "].size(1) = ", c.size(1));
+          op, ": rank mismatch: cores[", k, "].size(1) must equal cores[", k - 1, "].size(3) = ",
+          cores[k - 1].size(3), ", got ", c.size(1));
     }
   }
   layout.R[d] = cores[d - 1].size(3);
   TORCH_CHECK_VALUE(
       layout.R[0] == 1,
-      op, ": the first core must have R[0] = 1, got cores[0].size(1) = ", layout.R[0]);
+      op, ": cores[0].size(1) (R[0]) must be 1, got ", layout.R[0]);
   TORCH_CHECK_VALUE(
       layout.R[d] == 1,
-      op, ": the last core must have R[d] = 1, got cores[", d - 1, "].size(3) = ", layout.R[d]);
+      op, ": cores[", d - 1, "].size(3) (R[d]) must be 1, got ", layout.R[d]);
   int64_t rows = 1;
   for (const auto k : c10::irange(d)) {
     TORCH_CHECK_VALUE(
         rows <= std::numeric_limits<int64_t>::max() / layout.m[k],
-        op, ": prod(m) over the cores' size(0) overflows int64");
+        op, ": the number of rows prod(cores[k].size(0)) must fit in int64, got an overflow at cores[",
+        k, "]");
     rows *= layout.m[k];
   }
   return layout;
@@ -220,8 +221,8 @@ inline TTInputs check_tt_inputs(
   TTInputs in;
   in.layout = check_cores(op, cores, allow_reduced_precision);
   TORCH_CHECK_VALUE(
-      cores[0].device().type() == device_type, op, ": expected ", c10::DeviceTypeName(device_type),
-      " cores, got cores[0] on ", cores[0].device());
+      cores[0].device().type() == device_type, op, ": cores must be on a ",
+      c10::DeviceTypeName(device_type), " device, got cores[0] on ", cores[0].device());
   check_indices_offsets(op, indices, offsets, cores[0].device());
   check_per_sample_weights(op, per_sample_weights, indices.numel(), cores[0]);
   check_modes(op, pooling_mode, variant);
@@ -257,7 +258,7 @@ inline void check_backward_inputs(
   check_grad_output(op, grad_output, in.batch_size, in.layout.embedding_dim(), in.cores[0]);
   TORCH_CHECK_VALUE(
       !per_sample_weights_requires_grad || in.psw.has_value(),
-      op, ": per_sample_weights_requires_grad is true but per_sample_weights is None");
+      op, ": per_sample_weights must be given when per_sample_weights_requires_grad is true, got None");
 }
 
 // The messages of the value checks, shared by the CPU checks below and the CUDA opt-in bounds
