@@ -309,3 +309,41 @@ def test_tt_to_dense_row_counts_in_range():
     assert full.shape == (60, 4) and tt_to_dense(_cores(), 0).shape == (0, 4)
     torch.testing.assert_close(tt_to_dense(_cores(), 17), full[:17])
     assert math.prod(P) == 60
+
+
+def _parity_cases():
+    indices, offsets = _batch()
+    cores = _cores()
+    out_of_range, negative = indices.clone(), indices.clone()
+    out_of_range[2], negative[5] = 60, -4
+    bad_rank = list(cores)
+    bad_rank[2] = torch.zeros(5, 4, 2, 1, dtype=torch.float64)
+    bad_r0 = list(cores)
+    bad_r0[0] = torch.zeros(3, 2, 2, 2, dtype=torch.float64)
+    return {
+        "index_high": (cores, out_of_range, offsets),
+        "index_negative": (cores, negative, offsets),
+        "offsets_first": (cores, indices, torch.tensor([1, 2, 2, 6])),
+        "offsets_last": (cores, indices, torch.tensor([0, 2, 2, 7])),
+        "offsets_decreasing": (cores, indices, torch.tensor([0, 3, 2, 6])),
+        "offsets_empty": (cores, indices, offsets[:0]),
+        "rank_mismatch": (bad_rank, indices, offsets),
+        "first_rank": (bad_r0, indices, offsets),
+        "num_cores": (cores[:1], indices, offsets),
+    }
+
+
+@pytest.mark.skipif(not uses_extension(torch.device("cpu")), reason="the compiled CPU op is not built")
+@pytest.mark.parametrize("case", list(_parity_cases()))
+@pytest.mark.parametrize("variant", list(Variant), ids=str)
+def test_compiled_and_python_ops_raise_the_same_error(case, variant):
+    """One exception type and one message, whichever implementation runs."""
+    from torchrec_tt import _python_ops
+
+    cores, indices, offsets = _parity_cases()[case]
+    with pytest.raises(ValueError) as compiled:
+        torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, None, int(PoolingMode.SUM), int(variant))
+    with pytest.raises(ValueError) as python:
+        _python_ops.tt_embedding_bag_python(cores, indices, offsets, None, PoolingMode.SUM, variant)
+    assert type(compiled.value) is type(python.value) is ValueError
+    assert str(compiled.value) == str(python.value)
