@@ -11,7 +11,6 @@ from typing import Union
 
 from torchrec.modules.embedding_configs import PoolingType
 
-
 _ARGUMENT = {"Variant": "variant", "PoolingMode": "pooling"}
 
 
@@ -27,15 +26,17 @@ class _ParsedIntEnum(enum.IntEnum):
         """
         if isinstance(value, cls):
             return value
-        if isinstance(value, enum.Enum) and not isinstance(value, int):
-            value = value.value  # e.g. torchrec's PoolingType (a str enum)
-        if isinstance(value, str):
-            member = cls.__members__.get(value.upper())
+        raw = value
+        if isinstance(value, enum.Enum):
+            # torchrec's PoolingType (a str enum) by its value; never another IntEnum's member.
+            raw = value.value if isinstance(value.value, str) else None
+        if isinstance(raw, str):
+            member = cls.__members__.get(raw.upper())
             if member is not None:
                 return member
-        elif isinstance(value, int) and not isinstance(value, bool):
+        elif isinstance(raw, int) and not isinstance(raw, bool):
             try:
-                return cls(value)
+                return cls(raw)
             except ValueError:
                 pass
         names = [m.name.lower() for m in cls]
