@@ -13,9 +13,85 @@ import torch
 
 from torchrec_tt.grouping import bag_ids, decompose_indices, group_plan_python
 
-POOLING_SUM, POOLING_MEAN = 0, 1
-VARIANT_TT, VARIANT_GRT = 0, 1
+from torchrec_tt.enums import PoolingMode, Variant
+
+# Aliases of the enum members (the ops take their int values).
+POOLING_SUM, POOLING_MEAN = PoolingMode.SUM, PoolingMode.MEAN
+VARIANT_TT, VARIANT_GRT = Variant.TT, Variant.GRT
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def reads_values(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether checks may read the values of ``tensors``: not on ``meta``, not fake (tracing)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    for t in tensors:
+        if t is not None and (t.device.type == "meta" or is_fake(t)):
+            return False
+    return not torch.compiler.is_compiling()
+
+
+def first_out_of_range(values: torch.Tensor, low: int, high: Optional[int]) -> Optional[Tuple[int, int]]:
+    """``(position, value)`` of the first entry of an integer tensor outside ``[low, high)``.
+
+    Compares in int64 (an int32 tensor compared with a bound past 2^31 - 1 would wrap) and
+    skips a bound the dtype cannot reach. ``high=None``: no upper bound.
+    """
+    if values.numel() == 0:
+        return None
+    info = torch.iinfo(values.dtype) if not values.is_floating_point() else None
+    bad = torch.zeros_like(values, dtype=torch.bool)
+    if info is None or low > info.min:
+        bad |= values < low
+    if high is not None and (info is None or high <= info.max):
+        bad |= values >= high
+    if not bool(bad.any()):
+        return None
+    k = int(torch.nonzero(bad)[0])
+    return k, int(values[k])
+
+
+def first_non_finite(values: torch.Tensor) -> Optional[Tuple[int, float]]:
+    """``(position, value)`` of the first NaN or infinity in a float tensor."""
+    if values.numel() == 0:
+        return None
+    bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return None
+    k = int(torch.nonzero(bad.reshape(-1))[0])
+    return k, float(values.reshape(-1)[k])
+
+
+def check_per_sample_weights_finite(op: str, per_sample_weights: Optional[torch.Tensor], argument: str = "per_sample_weights") -> None:
+    """Reject NaN/inf weights: TT reassociates the sums, so inf cannot give ``nn.EmbeddingBag``'s inf."""
+    if per_sample_weights is None or not per_sample_weights.is_floating_point() or not reads_values(per_sample_weights):
+        return
+    bad = first_non_finite(per_sample_weights)
+    if bad is not None:
+        raise ValueError(f"{op}: {argument}[{bad[0]}] must be finite, got {bad[1]}")
+
+
+def check_index_values(op: str, indices: torch.Tensor, offsets: torch.Tensor, num_rows: Optional[int]) -> None:
+    """Value checks of 1-D ``indices``/``offsets`` (as ``checks.h``): offsets run from 0 to
+    ``indices.numel()`` without decreasing; indices in ``[0, num_rows)`` (``None``: only >= 0)."""
+    if not reads_values(indices, offsets):
+        return
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise ValueError(f"{op}: offsets[0] must be 0, got {first}")
+    if last != indices.numel():
+        raise ValueError(f"{op}: offsets[-1] (offsets[{offsets.numel() - 1}]) must equal indices.numel() = {indices.numel()}, got {last}")
+    steps = offsets[1:] - offsets[:-1]
+    if steps.numel() and int(steps.min()) < 0:
+        k = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(
+            f"{op}: offsets must be non-decreasing, got offsets[{k}] = {int(offsets[k])} > offsets[{k + 1}] = {int(offsets[k + 1])}"
+        )
+    bad = first_out_of_range(indices, 0, num_rows)
+    if bad is not None:
+        expected = ">= 0" if num_rows is None else f"in [0, {num_rows})"
+        raise ValueError(f"{op}: indices[{bad[0]}] must be {expected}, got {bad[1]}")
 
 
 def check_inputs(
@@ -27,59 +103,63 @@ def check_inputs(
     pooling_mode: int,
     variant: int,
 ) -> None:
-    """The op-boundary checks of ``csrc/`` (same conditions, ``ValueError`` here)."""
+    """The op-boundary checks of ``csrc/`` (same conditions, ``ValueError``), plus finite weights.
+
+    Values are not read on ``meta`` or fake tensors (only shapes, dtypes and devices are checked).
+    """
 
     def fail(msg: str) -> None:
         raise ValueError(f"{op}: {msg}")
 
     if not 2 <= len(cores) <= 4:
-        fail(f"expected 2 to 4 cores, got {len(cores)}")
+        fail(f"cores must hold 2 to 4 cores, got {len(cores)}")
     for k, core in enumerate(cores):
+        if not isinstance(core, torch.Tensor):
+            fail(f"cores[{k}] must be a tensor, got {type(core).__name__}")
         if core.dim() != 4:
-            fail(f"cores[{k}] must be 4-D (m, r_in, n, r_out), got shape {tuple(core.shape)}")
-        if core.dtype != cores[0].dtype or core.device != cores[0].device:
-            fail(f"cores[{k}] is {core.dtype} on {core.device}, cores[0] is {cores[0].dtype} on {cores[0].device}")
+            fail(f"cores[{k}] must be 4-D (m_k, R[k], n_k, R[k+1]), got shape {tuple(core.shape)}")
+        if core.dtype != cores[0].dtype:
+            fail(f"cores[{k}] must have the dtype of cores[0] ({cores[0].dtype}), got {core.dtype}")
+        if core.device != cores[0].device:
+            fail(f"cores[{k}] must be on the device of cores[0] ({cores[0].device}), got {core.device}")
+        if min(core.shape) < 1:
+            fail(f"cores[{k}] must have positive sizes, got shape {tuple(core.shape)}")
     if cores[0].dtype not in _FLOAT_DTYPES:
-        fail(f"cores must be floating point, got {cores[0].dtype}")
+        fail(f"cores must be float32, float64, float16 or bfloat16, got cores[0] of dtype {cores[0].dtype}")
     ranks = [c.size(1) for c in cores] + [cores[-1].size(3)]
     for k in range(len(cores) - 1):
         if cores[k].size(3) != cores[k + 1].size(1):
-            fail(f"rank mismatch: cores[{k}].size(3)={cores[k].size(3)} != cores[{k + 1}].size(1)={cores[k + 1].size(1)}")
-    if ranks[0] != 1 or ranks[-1] != 1:
-        fail(f"boundary ranks must be 1, got R[0]={ranks[0]}, R[d]={ranks[-1]}")
+            fail(f"rank mismatch: cores[{k + 1}].size(1) must equal cores[{k}].size(3) = {cores[k].size(3)}, got {cores[k + 1].size(1)}")
+    if ranks[0] != 1:
+        fail(f"cores[0].size(1) (R[0]) must be 1, got {ranks[0]}")
+    if ranks[-1] != 1:
+        fail(f"cores[{len(cores) - 1}].size(3) (R[d]) must be 1, got {ranks[-1]}")
     for name, t in (("indices", indices), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor):
+            fail(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 1:
             fail(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.int32, torch.int64):
+        if t.dtype not in _INDEX_DTYPES:
             fail(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.device != cores[0].device:
+            fail(f"{name} must be on the cores' device {cores[0].device}, got {t.device}")
     if indices.dtype != offsets.dtype:
-        fail(f"indices ({indices.dtype}) and offsets ({offsets.dtype}) must have the same dtype")
+        fail(f"offsets must have the dtype of indices ({indices.dtype}), got {offsets.dtype}")
     if offsets.numel() == 0:
         fail("offsets must have B + 1 >= 1 entries, got 0")
-    first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0:
-        fail(f"offsets[0] must be 0, got {first}")
-    if last != indices.numel():
-        fail(f"offsets[-1]={last} must equal the number of indices ({indices.numel()})")
-    steps = offsets[1:] - offsets[:-1]
-    if steps.numel() and int(steps.min()) < 0:
-        k = int(torch.nonzero(steps < 0)[0])
-        fail(f"offsets must be non-decreasing, got offsets[{k}]={int(offsets[k])} > offsets[{k + 1}]={int(offsets[k + 1])}")
-    num_rows = math.prod(c.size(0) for c in cores)
-    if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= num_rows:
-            k = int(torch.nonzero((indices < 0) | (indices >= num_rows))[0])
-            fail(f"indices[{k}]={int(indices[k])} is out of range [0, {num_rows})")
     if per_sample_weights is not None:
         if per_sample_weights.shape != indices.shape:
             fail(f"per_sample_weights must have shape {tuple(indices.shape)}, got {tuple(per_sample_weights.shape)}")
         if per_sample_weights.dtype != cores[0].dtype:
             fail(f"per_sample_weights must be {cores[0].dtype}, got {per_sample_weights.dtype}")
-    if pooling_mode not in (POOLING_SUM, POOLING_MEAN):
-        fail(f"pooling_mode must be 0 (sum) or 1 (mean), got {pooling_mode}")
-    if variant not in (VARIANT_TT, VARIANT_GRT):
-        fail(f"variant must be 0 (tt) or 1 (grt), got {variant}")
+        if per_sample_weights.device != cores[0].device:
+            fail(f"per_sample_weights must be on {cores[0].device}, got {per_sample_weights.device}")
+    PoolingMode.parse(pooling_mode, op, "pooling_mode")
+    Variant.parse(variant, op)
+    if not reads_values(indices, offsets, per_sample_weights, *cores):
+        return
+    check_index_values(op, indices, offsets, math.prod(c.size(0) for c in cores))
+    check_per_sample_weights_finite(op, per_sample_weights)
 
 
 def lookup_coefficients(
@@ -129,8 +209,8 @@ def tt_embedding_bag_python(
     dim = math.prod(c.size(2) for c in cores)
     coeff = lookup_coefficients(offsets, num_lookups, per_sample_weights, pooling_mode, cores[0].dtype)
     out = cores[0].new_zeros(num_bags, dim)
-    if num_lookups == 0:
-        # Keep the graph connected so backward yields zero gradients, not None.
+    if num_lookups == 0 or "meta" in (indices.device.type, cores[0].device.type):
+        # On meta: the output's shape only (grouping reads values). Keep the graph connected so backward yields zero gradients, not None.
         connected = out + 0 * sum(c.sum() for c in cores)
         return connected if per_sample_weights is None else connected + 0 * per_sample_weights.sum()
     p_shapes = [c.size(0) for c in cores]

@@ -2,12 +2,14 @@
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
+from torchrec_tt.enums import Variant
 from torchrec_tt.tt_shapes import (
     MAX_CORES,
+    MIN_CORE_BYTES_LIMIT,
     MIN_CORES,
     full_ranks,
     max_useful_ranks,
@@ -16,7 +18,7 @@ from torchrec_tt.tt_shapes import (
     tt_num_params,
 )
 
-VARIANTS = ("tt", "grt")
+VARIANTS = tuple(str(v) for v in Variant)  # ("tt", "grt")
 DEFAULT_RANK = 32
 _SUPPORTED_POOLING = (PoolingType.SUM, PoolingType.MEAN)
 _SUPPORTED_DATA_TYPES = (DataType.FP32,)
@@ -37,8 +39,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             :func:`suggest_tt_shapes` when left empty.
         tt_ranks (List[int]): the ``d - 1`` inner ranks. Default: 32 each, capped
             at the largest rank that can add expressiveness.
-        variant (str): ``"grt"`` (group-reduced, default) or ``"tt"`` (one chain per
-            lookup, the TT-Rec baseline). Both compute the same values.
+        variant (Variant | str): ``Variant.GRT``/``"grt"`` (group-reduced, default) or
+            ``Variant.TT``/``"tt"`` (one chain per lookup, the TT-Rec baseline). Both compute
+            the same values. Stored as a :class:`~torchrec_tt.Variant`.
         tt_num_cores (int): number of cores used when the shapes are left empty.
 
     Example::
@@ -52,15 +55,38 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     tt_p_shapes: List[int] = field(default_factory=list)
     tt_q_shapes: List[int] = field(default_factory=list)
     tt_ranks: List[int] = field(default_factory=list)
-    variant: str = "grt"
+    variant: Union[Variant, str] = Variant.GRT
     tt_num_cores: int = 3
 
     def __post_init__(self) -> None:
+        self._check(isinstance(self.name, str) and bool(self.name), "name", self.name, "must be a non-empty str")
         # Before TorchRec's __post_init__, which computes sqrt(1 / num_embeddings).
-        self._check(self.num_embeddings >= 1, "num_embeddings", self.num_embeddings, "must be >= 1")
-        self._check(self.embedding_dim >= 1, "embedding_dim", self.embedding_dim, "must be >= 1")
+        for name in ("num_embeddings", "embedding_dim"):
+            value = getattr(self, name)
+            self._check(_is_int(value) and value >= 1, name, value, "must be an int >= 1")
+        self._check(
+            isinstance(self.feature_names, (list, tuple)) and all(isinstance(f, str) and f for f in self.feature_names),
+            "feature_names",
+            self.feature_names,
+            "must be a list of non-empty str",
+        )
+        duplicated = sorted({f for f in self.feature_names if list(self.feature_names).count(f) > 1})
+        self._check(not duplicated, "feature_names", self.feature_names, f"must be distinct ({duplicated} repeated)")
+        self.feature_names = list(self.feature_names)
         super().__post_init__()
-        self._check(self.variant in VARIANTS, "variant", self.variant, f"must be one of {VARIANTS}")
+        try:
+            self.variant = Variant.parse(self.variant)
+        except ValueError:
+            self._check(False, "variant", self.variant, f"must be one of {list(VARIANTS)} or a Variant")
+        self._check(
+            _is_int(self.tt_num_cores) and MIN_CORES <= self.tt_num_cores <= MAX_CORES,
+            "tt_num_cores",
+            self.tt_num_cores,
+            f"must be an int in [{MIN_CORES}, {MAX_CORES}]",
+        )
+        for name in ("tt_p_shapes", "tt_q_shapes", "tt_ranks"):
+            value = getattr(self, name)
+            self._check(isinstance(value, (list, tuple)), name, value, "must be a list of ints")
         self._check(
             self.pooling in _SUPPORTED_POOLING,
             "pooling",
@@ -74,11 +100,15 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             f"must be one of {[d.value for d in _SUPPORTED_DATA_TYPES]}",
         )
         if not self.tt_p_shapes or not self.tt_q_shapes:
-            p, q = suggest_tt_shapes(
-                self.num_embeddings,
-                self.embedding_dim,
-                len(self.tt_p_shapes or self.tt_q_shapes) or self.tt_num_cores,
+            given = "tt_p_shapes" if self.tt_p_shapes else "tt_q_shapes"
+            num_cores = len(getattr(self, given)) or self.tt_num_cores
+            self._check(
+                MIN_CORES <= num_cores <= MAX_CORES,
+                given,
+                getattr(self, given),
+                f"must have {MIN_CORES} to {MAX_CORES} factors",
             )
+            p, q = suggest_tt_shapes(self.num_embeddings, self.embedding_dim, num_cores)
             self.tt_p_shapes = list(self.tt_p_shapes) or p
             self.tt_q_shapes = list(self.tt_q_shapes) or q
         self.tt_p_shapes, self.tt_q_shapes = list(self.tt_p_shapes), list(self.tt_q_shapes)
@@ -98,7 +128,7 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         for name in ("tt_p_shapes", "tt_q_shapes", "tt_ranks"):
             values = getattr(self, name)
             self._check(
-                all(isinstance(v, int) and v >= 1 for v in values),
+                all(_is_int(v) and v >= 1 for v in values),
                 name,
                 values,
                 "must hold positive ints",
@@ -125,6 +155,18 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             "tt_ranks",
             self.tt_ranks,
             f"must hold the {d - 1} inner ranks of {d} cores",
+        )
+        self._check(
+            all(_is_int(v) and v >= 1 for v in self.tt_ranks), "tt_ranks", self.tt_ranks, "must hold positive ints"
+        )
+        core_bytes, dense_bytes = self.storage_bytes(), self.dense_bytes()
+        limit = max(dense_bytes, MIN_CORE_BYTES_LIMIT)
+        self._check(
+            core_bytes <= limit,
+            "tt_ranks",
+            self.tt_ranks,
+            f"make cores of {core_bytes} bytes, more than the dense table ({dense_bytes} bytes) and "
+            f"{MIN_CORE_BYTES_LIMIT} bytes; expected ranks whose cores take at most {limit} bytes",
         )
 
     def _check(self, ok: bool, field_name: str, value: object, why: str) -> None:
@@ -168,8 +210,12 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             ("tt_p_shapes", tuple(self.tt_p_shapes)),
             ("tt_q_shapes", tuple(self.tt_q_shapes)),
             ("tt_ranks", tuple(self.tt_ranks)),
-            ("variant", self.variant),
+            ("variant", str(self.variant)),  # a plain str: fused_params travel through TorchRec
         )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _bytes_per_element(config: EmbeddingBagConfig) -> int:

@@ -5,11 +5,23 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from torchrec_tt.tt_shapes import full_ranks, tt_core_shapes
+from torchrec_tt.tt_shapes import MAX_CORES, MIN_CORE_BYTES_LIMIT, MIN_CORES, full_ranks, tt_core_shapes
 
 # Rows of the dense table handled per step by the chunked conversions (bounds the
 # extra memory of ``from_dense`` to a few chunks, never a second full table).
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_finite(weight: torch.Tensor) -> None:
+    """``ValueError`` naming the first NaN/inf entry; reads ``weight`` in row chunks."""
+    if weight.device.type == "meta":
+        return
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.size(1)))
+    for start in range(0, weight.size(0), rows):
+        bad = ~torch.isfinite(weight[start : start + rows])
+        if bool(bad.any()):
+            r, c = (int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(f"from_dense: weight must be finite, got weight[{start + r}, {c}] = {float(weight[start + r, c])}")
 
 
 @torch.no_grad()
@@ -33,7 +45,29 @@ def tt_to_dense(cores: Sequence[torch.Tensor], num_rows: Optional[int] = None) -
 
     Contracts whole cores (not row chains), so it is independent of the lookup kernels
     and serves as their reference.
+
+    Raises:
+        ValueError: bad cores, or ``num_rows`` not an int in ``[0, prod(m_k)]``.
     """
+    cores = list(cores)
+    if not MIN_CORES <= len(cores) <= MAX_CORES:
+        raise ValueError(f"tt_to_dense: cores must hold {MIN_CORES} to {MAX_CORES} cores, got {len(cores)}")
+    for k, core in enumerate(cores):
+        if not isinstance(core, torch.Tensor) or core.dim() != 4:
+            shape = tuple(core.shape) if isinstance(core, torch.Tensor) else type(core).__name__
+            raise ValueError(f"tt_to_dense: cores[{k}] must be a 4-D tensor (m, r_in, n, r_out), got {shape}")
+        if not core.is_floating_point():
+            raise ValueError(f"tt_to_dense: cores[{k}] must be floating point, got {core.dtype}")
+        expected_in = 1 if k == 0 else cores[k - 1].size(3)
+        if core.size(1) != expected_in:
+            raise ValueError(f"tt_to_dense: cores[{k}].size(1) must be {expected_in}, got {core.size(1)}")
+    if cores[-1].size(3) != 1:
+        raise ValueError(f"tt_to_dense: cores[{len(cores) - 1}].size(3) must be 1, got {cores[-1].size(3)}")
+    total_rows = math.prod(c.size(0) for c in cores)
+    if num_rows is not None and (
+        not isinstance(num_rows, int) or isinstance(num_rows, bool) or not 0 <= num_rows <= total_rows
+    ):
+        raise ValueError(f"tt_to_dense: num_rows must be an int in [0, prod(m_k) = {total_rows}], got {num_rows!r}")
     full = cores[0].squeeze(1)  # (m_0, n_0, R[1])
     for core in cores[1:]:
         m, r_in, n, r_out = core.shape
@@ -59,8 +93,28 @@ def from_dense(
 
     Returns:
         ``d`` cores, core ``k`` of shape ``(m_k, R[k], n_k, R[k+1])``.
+
+    Raises:
+        ValueError: ``weight`` not a 2-D floating tensor of finite values, shapes that do
+            not fit it, or ranks whose cores would take more bytes than both ``weight`` and
+            1 GiB (checked before anything is allocated).
     """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"from_dense: weight must be a 2-D (rows, dim) tensor, got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"from_dense: weight must be floating point, got {weight.dtype}")
+    for name, values in (("p_shapes", p_shapes), ("q_shapes", q_shapes), ("ranks", ranks)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(f"from_dense: {name} must hold positive ints, got {list(values)}")
+    if not MIN_CORES <= len(p_shapes) <= MAX_CORES or len(q_shapes) != len(p_shapes):
+        raise ValueError(
+            f"from_dense: p_shapes and q_shapes must have one length in [{MIN_CORES}, {MAX_CORES}], "
+            f"got {list(p_shapes)} and {list(q_shapes)}"
+        )
     num_rows, dim = weight.shape
+    if num_rows == 0:
+        raise ValueError(f"from_dense: weight must have at least one row, got shape {tuple(weight.shape)}")
     if math.prod(q_shapes) != dim:
         raise ValueError(f"from_dense: q_shapes {list(q_shapes)} multiply to {math.prod(q_shapes)}, weight has {dim} columns")
     if math.prod(p_shapes) < num_rows:
@@ -68,6 +122,15 @@ def from_dense(
     if len(ranks) != len(p_shapes) - 1:
         raise ValueError(f"from_dense: expected {len(p_shapes) - 1} inner ranks, got {list(ranks)}")
     shapes = tt_core_shapes(p_shapes, q_shapes, ranks)
+    core_bytes = sum(math.prod(shape) for shape in shapes) * weight.element_size()
+    limit = max(weight.numel() * weight.element_size(), MIN_CORE_BYTES_LIMIT)
+    if core_bytes > limit:
+        raise ValueError(
+            f"from_dense: ranks {list(ranks)} make cores of {core_bytes} bytes, more than the dense weight "
+            f"({weight.numel() * weight.element_size()} bytes) and {MIN_CORE_BYTES_LIMIT} bytes; expected "
+            f"cores of at most {limit} bytes"
+        )
+    _check_finite(weight)
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     m0, n0 = p_shapes[0], q_shapes[0]
     rows_per_digit, cols_rest = math.prod(p_shapes[1:]), dim // n0

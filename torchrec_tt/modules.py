@@ -7,11 +7,17 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_tt import _python_ops
 from torchrec_tt.configs import TTEmbeddingBagConfig
+from torchrec_tt.enums import PoolingMode
 from torchrec_tt.init import from_dense, sampled_init_, tt_to_dense
 from torchrec_tt.ops import tt_embedding_bag
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _where(config: TTEmbeddingBagConfig, feature: str) -> str:
+    return f"table '{config.name}', feature '{feature}'"
 
 
 def validate_lookups(
@@ -23,31 +29,103 @@ def validate_lookups(
 ) -> None:
     """Raise ``ValueError`` naming the table, feature and bad value of an invalid batch.
 
-    Reads index extrema on the host, so on CUDA it synchronizes; modules skip it when
-    built with ``validate_inputs=False``.
+    Checks dtypes and shapes; and, except on ``meta`` tensors, the values: lengths
+    non-negative and summing to the number of ids, ids in ``[0, num_embeddings)`` (not
+    the padding rows up to ``prod(tt_p_shapes)``), finite weights. Reads values on the
+    host, so on CUDA it synchronizes; modules skip it when built with
+    ``validate_inputs=False``.
     """
-    where = f"table '{config.name}', feature '{feature}'"
-    if indices.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{where}: indices must be int32 or int64, got {indices.dtype}")
-    if lengths.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{where}: lengths/offsets must be int32 or int64, got {lengths.dtype}")
-    if lengths.numel() and int(lengths.min()) < 0:
-        k = int(torch.nonzero(lengths < 0)[0])
-        raise ValueError(f"{where}: offsets must be non-decreasing, but bag {k} has length {int(lengths[k])}")
-    if int(lengths.sum()) != indices.numel():
-        raise ValueError(f"{where}: bag lengths sum to {int(lengths.sum())} but there are {indices.numel()} indices")
-    if indices.numel():
-        bad = (indices < 0) | (indices >= config.num_embeddings)
-        if bool(bad.any()):
-            k = int(torch.nonzero(bad)[0])
-            raise ValueError(
-                f"{where}: index {int(indices[k])} at position {k} is out of range [0, {config.num_embeddings})"
-            )
+    where = _where(config, feature)
+    for name, t in (("ids", indices), ("lengths", lengths)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{where}: {name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{where}: {name} must be 1-D, got shape {tuple(t.shape)}")
     if weights is not None:
         if not weights.is_floating_point():
             raise ValueError(f"{where}: per-sample weights must be floating point, got {weights.dtype}")
         if weights.shape != indices.shape:
-            raise ValueError(f"{where}: per-sample weights have shape {tuple(weights.shape)}, indices {tuple(indices.shape)}")
+            raise ValueError(f"{where}: per-sample weights must have the ids' shape {tuple(indices.shape)}, got {tuple(weights.shape)}")
+    if not _python_ops.reads_values(indices, lengths, weights):
+        return
+    bad = _python_ops.first_out_of_range(lengths, 0, None)
+    if bad is not None:
+        raise ValueError(f"{where}: lengths must be >= 0, but bag {bad[0]} has length {bad[1]}")
+    total = int(lengths.sum())
+    if total != indices.numel():
+        raise ValueError(f"{where}: lengths must sum to the number of ids ({indices.numel()}), got {total}")
+    bad = _python_ops.first_out_of_range(indices, 0, config.num_embeddings)
+    if bad is not None:
+        raise ValueError(f"{where}: ids must be in [0, {config.num_embeddings}), got index {bad[1]} at position {bad[0]}")
+    if weights is not None:
+        bad = _python_ops.first_non_finite(weights)
+        if bad is not None:
+            raise ValueError(f"{where}: per-sample weights must be finite, got {bad[1]} at position {bad[0]}")
+
+
+def validate_features(
+    features: KeyedJaggedTensor,
+    config_of: Dict[str, TTEmbeddingBagConfig],
+    is_weighted: bool,
+    read_values: bool,
+) -> None:
+    """Check a whole KJT before it is permuted and split (names the table and the feature).
+
+    Keys distinct and known shapes (values/weights 1-D, weights given when ``is_weighted``)
+    always; lengths summing to the number of values and weights, when ``read_values``.
+    Features of no table are ignored (``EmbeddingBagCollection`` semantics).
+    """
+    keys = list(features.keys())
+
+    def where(feature: str) -> str:
+        config = config_of.get(feature)
+        return _where(config, feature) if config is not None else f"feature '{feature}' (no table)"
+
+    first = next((k for k in keys if k in config_of), keys[0] if keys else "")
+    for position, key in enumerate(keys):
+        if key in keys[:position]:
+            raise ValueError(f"{where(key)}: KJT keys must be distinct, got '{key}' at positions {keys.index(key)} and {position}")
+    values, weights = features.values(), features.weights_or_none()
+    if values.dim() != 1:
+        raise ValueError(f"{where(first)}: KJT values must be 1-D, got shape {tuple(values.shape)}")
+    if values.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{where(first)}: KJT values (ids) must be int32 or int64, got {values.dtype}")
+    if weights is not None and weights.dim() != 1:
+        raise ValueError(f"{where(first)}: KJT weights must be 1-D, got shape {tuple(weights.shape)}")
+    if is_weighted and weights is None:
+        raise ValueError(f"{where(first)}: the module is weighted (is_weighted=True), but the KJT has no weights, got None")
+    if is_weighted and not weights.is_floating_point():
+        raise ValueError(f"{where(first)}: per-sample weights must be floating point, got {weights.dtype}")
+    lengths = features.lengths()
+    if lengths.dim() != 1:
+        raise ValueError(f"{where(first)}: KJT lengths must be 1-D, got shape {tuple(lengths.shape)}")
+    if not keys or not read_values or not _python_ops.reads_values(lengths):
+        return
+    if lengths.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{where(first)}: KJT lengths must be int32 or int64, got {lengths.dtype}")
+    strides = features.stride_per_key() if features.variable_stride_per_key() else [features.stride()] * len(keys)
+    if lengths.numel() != sum(strides):
+        raise ValueError(f"{where(first)}: KJT lengths must have one entry per key and sample ({sum(strides)}), got {lengths.numel()}")
+    per_key = lengths.split(strides)
+    for key, key_lengths in zip(keys, per_key):
+        bad = _python_ops.first_out_of_range(key_lengths, 0, None)
+        if bad is not None:
+            raise ValueError(f"{where(key)}: lengths must be >= 0, but bag {bad[0]} has length {bad[1]}")
+    sums = [int(t.sum()) for t in per_key]
+    for name, count in (("values", values.numel()), ("weights", None if weights is None else weights.numel())):
+        if count is None:
+            continue
+        cumulative = 0
+        for key, n in zip(keys, sums):
+            cumulative += n
+            if cumulative > count:
+                raise ValueError(
+                    f"{where(key)}: KJT lengths through this feature must sum to at most the number of {name} ({count}), got {cumulative}"
+                )
+        if cumulative != count:
+            raise ValueError(f"{where(keys[-1])}: KJT lengths must sum to the number of {name} ({count}), got {cumulative}")
 
 
 class TTEmbeddingBag(nn.Module):
@@ -56,14 +134,27 @@ class TTEmbeddingBag(nn.Module):
     Args:
         config (TTEmbeddingBagConfig): the table.
         device (Optional[torch.device]): where to allocate the cores (``meta`` allowed).
+        validate_inputs (bool): ``forward`` checks that ids lie in ``[0, num_embeddings)``
+            (the op itself accepts the padding rows up to ``prod(tt_p_shapes)``) and that
+            weights are finite, raising ``ValueError`` naming the table (a host sync on CUDA).
 
     Attributes:
         cores (nn.ParameterList): core ``k`` of shape ``(m_k, R[k], n_k, R[k+1])``.
     """
 
-    def __init__(self, config: TTEmbeddingBagConfig, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        config: TTEmbeddingBagConfig,
+        device: Optional[torch.device] = None,
+        validate_inputs: bool = True,
+    ) -> None:
         super().__init__()
+        if not isinstance(config, TTEmbeddingBagConfig):
+            raise ValueError(f"TTEmbeddingBag: config must be a TTEmbeddingBagConfig, got {type(config).__name__}")
         self.config = config
+        self.validate_inputs = validate_inputs
+        # The op's enums, converted once (the config keeps TorchRec's PoolingType).
+        self._pooling = PoolingMode.parse(config.pooling, f"table '{config.name}'")
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device)) for shape in config.core_shapes]
         )
@@ -83,14 +174,43 @@ class TTEmbeddingBag(nn.Module):
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``(L,)`` indices, ``(B + 1,)`` offsets -> ``(B, embedding_dim)``."""
+        if self.validate_inputs:
+            self._validate_bag_inputs(indices, offsets, per_sample_weights)
+        return self._pool(indices, offsets, per_sample_weights)
+
+    def _pool(
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor],
+    ) -> torch.Tensor:
         return tt_embedding_bag(
             list(self.cores),
             indices,
             offsets,
             per_sample_weights,
-            pooling=self.config.pooling,
+            pooling=self._pooling,
             variant=self.config.variant,
         )
+
+    def _validate_bag_inputs(
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor],
+    ) -> None:
+        """Module-level checks of ``forward`` (the op checks shapes, offsets and ``prod(m)``)."""
+        where = f"table '{self.config.name}'"
+        if not isinstance(indices, torch.Tensor) or indices.dtype not in _INDEX_DTYPES:
+            return  # the op names the argument and the dtype
+        if _python_ops.reads_values(indices):
+            bad = _python_ops.first_out_of_range(indices, 0, self.config.num_embeddings)
+            if bad is not None:
+                raise ValueError(
+                    f"{where}: indices[{bad[0]}] must be in [0, num_embeddings={self.config.num_embeddings}), got {bad[1]}"
+                )
+        if isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.is_floating_point():
+            _python_ops.check_per_sample_weights_finite(where, per_sample_weights)
 
     def forward_features(self, features: KeyedJaggedTensor, is_weighted: bool, validate: bool) -> torch.Tensor:
         """Pool this table's features in one op call.
@@ -106,14 +226,22 @@ class TTEmbeddingBag(nn.Module):
         """
         if features.variable_stride_per_key():
             raise ValueError(f"table '{self.config.name}': a variable batch size per feature is not supported")
-        if validate:
-            for name, jt in features.to_dict().items():
-                validate_lookups(self.config, name, jt.values(), jt.lengths(), jt.weights_or_none())
+        validate_features(features, {f: self.config for f in self.config.feature_names}, is_weighted, validate)
         weights = features.weights().to(self.cores[0].dtype) if is_weighted else None
-        pooled = self(features.values(), features.offsets(), weights)  # (F * B, N), feature-major
+        if validate and _python_ops.reads_values(features.lengths()):
+            # Per feature (validate_features checked that the lengths cover the values), with the
+            # weights after the cast to the cores' dtype (a float64 weight can overflow to inf).
+            keys, values = features.keys(), features.values()
+            per_key = features.lengths().split([features.stride()] * len(keys))
+            sums = [int(n.sum()) for n in per_key]
+            per_key_weights = weights.split(sums) if weights is not None else [None] * len(keys)
+            for name, lengths, ids, w in zip(keys, per_key, values.split(sums), per_key_weights):
+                validate_lookups(self.config, name, ids, lengths, w)
+        pooled = self._pool(features.values(), features.offsets(), weights)  # (F * B, N), feature-major
         num_features, batch = len(features.keys()), features.stride()
         if num_features > 1:
-            pooled = pooled.view(num_features, batch, -1).transpose(0, 1).reshape(batch, -1)
+            dim = self.config.embedding_dim  # explicit: B = 0 leaves -1 ambiguous
+            pooled = pooled.view(num_features, batch, dim).transpose(0, 1).reshape(batch, num_features * dim)
         return pooled
 
     def full_weight(self) -> torch.Tensor:
@@ -184,18 +312,23 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_bag_configs = tables
         self._is_weighted = is_weighted
         self._validate_inputs = validate_inputs
-        self.embedding_bags = nn.ModuleDict({t.name: TTEmbeddingBag(t, device) for t in tables})
+        self.embedding_bags = nn.ModuleDict({t.name: TTEmbeddingBag(t, device, validate_inputs) for t in tables})
+        self._config_of = {f: t for t in tables for f in t.feature_names}
         self._embedding_names = [f for t in tables for f in t.feature_names]
         self._lengths_per_embedding = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._feature_splits = [len(t.feature_names) for t in tables]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``KeyedJaggedTensor`` ``(F, B, L)`` -> ``KeyedTensor`` ``(B, D)``."""
+        validate_features(features, self._config_of, self._is_weighted, self._validate_inputs)
         keys = features.keys()
         if keys != self._embedding_names:
             missing = [f for f in self._embedding_names if f not in keys]
             if missing:
-                raise ValueError(f"features {missing} are missing from the input (got {keys})")
+                raise ValueError(
+                    f"{_where(self._config_of[missing[0]], missing[0])}: the input KJT must have every table's "
+                    f"features, {missing} are missing, got keys {keys}"
+                )
             features = features.permute([keys.index(f) for f in self._embedding_names])
         pooled = [
             self.embedding_bags[table.name].forward_features(kjt, self._is_weighted, self._validate_inputs)

@@ -10,6 +10,7 @@ from typing import Sequence, Tuple
 import torch
 
 from torchrec_tt.configs import TTEmbeddingBagConfig
+from torchrec_tt._python_ops import first_out_of_range
 from torchrec_tt.ops import group_plan
 
 
@@ -117,8 +118,25 @@ def count_ops(config: TTEmbeddingBagConfig, indices: torch.Tensor, offsets: torc
                                    tt_p_shapes=[4, 4, 4], tt_q_shapes=[2, 2, 2])
         c = count_ops(cfg, torch.tensor([1, 4, 6, 7]), torch.tensor([0, 4]))
         (c.pooling_factor, c.groups_per_bag)  # (4.0, 2.0)
+
+    Raises:
+        ValueError: bad ``indices``/``offsets`` (named with the table and the bad value),
+            or ids outside ``[0, num_embeddings)``.
     """
-    plan = group_plan(indices, offsets, config.tt_p_shapes[-1])
+    where = f"count_ops: table '{config.name}'"
+    for name, t in (("indices", indices), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{where}: {name} must be a 1-D int32 or int64 tensor, got {got}")
+    if offsets.numel() == 0:
+        raise ValueError(f"{where}: offsets must have B + 1 >= 1 entries, got 0")
+    bad = first_out_of_range(indices, 0, config.num_embeddings)
+    if bad is not None:
+        raise ValueError(f"{where}: indices[{bad[0]}] must be in [0, num_embeddings={config.num_embeddings}), got {bad[1]}")
+    try:
+        plan = group_plan(indices, offsets, config.tt_p_shapes[-1])
+    except ValueError as err:  # offsets: the op names the argument and the value
+        raise ValueError(f"{where}: {err}") from None
     return op_counts_from_stats(
         config,
         batch_size=offsets.numel() - 1,

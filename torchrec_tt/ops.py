@@ -7,13 +7,14 @@ PyTorch (:mod:`torchrec_tt._python_ops`); the package says so once, at import.
 
 import importlib
 import math
+import os
 import warnings
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
-from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_tt import _python_ops
+from torchrec_tt.enums import PoolingLike, PoolingMode, Variant, VariantLike
 from torchrec_tt.grouping import GroupPlan, group_plan_python, plan_numel, unpack_plan
 
 try:
@@ -27,8 +28,6 @@ except ImportError as _err:  # pragma: no cover - depends on the build
         stacklevel=2,
     )
 
-_POOLING_MODES = {"sum": _python_ops.POOLING_SUM, "mean": _python_ops.POOLING_MEAN}
-_VARIANTS = {"tt": _python_ops.VARIANT_TT, "grt": _python_ops.VARIANT_GRT}
 _INDEX_DTYPES = {torch.int32, torch.int64}
 
 
@@ -42,17 +41,45 @@ def uses_extension(device: torch.device) -> bool:
     )
 
 
-def _pooling_mode(pooling: Union[str, PoolingType]) -> int:
-    name = pooling.value.lower() if isinstance(pooling, PoolingType) else str(pooling).lower()
-    if name not in _POOLING_MODES:
-        raise ValueError(f"pooling must be one of {list(_POOLING_MODES)}, got {pooling!r}")
-    return _POOLING_MODES[name]
+def _pooling_mode(pooling: PoolingLike) -> int:
+    """The op's ``int pooling_mode``: a plain int (the dispatcher and tracing see no enum)."""
+    return int(PoolingMode.parse(pooling, "tt_embedding_bag"))
 
 
-def _variant(variant: str) -> int:
-    if variant not in _VARIANTS:
-        raise ValueError(f"variant must be one of {list(_VARIANTS)}, got {variant!r}")
-    return _VARIANTS[variant]
+def _variant(variant: VariantLike) -> int:
+    """The op's ``int variant``."""
+    return int(Variant.parse(variant, "tt_embedding_bag"))
+
+
+def _check_values_outside_kernels(per_sample_weights: Optional[torch.Tensor]) -> None:
+    """Value checks the compiled kernels do not do: finite per-sample weights.
+
+    On CPU always; on CUDA only with ``TORCHREC_TT_CHECK_BOUNDS=1`` (reading device values
+    syncs). The pure-PyTorch path does these checks itself.
+    """
+    if per_sample_weights is None:
+        return
+    if per_sample_weights.device.type == "cpu" or os.environ.get("TORCHREC_TT_CHECK_BOUNDS", "0") == "1":
+        _python_ops.check_per_sample_weights_finite("tt_embedding_bag", per_sample_weights)
+
+
+def _batch_plan(
+    cores: List[torch.Tensor],
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    mode: int,
+    var: int,
+) -> torch.Tensor:
+    """The packed plan of a grt batch (built once; autograd saves it for the backward)."""
+    try:
+        return torch.ops.torchrec_tt.group_plan(
+            indices, offsets, cores[-1].shape[0], math.prod(c.shape[0] for c in cores)
+        )
+    except (ValueError, IndexError, TypeError, RuntimeError):
+        # Report bad input as the forward op does, arguments checked in its order.
+        torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var)
+        raise
 
 
 def tt_embedding_bag(
@@ -60,8 +87,8 @@ def tt_embedding_bag(
     indices: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor] = None,
-    pooling: Union[str, PoolingType] = "sum",
-    variant: str = "grt",
+    pooling: PoolingLike = "sum",
+    variant: VariantLike = "grt",
 ) -> torch.Tensor:
     """Pooled lookups in a TT-compressed table (differentiable).
 
@@ -69,9 +96,14 @@ def tt_embedding_bag(
         cores (Sequence[Tensor]): ``d`` cores, core ``k`` of shape ``(m_k, R[k], n_k, R[k+1])``.
         indices (Tensor): ``(L,)`` int32/int64 row ids.
         offsets (Tensor): ``(B + 1,)`` bag boundaries (``offsets[-1] == L``).
-        per_sample_weights (Optional[Tensor]): ``(L,)`` weights, cores' dtype.
-        pooling (str | PoolingType): ``"sum"`` or ``"mean"``.
-        variant (str): ``"grt"`` (group-reduced) or ``"tt"`` (one chain per lookup).
+        per_sample_weights (Optional[Tensor]): ``(L,)`` finite weights, cores' dtype.
+        pooling (PoolingMode | PoolingType | str): ``SUM``/``"sum"`` or ``MEAN``/``"mean"``.
+        variant (Variant | str): ``GRT``/``"grt"`` (group-reduced) or ``TT``/``"tt"`` (one
+            chain per lookup).
+
+    Raises:
+        ValueError: a bad argument, named with the expected and the actual value. On
+            ``meta`` tensors only shapes, dtypes and devices are checked.
 
     Returns:
         Tensor: ``(B, N)`` with ``N = prod(n_k)``; an empty bag gives zeros.
@@ -81,14 +113,23 @@ def tt_embedding_bag(
         offsets = offsets.to(indices.dtype)  # never cast float offsets: the op rejects them
     cores = list(cores)
     if uses_extension(indices.device):
+        _check_values_outside_kernels(per_sample_weights)
         # grt: the batch's plan is built once here; autograd saves it for the backward.
-        plan = (
-            torch.ops.torchrec_tt.group_plan(indices, offsets, cores[-1].shape[0], math.prod(c.shape[0] for c in cores))
-            if var == _python_ops.VARIANT_GRT
-            else None
-        )
+        plan = _batch_plan(cores, indices, offsets, per_sample_weights, mode, var) if var == Variant.GRT else None
         return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var, plan)
     return _python_ops.tt_embedding_bag_python(cores, indices, offsets, per_sample_weights, mode, var)
+
+
+def _check_group_plan_inputs(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> None:
+    """The checks of the compiled ``group_plan`` for its pure-PyTorch twin."""
+    for name, t in (("indices", indices), ("offsets", offsets)):
+        if t.dim() != 1 or t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"group_plan: {name} must be a 1-D int32 or int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    if offsets.numel() == 0:
+        raise ValueError("group_plan: offsets must have B + 1 >= 1 entries, got 0")
+    if last_rows < 1:
+        raise ValueError(f"group_plan: last_rows must be >= 1, got {last_rows}")
+    _python_ops.check_index_values("group_plan", indices, offsets, None)
 
 
 def group_plan(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> GroupPlan:
@@ -100,6 +141,7 @@ def group_plan(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> 
     if offsets.dtype != indices.dtype and {indices.dtype, offsets.dtype} <= _INDEX_DTYPES:
         offsets = offsets.to(indices.dtype)
     if not uses_extension(indices.device):
+        _check_group_plan_inputs(indices, offsets, last_rows)
         return group_plan_python(indices, offsets, last_rows)
     plan = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows)
     fields = unpack_plan(plan, indices.numel(), offsets.numel() - 1)

@@ -11,6 +11,9 @@ from typing import List, Sequence, Tuple
 
 MIN_CORES = 2
 MAX_CORES = 4
+# A TT table whose cores take more bytes than both its dense table and this is a mistake (ranks far
+# too large): configs and from_dense reject it before anything is allocated.
+MIN_CORE_BYTES_LIMIT = 1 << 30
 
 
 def _prime_factors(n: int) -> List[int]:

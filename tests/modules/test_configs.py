@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
-from torchrec_tt import TTEmbeddingBagConfig, suggest_tt_shapes
+from torchrec_tt import TTEmbeddingBagConfig, Variant, suggest_tt_shapes
 from torchrec_tt.tt_shapes import max_useful_ranks
 
 
@@ -72,7 +72,7 @@ def test_config_is_a_torchrec_config_with_defaults():
     assert isinstance(cfg, EmbeddingBagConfig)
     assert (cfg.tt_p_shapes, cfg.tt_q_shapes) == tuple(suggest_tt_shapes(23100, 64, 3))
     assert cfg.tt_ranks == [min(32, r) for r in max_useful_ranks(cfg.tt_p_shapes, cfg.tt_q_shapes)]
-    assert cfg.variant == "grt" and cfg.pooling == PoolingType.SUM
+    assert cfg.variant is Variant.GRT and cfg.pooling == PoolingType.SUM
     assert cfg.num_cores == 3 and cfg.full_ranks == [1, *cfg.tt_ranks, 1]
     assert cfg.core_shapes == [
         (cfg.tt_p_shapes[k], cfg.full_ranks[k], cfg.tt_q_shapes[k], cfg.full_ranks[k + 1]) for k in range(3)
@@ -156,3 +156,60 @@ def test_fused_params_are_hashable():
     key = cfg.tt_fused_params()
     assert hash(key) == hash(TTEmbeddingBagConfig(name="u", num_embeddings=100, embedding_dim=8, feature_names=["g"], variant="tt").tt_fused_params())
     assert dict(key)["variant"] == "tt" and dict(key)["tt_ranks"] == tuple(cfg.tt_ranks)
+
+
+# Issue 10 (part A): config values are checked by type and size, and named with the table.
+
+
+def _paper(**overrides):
+    args = dict(name="paper_table", num_embeddings=23100, embedding_dim=64, feature_names=["f"],
+                tt_p_shapes=[21, 22, 50], tt_q_shapes=[4, 4, 4], tt_ranks=[32, 32]) | overrides
+    return TTEmbeddingBagConfig(**args)
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (dict(num_embeddings=2.5), r"num_embeddings=2\.5 must be an int >= 1"),
+        (dict(num_embeddings=True), r"num_embeddings=True must be an int >= 1"),
+        (dict(embedding_dim="64"), r"embedding_dim='64' must be an int >= 1"),
+        (dict(tt_ranks=[True, 32]), r"tt_ranks=\[True, 32\] must hold positive ints"),
+        (dict(tt_ranks=(32, 32.0)), r"tt_ranks=\(32, 32\.0\) must hold positive ints"),
+        (dict(tt_num_cores=7), r"tt_num_cores=7 must be an int in \[2, 4\]"),
+        (dict(tt_p_shapes=[], tt_q_shapes=[], tt_num_cores=7), r"tt_num_cores=7 must be an int in \[2, 4\]"),
+        (dict(tt_p_shapes=[], tt_q_shapes=[64]), r"tt_q_shapes=\[64\] must have 2 to 4 factors"),
+        (dict(feature_names=["f", "g", "f"]), r"feature_names=\['f', 'g', 'f'\] must be distinct \(\['f'\] repeated\)"),
+        (dict(feature_names="f"), r"feature_names='f' must be a list of non-empty str"),
+        (dict(variant=2), r"variant=2 must be one of \['tt', 'grt'\] or a Variant"),
+    ],
+)
+def test_config_types_are_checked(overrides, pattern):
+    with pytest.raises(ValueError) as excinfo:
+        _paper(**overrides)
+    assert str(excinfo.value).startswith("TTEmbeddingBagConfig 'paper_table': "), str(excinfo.value)
+    assert re.search(pattern, str(excinfo.value)), str(excinfo.value)
+
+
+def test_ranks_too_large_get_a_size_check_naming_table_ranks_and_bytes():
+    """Before: an allocator error when the module allocated ~1.6 TB of cores."""
+    ranks = [200_000, 200_000]
+    elements = _core_elements([21, 22, 50], [4, 4, 4], ranks)
+    with pytest.raises(ValueError) as excinfo:
+        _paper(tt_ranks=ranks)
+    message = str(excinfo.value)
+    assert message.startswith("TTEmbeddingBagConfig 'paper_table': tt_ranks=[200000, 200000] make cores of "), message
+    assert f"{4 * elements} bytes" in message and f"{23100 * 64 * 4} bytes" in message, message
+
+
+def test_large_ranks_within_the_limit_are_accepted():
+    """Cores may exceed the dense table (tiny tables, tests) up to 1 GiB."""
+    cfg = TTEmbeddingBagConfig(name="tiny", num_embeddings=4, embedding_dim=4, feature_names=["f"],
+                               tt_p_shapes=[2, 2], tt_q_shapes=[2, 2], tt_ranks=[64])
+    assert cfg.storage_bytes() > cfg.dense_bytes()
+
+
+@pytest.mark.parametrize("variant", ["tt", "TT", Variant.TT, 0])
+def test_variant_accepts_strings_and_the_enum(variant):
+    cfg = _paper(variant=variant)
+    assert cfg.variant is Variant.TT and str(cfg.variant) == "tt"
+    assert dict(cfg.tt_fused_params())["variant"] == "tt"

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchrec_tt import TTEmbeddingBagConfig, chain_flops, count_ops, expected_groups_per_bag
+from torchrec_tt import PoolingMode, TTEmbeddingBagConfig, Variant, chain_flops, count_ops, expected_groups_per_bag
 from torchrec_tt import _python_ops
 from torchrec_tt.grouping import decompose_indices, group_plan_python
 from torchrec_tt.ops import group_plan
@@ -98,7 +98,13 @@ def test_count_ops_figure_2():
     assert counts.groups_per_bag == 2  # P_G: groups (0,0) and (0,1)
     assert counts.num_distinct_groups == 2 and counts.num_segments == 2
     assert counts.num_lookups == 4 and counts.batch_size == 1
-    assert counts.grt_flops < counts.tt_flops
+    # By hand: C_pre = 2*n1*r1*n2*r2 = 2*2*4*2*4 = 128, C_last = 2*(n1 n2)*r2*n3 = 2*4*4*2 = 64,
+    # intra-group reduce 2*L*r2*n3 = 64, inter-group reduce S*N = 16, weighted tt reduce 2*L*N = 64.
+    assert counts.tt_flops == 4 * (128 + 64) + 64 == 832
+    assert counts.grt_flops == 2 * 128 + 2 * 64 + 64 + 16 == 464
+    assert counts.grt_no_reuse_flops == 2 * (128 + 64) + 64 + 16 == 464
+    assert counts.tt_backward_flops == 2 * 4 * (128 + 64) + 64 == 1600
+    assert counts.grt_backward_flops == 2 * 2 * 64 + 64 + 2 * 2 * 128 == 832
 
 
 def _flops(fn) -> int:
@@ -153,7 +159,33 @@ def test_count_ops_consistency(problem):
     assert c.grt_flops <= c.grt_no_reuse_flops  # prefix reuse never costs more
     if c.num_distinct_groups == c.num_segments:
         assert c.grt_flops == c.grt_no_reuse_flops
-    assert min(c.tt_flops, c.grt_flops, c.tt_backward_flops, c.grt_backward_flops) >= 0
+    _assert_exact_flops(c, problem, bags)
+
+
+def _brute_force_chain_flops(q, ranks):
+    """(C_pre, C_last) by multiplying out one chain step by step: an (a x b) @ (b x c) product
+    costs 2abc; the running matrix after step k is (n_0..n_k) x R[k+1]."""
+    rows, flops = q[0], []
+    for k in range(1, len(q)):
+        flops.append(2 * rows * ranks[k] * (q[k] * ranks[k + 1]))
+        rows *= q[k]
+    return sum(flops[:-1]), flops[-1]
+
+
+def _assert_exact_flops(c, problem, bags):
+    """Every FLOP count of count_ops equals the DESIGN §1 cost model evaluated on brute-force
+    sets of the batch (L lookups, S (bag, group) pairs, U distinct groups)."""
+    last, dim = problem.p_shapes[-1], problem.dim
+    lookups = len(problem.indices)
+    segments = sum(len({i // last for i in bag}) for bag in bags)
+    distinct = len({i // last for i in problem.indices})
+    c_pre, c_last = _brute_force_chain_flops(problem.q_shapes, problem.full_ranks)
+    intra = 2 * lookups * problem.full_ranks[-2] * problem.q_shapes[-1]  # S += c_j G_d[i_d]
+    assert c.tt_flops == lookups * (c_pre + c_last) + 2 * lookups * dim
+    assert c.grt_flops == distinct * c_pre + segments * c_last + intra + segments * dim
+    assert c.grt_no_reuse_flops == segments * (c_pre + c_last) + intra + segments * dim
+    assert c.tt_backward_flops == 2 * lookups * (c_pre + c_last) + 2 * lookups * dim
+    assert c.grt_backward_flops == 2 * segments * c_last + intra + 2 * distinct * c_pre
 
 
 @settings(deadline=None, max_examples=25)
@@ -178,7 +210,7 @@ def test_grt_cheaper_when_lookups_share_groups(groups, data):
     assert c.grt_backward_flops < c.tt_backward_flops
 
 
-@pytest.mark.parametrize("variant", [_python_ops.VARIANT_TT, _python_ops.VARIANT_GRT], ids=["tt", "grt"])
+@pytest.mark.parametrize("variant", list(Variant), ids=str)
 @settings(deadline=None, max_examples=15)
 @given(problem=problems(min_cores=3, min_batch=1, max_len=8))
 def test_python_kernel_matmul_flops_match_counts(problem, variant):
@@ -187,8 +219,8 @@ def test_python_kernel_matmul_flops_match_counts(problem, variant):
     cores, indices, offsets, _ = problem.tensors()
     c = count_ops(_config(problem), indices, offsets)
     c_pre, c_last = chain_flops(problem.q_shapes, problem.full_ranks)
-    measured = _flops(lambda: _python_ops.tt_embedding_bag_python(cores, indices, offsets, None, 0, variant))
-    if variant == _python_ops.VARIANT_TT:
+    measured = _flops(lambda: _python_ops.tt_embedding_bag_python(cores, indices, offsets, None, PoolingMode.SUM, variant))
+    if variant is Variant.TT:
         assert measured == c.num_lookups * (c_pre + c_last)
     else:
         assert measured == c.num_distinct_groups * c_pre + c.num_segments * c_last

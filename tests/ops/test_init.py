@@ -113,3 +113,41 @@ def test_copy_from_dense_into_module():
     torch.testing.assert_close(bag.full_weight(), weight, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"table 't'.*\(49, 8\).*\(50, 8\)"):
         bag.copy_from_dense(weight[:49])
+
+
+# Issue 10 (part A): bad input to from_dense gets a ValueError naming the argument and the value.
+
+
+@pytest.mark.parametrize("bad, where", [(float("nan"), (3, 1)), (float("inf"), (0, 0)), (float("-inf"), (11, 5))])
+def test_from_dense_rejects_non_finite_weights(bad, where):
+    weight = torch.randn(12, 6, dtype=torch.float64)
+    weight[where] = bad
+    with pytest.raises(ValueError, match=rf"^from_dense: weight must be finite, got weight\[{where[0]}, {where[1]}\] = {bad}$"):
+        from_dense(weight, [3, 4], [2, 3], [2])
+
+
+@pytest.mark.parametrize("weight, got", [
+    (torch.randn(12), r"\(12,\)"), (torch.randn(2, 3, 4), r"\(2, 3, 4\)"), ([[1.0, 2.0]], "list"),
+])
+def test_from_dense_rejects_non_2d_weights(weight, got):
+    with pytest.raises(ValueError, match=rf"^from_dense: weight must be a 2-D \(rows, dim\) tensor, got {got}$"):
+        from_dense(weight, [3, 4], [2, 3], [2])
+
+
+def test_from_dense_rejects_integer_weights_and_bad_shapes():
+    with pytest.raises(ValueError, match=r"^from_dense: weight must be floating point, got torch.int64$"):
+        from_dense(torch.ones(12, 6, dtype=torch.int64), [3, 4], [2, 3], [2])
+    with pytest.raises(ValueError, match=r"^from_dense: ranks must hold positive ints, got \[0\]$"):
+        from_dense(torch.randn(12, 6), [3, 4], [2, 3], [0])
+    with pytest.raises(ValueError, match=r"^from_dense: p_shapes and q_shapes must have one length .*got \[12\] and \[6\]$"):
+        from_dense(torch.randn(12, 6), [12], [6], [])
+
+
+def test_from_dense_rejects_ranks_too_large_before_allocating():
+    """Ranks whose cores would need ~3 TB: a size check naming the ranks and the bytes, not an allocator error."""
+    with pytest.raises(ValueError) as excinfo:
+        from_dense(torch.randn(12, 6), [3, 4], [2, 3], [400_000_000])
+    message = str(excinfo.value)
+    cores = (3 * 1 * 2 * 400_000_000 + 4 * 400_000_000 * 3 * 1) * 4
+    assert message.startswith("from_dense: ranks [400000000] make cores of "), message
+    assert f"{cores} bytes" in message and "288 bytes" in message, message

@@ -17,10 +17,17 @@
 
 namespace torchrec_tt {
 
-constexpr int64_t kPoolingSum = 0;
-constexpr int64_t kPoolingMean = 1;
-constexpr int64_t kVariantTT = 0;
-constexpr int64_t kVariantGRT = 1;
+// The ops' `int pooling_mode` and `int variant` arguments; the values of torchrec_tt.enums.PoolingMode
+// and torchrec_tt.enums.Variant (Python IntEnums) are the same.
+enum class PoolingMode : int64_t { kSum = 0, kMean = 1 };
+enum class Variant : int64_t { kTT = 0, kGRT = 1 };
+
+// Aliases kept only for the kernel files that compare the schema's int64 arguments directly
+// (csrc/cpu/tt_embedding_bag_cpu.cpp, csrc/cuda/tt_embedding_bag_cuda.cu).
+constexpr int64_t kPoolingSum = static_cast<int64_t>(PoolingMode::kSum);
+constexpr int64_t kPoolingMean = static_cast<int64_t>(PoolingMode::kMean);
+constexpr int64_t kVariantTT = static_cast<int64_t>(Variant::kTT);
+constexpr int64_t kVariantGRT = static_cast<int64_t>(Variant::kGRT);
 
 inline bool is_core_dtype(at::ScalarType t, bool allow_reduced_precision) {
   return t == at::kFloat || t == at::kDouble ||
@@ -35,33 +42,33 @@ inline TTLayout check_cores(
     at::TensorList cores,
     bool allow_reduced_precision) {
   const int64_t d = static_cast<int64_t>(cores.size());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       d >= kMinCores && d <= kMaxCores,
-      op, ": expected ", kMinCores, " to ", kMaxCores, " cores, got ", d);
+      op, ": cores must hold ", kMinCores, " to ", kMaxCores, " cores, got ", d);
   const at::Tensor& c0 = cores[0];
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       is_core_dtype(c0.scalar_type(), allow_reduced_precision),
       op, ": cores must be ",
       allow_reduced_precision ? "float32, float64, float16 or bfloat16" : "float32 or float64",
-      " on device ", c0.device(), ", got cores[0] of dtype ", c0.scalar_type());
+      " on ", c0.device(), ", got cores[0] of dtype ", c0.scalar_type());
   TTLayout layout;
   layout.d = d;
   for (const auto k : c10::irange(d)) {
     const at::Tensor& c = cores[k];
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         c.dim() == 4,
         op, ": cores[", k, "] must be 4-D (m_k, R[k], n_k, R[k+1]), got ", c.dim(),
         "-D tensor of shape ", c.sizes());
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         c.scalar_type() == c0.scalar_type(),
-        op, ": all cores must have one dtype; cores[0] is ", c0.scalar_type(), " but cores[", k,
-        "] is ", c.scalar_type());
-    TORCH_CHECK(
+        op, ": cores[", k, "] must have the dtype of cores[0] (", c0.scalar_type(), "), got ",
+        c.scalar_type());
+    TORCH_CHECK_VALUE(
         c.device() == c0.device(),
-        op, ": all cores must be on one device; cores[0] is on ", c0.device(), " but cores[", k,
-        "] is on ", c.device());
+        op, ": cores[", k, "] must be on the device of cores[0] (", c0.device(), "), got ",
+        c.device());
     for (const auto t : c10::irange(4)) {
-      TORCH_CHECK(
+      TORCH_CHECK_VALUE(
           c.size(t) >= 1,
           op, ": cores[", k, "] must have positive sizes, got shape ", c.sizes());
     }
@@ -69,24 +76,25 @@ inline TTLayout check_cores(
     layout.n[k] = c.size(2);
     layout.R[k] = c.size(1);
     if (k > 0) {
-      TORCH_CHECK(
+      TORCH_CHECK_VALUE(
           cores[k - 1].size(3) == c.size(1),
-          op, ": rank mismatch between consecutive cores: cores[", k - 1, "].size(3) = ",
-          cores[k - 1].size(3), " but cores[", k, "].size(1) = ", c.size(1));
+          op, ": rank mismatch: cores[", k, "].size(1) must equal cores[", k - 1, "].size(3) = ",
+          cores[k - 1].size(3), ", got ", c.size(1));
     }
   }
   layout.R[d] = cores[d - 1].size(3);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       layout.R[0] == 1,
-      op, ": the first core must have R[0] = 1, got cores[0].size(1) = ", layout.R[0]);
-  TORCH_CHECK(
+      op, ": cores[0].size(1) (R[0]) must be 1, got ", layout.R[0]);
+  TORCH_CHECK_VALUE(
       layout.R[d] == 1,
-      op, ": the last core must have R[d] = 1, got cores[", d - 1, "].size(3) = ", layout.R[d]);
+      op, ": cores[", d - 1, "].size(3) (R[d]) must be 1, got ", layout.R[d]);
   int64_t rows = 1;
   for (const auto k : c10::irange(d)) {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         rows <= std::numeric_limits<int64_t>::max() / layout.m[k],
-        op, ": prod(m) over the cores' size(0) overflows int64");
+        op, ": the number of rows prod(cores[k].size(0)) must fit in int64, got an overflow at cores[",
+        k, "]");
     rows *= layout.m[k];
   }
   return layout;
@@ -99,25 +107,25 @@ inline void check_indices_offsets(
     const at::Tensor& indices,
     const at::Tensor& offsets,
     const c10::Device& device) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       indices.dim() == 1, op, ": indices must be 1-D, got ", indices.dim(),
       "-D tensor of shape ", indices.sizes());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       offsets.dim() == 1, op, ": offsets must be 1-D, got ", offsets.dim(),
       "-D tensor of shape ", offsets.sizes());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
       op, ": indices must be int32 or int64, got ", indices.scalar_type());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       offsets.scalar_type() == indices.scalar_type(),
       op, ": offsets must have the dtype of indices (", indices.scalar_type(), "), got ",
       offsets.scalar_type());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       offsets.numel() >= 1,
-      op, ": offsets must have B + 1 >= 1 entries (offsets[0] = 0), got an empty tensor");
-  TORCH_CHECK(
+      op, ": offsets must have B + 1 >= 1 entries, got 0");
+  TORCH_CHECK_VALUE(
       indices.device() == device, op, ": indices must be on ", device, ", got ", indices.device());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       offsets.device() == device, op, ": offsets must be on ", device, ", got ", offsets.device());
 }
 
@@ -131,26 +139,38 @@ inline void check_per_sample_weights(
     return;
   }
   const at::Tensor& w = *per_sample_weights;
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       w.dim() == 1 && w.numel() == nnz,
       op, ": per_sample_weights must be 1-D with indices.numel() = ", nnz,
       " entries, got shape ", w.sizes());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       w.scalar_type() == like.scalar_type(),
       op, ": per_sample_weights must have the cores' dtype (", like.scalar_type(), "), got ",
       w.scalar_type());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       w.device() == like.device(),
       op, ": per_sample_weights must be on ", like.device(), ", got ", w.device());
 }
 
+// Checked conversions of the ops' int arguments to the enums.
+inline PoolingMode to_pooling_mode(const char* op, int64_t pooling_mode) {
+  TORCH_CHECK_VALUE(
+      pooling_mode == static_cast<int64_t>(PoolingMode::kSum) ||
+          pooling_mode == static_cast<int64_t>(PoolingMode::kMean),
+      op, ": pooling_mode must be 0 (PoolingMode.SUM) or 1 (PoolingMode.MEAN), got ", pooling_mode);
+  return static_cast<PoolingMode>(pooling_mode);
+}
+
+inline Variant to_variant(const char* op, int64_t variant) {
+  TORCH_CHECK_VALUE(
+      variant == static_cast<int64_t>(Variant::kTT) || variant == static_cast<int64_t>(Variant::kGRT),
+      op, ": variant must be 0 (Variant.TT) or 1 (Variant.GRT), got ", variant);
+  return static_cast<Variant>(variant);
+}
+
 inline void check_modes(const char* op, int64_t pooling_mode, int64_t variant) {
-  TORCH_CHECK(
-      pooling_mode == kPoolingSum || pooling_mode == kPoolingMean,
-      op, ": pooling_mode must be 0 (sum) or 1 (mean), got ", pooling_mode);
-  TORCH_CHECK(
-      variant == kVariantTT || variant == kVariantGRT,
-      op, ": variant must be 0 (tt) or 1 (grt), got ", variant);
+  to_pooling_mode(op, pooling_mode);
+  to_variant(op, variant);
 }
 
 inline void check_grad_output(
@@ -159,16 +179,16 @@ inline void check_grad_output(
     int64_t batch_size,
     int64_t embedding_dim,
     const at::Tensor& like) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       grad_output.dim() == 2 && grad_output.size(0) == batch_size &&
           grad_output.size(1) == embedding_dim,
       op, ": grad_output must have shape (B, N) = (", batch_size, ", ", embedding_dim, "), got ",
       grad_output.sizes());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       grad_output.scalar_type() == like.scalar_type(),
       op, ": grad_output must have the cores' dtype (", like.scalar_type(), "), got ",
       grad_output.scalar_type());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       grad_output.device() == like.device(),
       op, ": grad_output must be on ", like.device(), ", got ", grad_output.device());
 }
@@ -200,9 +220,9 @@ inline TTInputs check_tt_inputs(
     bool allow_reduced_precision) {
   TTInputs in;
   in.layout = check_cores(op, cores, allow_reduced_precision);
-  TORCH_CHECK(
-      cores[0].device().type() == device_type, op, ": expected ", c10::DeviceTypeName(device_type),
-      " cores, got cores[0] on ", cores[0].device());
+  TORCH_CHECK_VALUE(
+      cores[0].device().type() == device_type, op, ": cores must be on a ",
+      c10::DeviceTypeName(device_type), " device, got cores[0] on ", cores[0].device());
   check_indices_offsets(op, indices, offsets, cores[0].device());
   check_per_sample_weights(op, per_sample_weights, indices.numel(), cores[0]);
   check_modes(op, pooling_mode, variant);
@@ -236,34 +256,58 @@ inline void check_backward_inputs(
     const TTInputs& in,
     bool per_sample_weights_requires_grad) {
   check_grad_output(op, grad_output, in.batch_size, in.layout.embedding_dim(), in.cores[0]);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       !per_sample_weights_requires_grad || in.psw.has_value(),
-      op, ": per_sample_weights_requires_grad is true but per_sample_weights is None");
+      op, ": per_sample_weights must be given when per_sample_weights_requires_grad is true, got None");
+}
+
+// The messages of the value checks, shared by the CPU checks below and the CUDA opt-in bounds
+// check (which finds the first bad position on the device and reports it on the host).
+inline void fail_offsets_first(const char* op, int64_t first) {
+  TORCH_CHECK_VALUE(false, op, ": offsets[0] must be 0, got ", first);
+}
+
+inline void fail_offsets_last(const char* op, int64_t B, int64_t nnz, int64_t last) {
+  TORCH_CHECK_VALUE(
+      false, op, ": offsets[-1] (offsets[", B, "]) must equal indices.numel() = ", nnz, ", got ",
+      last);
+}
+
+inline void fail_offsets_decreasing(const char* op, int64_t b, int64_t at_b, int64_t at_next) {
+  TORCH_CHECK_VALUE(
+      false, op, ": offsets must be non-decreasing, got offsets[", b, "] = ", at_b, " > offsets[",
+      b + 1, "] = ", at_next);
+}
+
+// num_rows < 0: unbounded (only negative indices are errors).
+inline void fail_index_out_of_range(const char* op, int64_t j, int64_t v, int64_t num_rows) {
+  if (num_rows < 0) {
+    TORCH_CHECK_VALUE(false, op, ": indices[", j, "] must be >= 0, got ", v);
+  }
+  TORCH_CHECK_VALUE(false, op, ": indices[", j, "] must be in [0, ", num_rows, "), got ", v);
 }
 
 // CPU only (reads values). offsets must be contiguous: offsets[0] == 0, offsets[B] == nnz and
 // non-decreasing.
 template <typename index_t>
 inline void check_offsets_values_cpu(const char* op, const index_t* offsets, int64_t B, int64_t nnz) {
-  TORCH_CHECK(
-      static_cast<int64_t>(offsets[0]) == 0,
-      op, ": offsets[0] must be 0, got ", static_cast<int64_t>(offsets[0]));
-  TORCH_CHECK(
-      static_cast<int64_t>(offsets[B]) == nnz,
-      op, ": offsets[-1] (offsets[", B, "]) must equal indices.numel() = ", nnz, ", got ",
-      static_cast<int64_t>(offsets[B]));
+  if (C10_UNLIKELY(static_cast<int64_t>(offsets[0]) != 0)) {
+    fail_offsets_first(op, static_cast<int64_t>(offsets[0]));
+  }
+  if (C10_UNLIKELY(static_cast<int64_t>(offsets[B]) != nnz)) {
+    fail_offsets_last(op, B, nnz, static_cast<int64_t>(offsets[B]));
+  }
   for (int64_t b = 0; b < B; ++b) {
     if (C10_UNLIKELY(offsets[b + 1] < offsets[b])) {
-      TORCH_CHECK(
-          false, op, ": offsets must be non-decreasing, but offsets[", b, "] = ",
-          static_cast<int64_t>(offsets[b]), " > offsets[", b + 1, "] = ",
-          static_cast<int64_t>(offsets[b + 1]));
+      fail_offsets_decreasing(
+          op, b, static_cast<int64_t>(offsets[b]), static_cast<int64_t>(offsets[b + 1]));
     }
   }
 }
 
 // CPU only (reads values). Every index must lie in [0, num_rows); num_rows < 0 means unbounded
-// (only non-negativity is checked).
+// (only non-negativity is checked). Compares in 64 bits whatever index_t is, so int32 indices of
+// a table of more than 2^31 rows are accepted, and a bad index is reported with its own value.
 template <typename index_t>
 inline void check_indices_range_cpu(
     const char* op,
@@ -281,12 +325,8 @@ inline void check_indices_range_cpu(
   }
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t v = static_cast<int64_t>(indices[j]);
-    if (num_rows < 0) {
-      TORCH_CHECK(v >= 0, op, ": indices[", j, "] = ", v, " is negative");
-    } else {
-      TORCH_CHECK(
-          v >= 0 && v < num_rows,
-          op, ": indices[", j, "] = ", v, " is out of range [0, ", num_rows, ")");
+    if (static_cast<uint64_t>(v) >= hi) {
+      fail_index_out_of_range(op, j, v, num_rows);
     }
   }
 }
