@@ -61,17 +61,14 @@ void build_group_plan_cpu(
   // Pass 1: order each bag's lookups by (group, j); bag_seg[b + 1] = number of distinct groups.
   const FastDivmod divmod(last_rows);
   at::parallel_for(0, batch_size, kBagGrain, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<BagLookup> keys;
+    BagOrderScratch scratch;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
-      sort_bag_by_group(indices, lo, hi, divmod, keys);
+      order_bag_by_group(indices, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
       int64_t count = 0;
-      for (int64_t k = 0; k < hi - lo; ++k) {
-        perm[lo + k] = keys[k].lookup;
-        sgroup[lo + k] = keys[k].group;
-        slast[lo + k] = keys[k].last;
-        count += (k == 0 || keys[k].group != keys[k - 1].group) ? 1 : 0;
+      for (int64_t k = lo; k < hi; ++k) {
+        count += (k == lo || sgroup[k] != sgroup[k - 1]) ? 1 : 0;
       }
       bag_seg[b + 1] = count;
     }

@@ -22,6 +22,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define TORCHREC_TT_ALWAYS_INLINE inline __attribute__((always_inline))
 #define TORCHREC_TT_RESTRICT __restrict__
@@ -58,9 +62,32 @@ template <typename T>
 TORCHREC_TT_ALWAYS_INLINE void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <typename T>
-TORCHREC_TT_ALWAYS_INLINE vec_t<T> vbroadcast(T x) {
-  return vec_t<T>{} + x;
+// One broadcast instruction (vbroadcastss / vbroadcastsd) where AVX is known; `0 + x` elsewhere
+// (not folded to a plain broadcast without AVX: -0.0 + 0 is +0).
+TORCHREC_TT_ALWAYS_INLINE vec_t<float> vbroadcast(float x) {
+#if defined(__AVX__)
+  return reinterpret_cast<vec_t<float>>(_mm256_set1_ps(x));
+#else
+  return vec_t<float>{} + x;
+#endif
+}
+TORCHREC_TT_ALWAYS_INLINE vec_t<double> vbroadcast(double x) {
+#if defined(__AVX__)
+  return reinterpret_cast<vec_t<double>>(_mm256_set1_pd(x));
+#else
+  return vec_t<double>{} + x;
+#endif
+}
+
+// Pins a value in a register: without it GCC re-reads B from memory for every row of the tile
+// (a load per FMA), which makes the tile load-bound instead of FMA-bound.
+template <typename V>
+TORCHREC_TT_ALWAYS_INLINE void keep_in_register(V& v) {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX__)
+  __asm__("" : "+x"(v));
+#else
+  (void)v;
+#endif
 }
 
 // Rows of the register tile and vectors per row. 4 x 2 vectors keep 8 accumulators, 2 B vectors
@@ -121,6 +148,17 @@ TORCHREC_TT_ALWAYS_INLINE void tile_multi(
   }
   for (int64_t s = 0; s < num_segs; ++s) {
     const GemmSegment<T> seg = segs(s);
+    if (s + 1 < num_segs) {
+      // The next segment's B rows usually sit elsewhere (another group's prefix): start loading
+      // them while this segment computes.
+      const GemmSegment<T> next = segs(s + 1);
+      for (int64_t k = 0; k < next.K; ++k) {
+        const char* row = reinterpret_cast<const char*>(next.B + k * ldb);
+        for (size_t byte = 0; byte < NV * sizeof(vec_t<T>); byte += 64) { // one per cache line
+          __builtin_prefetch(row + byte);
+        }
+      }
+    }
     tile_accumulate<MR, NV, T>(acc, seg.K, seg.A, a_row, a_col, seg.B, ldb);
   }
   const vec_t<T> va = vbroadcast(alpha);

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -314,6 +315,29 @@ inline void segment_reduce(
   }
 }
 
+// A scratch array whose entries are not initialized (std::vector would zero-fill, a full pass over
+// memory the kernels overwrite anyway).
+template <typename T>
+class Scratch {
+ public:
+  void resize(int64_t n) {
+    if (n > capacity_) {
+      data_.reset(new T[static_cast<size_t>(n)]);
+      capacity_ = n;
+    }
+  }
+  T* data() {
+    return data_.get();
+  }
+  const T* data() const {
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t capacity_ = 0;
+};
+
 // Per-thread (B x N) accumulators of a slot-major pass, summed in part order by `finish`.
 template <typename T>
 class PartBuffers {
@@ -458,7 +482,7 @@ template <typename scalar_t, typename index_t>
 void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar_t* out) {
   using T = scalar_t;
   const int64_t q_numel = in.rp * in.np;
-  std::vector<T> qT_buf;
+  Scratch<T> qT_buf;
   std::vector<T> yT_all; // chunked runs: per-bag accumulators across chunks
   BagCursor cursor(plan, in.batch_size, /*single_chunk=*/true);
   bool chunked = false;
@@ -468,7 +492,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
       yT_all.assign(static_cast<size_t>(in.batch_size * in.N), T(0));
       cursor = BagCursor(plan, in.batch_size, false);
     }
-    qT_buf.resize(static_cast<size_t>((u_hi - u_lo) * q_numel));
+    qT_buf.resize((u_hi - u_lo) * q_numel);
     {
       RECORD_FUNCTION("torchrec_tt::grt_forward::prefixes", std::vector<c10::IValue>());
       at::parallel_for(u_lo, u_hi, 16, [&](int64_t u_begin, int64_t u_end) {
@@ -487,13 +511,14 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
         available_threads(),
         [&](int64_t b) { return bag_weight_prefix(in, plan, b); },
         [&](int64_t, int64_t b_begin, int64_t b_end) {
-          std::vector<T> s_buf; // S_s (R' x n_l) per segment of the bag
-          std::vector<T> yT_local(static_cast<size_t>(in.N));
+          Scratch<T> s_buf; // S_s (R' x n_l) per segment of the bag
+          Scratch<T> yT_local;
+          yT_local.resize(in.N);
           for (int64_t b = b_begin; b < b_end; ++b) {
             const auto [first, last] = cursor.take(plan, b, u_hi);
             const int64_t count = last - first;
             const T scale = in.coef.scale(b);
-            s_buf.resize(static_cast<size_t>(std::max<int64_t>(count, 1) * in.last_numel));
+            s_buf.resize(std::max<int64_t>(count, 1) * in.last_numel);
             for (int64_t i = 0; i < count; ++i) {
               segment_reduce(
                   plan, first + i, in.core_last, in.last_numel, in.coef, scale,
@@ -654,8 +679,11 @@ void backward_grt(
     scalar_t* psw_grad) {
   using T = scalar_t;
   const int64_t S = plan.num_segments;
-  if (S == 0) {
-    return; // every bag is empty: all gradients are zero
+  if (S == 0) { // every bag is empty: all gradients are zero
+    for (int64_t k = 0; k < in.L.d; ++k) {
+      std::fill(grads[k], grads[k] + in.L.core_numel(k), T(0));
+    }
+    return;
   }
   const int64_t* sorted_lookups = plan.v.sorted_lookup;
   const int64_t* sorted_last = plan.v.sorted_last;
@@ -688,18 +716,20 @@ void backward_grt(
           available_threads(), kScratchBudgetBytes / static_cast<int64_t>(total * sizeof(T))));
   PartBuffers<T> part_grads(max_parts, 1, total);
 
-  std::vector<T> chains;
-  std::vector<T> s_t; // S_s^T (n_l x R') per segment of the chunk, slot-major
+  Scratch<T> chains;
+  Scratch<T> s_t; // S_s^T (n_l x R') per segment of the chunk, slot-major
+  Scratch<T> g_t; // g_b^T (n_l x N') per segment of the chunk, slot-major
   BagCursor cursor(plan, in.batch_size, /*single_chunk=*/true);
   const int64_t chain_bytes = in.cl.size * static_cast<int64_t>(sizeof(T));
-  const int64_t seg_bytes = in.last_numel * static_cast<int64_t>(sizeof(T));
+  const int64_t seg_bytes = (in.last_numel + in.N) * static_cast<int64_t>(sizeof(T));
   for_each_slot_chunk(plan, chain_bytes, seg_bytes, [&](int64_t u_lo, int64_t u_hi, bool single) {
     if (!single && u_lo == 0) {
       cursor = BagCursor(plan, in.batch_size, false);
     }
     const int64_t pos_lo = slot_seg_start[u_lo];
-    chains.resize(static_cast<size_t>((u_hi - u_lo) * in.cl.size));
-    s_t.resize(static_cast<size_t>((slot_seg_start[u_hi] - pos_lo) * in.last_numel));
+    chains.resize((u_hi - u_lo) * in.cl.size);
+    s_t.resize((slot_seg_start[u_hi] - pos_lo) * in.last_numel);
+    g_t.resize((slot_seg_start[u_hi] - pos_lo) * in.N);
     {
       RECORD_FUNCTION("torchrec_tt::grt_backward::prefixes", std::vector<c10::IValue>());
       chains_of_slots(in, plan, u_lo, u_hi, chains.data());
@@ -713,17 +743,23 @@ void backward_grt(
           [&](int64_t part, int64_t b_begin, int64_t b_end) {
             T* dlast_t = part_grads.part(part) + core_offset[in.L.d - 1];
             std::vector<T> gT(static_cast<size_t>(in.last_numel)); // G_s^T (n_l x R')
+            std::vector<T> g_bag_t(static_cast<size_t>(in.N)); // g_b^T (n_l x N')
             for (int64_t b = b_begin; b < b_end; ++b) {
               const auto [first, last] = cursor.take(plan, b, u_hi);
+              if (first == last) {
+                continue;
+              }
               const T scale = in.coef.scale(b);
-              const T* g = grad_out + b * in.N; // (N' x n_l)
+              transpose(in.np, in.nl, grad_out + b * in.N, g_bag_t.data());
               for (int64_t s = first; s < last; ++s) {
+                const int64_t pos = seg_pos[s] - pos_lo;
                 const T* q = chains.data() + (seg_slot[s] - u_lo) * in.cl.size + in.cl.offset[in.L.d - 2];
                 // G^T (n_l x R') = g^T (n_l x N') @ Q (N' x R')
                 gemm</*kAccumulate=*/false>(
-                    in.nl, in.rp, in.np, T(1), g, /*a_row=*/1, /*a_col=*/in.nl, q, /*ldb=*/in.rp,
-                    gT.data(), /*ldc=*/in.rp);
-                T* st = s_t.data() + (seg_pos[s] - pos_lo) * in.last_numel;
+                    in.nl, in.rp, in.np, T(1), g_bag_t.data(), /*a_row=*/in.np, /*a_col=*/1, q,
+                    /*ldb=*/in.rp, gT.data(), /*ldc=*/in.rp);
+                std::copy(g_bag_t.begin(), g_bag_t.end(), g_t.data() + pos * in.N);
+                T* st = s_t.data() + pos * in.last_numel;
                 std::fill(st, st + in.last_numel, T(0));
                 for (int64_t k = seg_start[s]; k < seg_start[s + 1]; ++k) {
                   const int64_t j = sorted_lookups[k];
@@ -753,17 +789,14 @@ void backward_grt(
           int64_t digits[kMaxCores];
           T* dst[kMaxCores];
           for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
-            const int64_t first = slot_seg_start[u];
-            // dQ (N' x R') = sum_s g_s (N' x n_l) @ S_s^T (n_l x R'): one tile pass, K = n_l * count.
-            const auto seg_operands = [&](int64_t i) {
-              return GemmSegment<T>{
-                  grad_out + seg_bag[slot_segs[first + i]] * in.N,
-                  s_t.data() + (first + i - pos_lo) * in.last_numel,
-                  in.nl};
-            };
-            multi_gemm</*kAccumulate=*/false>(
-                in.np, in.rp, seg_operands, slot_seg_start[u + 1] - first, T(1), /*a_row=*/in.nl,
-                /*a_col=*/1, /*ldb=*/in.rp, dcur, /*ldc=*/in.rp);
+            const int64_t first = slot_seg_start[u] - pos_lo;
+            const int64_t count = slot_seg_start[u + 1] - slot_seg_start[u];
+            // dQ (N' x R') = [g_1 .. g_count] (N' x n_l count) @ [S_1^T; ..; S_count^T]: the slot's
+            // packed g^T and S^T blocks are contiguous, so this is one product with K = n_l count.
+            gemm</*kAccumulate=*/false>(
+                in.np, in.rp, in.nl * count, T(1), g_t.data() + first * in.N, /*a_row=*/1,
+                /*a_col=*/in.np, s_t.data() + first * in.last_numel, /*ldb=*/in.rp, dcur,
+                /*ldc=*/in.rp);
             group_digits(in.L, slot_group[u], digits);
             for (int64_t k = 0; k + 1 < in.L.d; ++k) {
               dst[k] = base + core_offset[k] + digits[k] * in.L.slice_numel(k);
@@ -891,7 +924,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
   std::vector<at::Tensor> core_grads;
   core_grads.reserve(in.cores.size());
   for (const auto& c : in.cores) {
-    core_grads.push_back(at::zeros(c.sizes(), c.options()));
+    // grt writes every gradient entry once (from its per-thread sums); tt accumulates into them.
+    core_grads.push_back(
+        variant == kVariantGRT ? at::empty(c.sizes(), c.options()) : at::zeros(c.sizes(), c.options()));
   }
   at::Tensor psw_grad = at::empty(
       {per_sample_weights_requires_grad ? in.nnz : 0}, in.cores[0].options());

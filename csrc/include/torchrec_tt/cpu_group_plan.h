@@ -43,36 +43,70 @@ class FastDivmod {
   double inverse_;
 };
 
-// A lookup of a bag with its TT split: group = index / last_rows, last = index % last_rows.
-struct BagLookup {
-  int64_t group;
-  int64_t last;
-  int64_t lookup; // position j in indices
+// Per-thread scratch of order_bag_by_group.
+struct BagOrderScratch {
+  std::vector<uint64_t> packed;
+  std::vector<int64_t> group;
+  std::vector<int64_t> last;
 };
 
-// keys = the lookups [lo, hi) of one bag ordered by (group, position): the order of the plan's
-// segments and of the lookups within a segment.
+// Orders the lookups [lo, hi) of one bag by (group, position), the order of the plan's segments and
+// of the lookups within a segment, writing for each rank k in [lo, hi): perm[k] (the lookup),
+// group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. The sort runs
+// on packed (group << 20 | position) 64-bit keys when the bag and the groups are small enough
+// (always, in practice), else on (group, position) pairs.
 template <typename index_t>
-inline void sort_bag_by_group(
+inline void order_bag_by_group(
     const index_t* indices,
     int64_t lo,
     int64_t hi,
     const FastDivmod& divmod,
-    std::vector<BagLookup>& keys) {
-  keys.clear();
+    int64_t num_groups,
+    BagOrderScratch& scratch,
+    int64_t* perm,
+    int64_t* group,
+    int64_t* last) {
+  constexpr int kPositionBits = 20;
+  const int64_t n = hi - lo;
   bool sorted = true;
   int64_t prev = -1;
   for (int64_t j = lo; j < hi; ++j) {
-    int64_t last = 0;
-    const int64_t group = divmod.divmod(static_cast<int64_t>(indices[j]), &last);
-    sorted &= group >= prev;
-    prev = group;
-    keys.push_back({group, last, j});
+    const int64_t g = divmod.divmod(static_cast<int64_t>(indices[j]), &last[j]);
+    group[j] = g;
+    perm[j] = j;
+    sorted &= g >= prev;
+    prev = g;
   }
-  if (!sorted) {
-    std::sort(keys.begin(), keys.end(), [](const BagLookup& a, const BagLookup& b) {
-      return a.group < b.group || (a.group == b.group && a.lookup < b.lookup);
-    });
+  if (sorted) {
+    return;
+  }
+  scratch.group.assign(group + lo, group + hi);
+  scratch.last.assign(last + lo, last + hi);
+  if (n < (int64_t{1} << kPositionBits) && num_groups < (int64_t{1} << (63 - kPositionBits))) {
+    scratch.packed.resize(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+      scratch.packed[t] = (static_cast<uint64_t>(scratch.group[t]) << kPositionBits) | static_cast<uint64_t>(t);
+    }
+    std::sort(scratch.packed.begin(), scratch.packed.end());
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t t = static_cast<int64_t>(scratch.packed[k] & ((uint64_t{1} << kPositionBits) - 1));
+      perm[lo + k] = lo + t;
+      group[lo + k] = scratch.group[t];
+      last[lo + k] = scratch.last[t];
+    }
+    return;
+  }
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) {
+    order[t] = t;
+  }
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return scratch.group[a] < scratch.group[b] || (scratch.group[a] == scratch.group[b] && a < b);
+  });
+  for (int64_t k = 0; k < n; ++k) {
+    perm[lo + k] = lo + order[k];
+    group[lo + k] = scratch.group[order[k]];
+    last[lo + k] = scratch.last[order[k]];
   }
 }
 
