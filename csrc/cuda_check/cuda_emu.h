@@ -1,12 +1,12 @@
 // CPU emulation of the small CUDA subset used by csrc/cuda/*.cuh -- a test vehicle only.
 //
-// Include this header first, then the kernel headers, and compile with a host C++20 compiler
+// Include this header first (g++ -include), then the kernel files, and compile with a host C++20 compiler
 // (g++ -std=c++20 -pthread -I<cuda>/include). Every CUDA thread of a block is a host thread;
 // __syncthreads() / __syncwarp() are real barriers (a thread that skips one deadlocks the block, so
 // non-uniform barriers show up as a hang), warp shuffles exchange through per-warp slots behind
-// barriers, atomics are std::atomic_ref. Blocks run one after another. Dynamic shared memory and the
-// context's scratch allocations are filled with 0xff bytes (NaN for floats), so reading something
-// no thread wrote shows up in the results.
+// barriers, atomics are std::atomic_ref. Blocks run one after another. Dynamic shared memory is
+// filled with 0xff bytes (NaN for floats) before every block, and the test fills the workspace the
+// same way, so reading something no thread wrote shows up in the results.
 #pragma once
 
 #define TORCHREC_TT_CUDA_EMU_H 1
@@ -171,33 +171,3 @@ inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
   }
   return cur;
 }
-
-namespace tt_emu {
-
-// Launch context of the emulation: host memory, filled with 0xff (NaN) bytes.
-struct Ctx {
-  cudaStream_t stream = nullptr;
-  std::vector<void*> buffers;
-  Ctx() = default;
-  Ctx(const Ctx&) = delete;
-  Ctx& operator=(const Ctx&) = delete;
-  ~Ctx() {
-    for (void* p : buffers) {
-      std::free(p);
-    }
-  }
-  void* alloc(size_t bytes) {
-    void* p = std::malloc(bytes > 0 ? bytes : 1);
-    std::memset(p, 0xff, bytes);
-    buffers.push_back(p);
-    return p;
-  }
-  void check_launch() {}
-  void check(cudaError_t err) {
-    if (err != cudaSuccess) {
-      std::abort();
-    }
-  }
-};
-
-} // namespace tt_emu

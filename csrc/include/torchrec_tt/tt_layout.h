@@ -85,6 +85,26 @@ struct TTLayout {
   }
 };
 
+// Pointers to the d cores of one table (contiguous (m_k, R[k], n_k, R[k+1]) each), by value into
+// kernels. T is the element type as the kernels see it (e.g. __half on CUDA for at::Half cores).
+template <typename T>
+struct CorePtrs {
+  const T* p[kMaxCores] = {};
+};
+
+// Digit k (0 <= k < count) of x in mixed radix m_0..m_{count-1}, i_0 most significant: count = d for
+// a row id, d - 1 for a group id.
+TORCHREC_TT_HOST_DEVICE inline int64_t mixed_radix_digit(
+    const TTLayout& layout,
+    int64_t x,
+    int64_t k,
+    int64_t count) {
+  for (int64_t t = count - 1; t > k; --t) {
+    x /= layout.m[t];
+  }
+  return x % layout.m[k];
+}
+
 // Digits (i_0, ..., i_{d-2}) of a group id, i_0 most significant, in radix m_0..m_{d-2}.
 TORCHREC_TT_HOST_DEVICE inline void group_digits(
     const TTLayout& layout,
