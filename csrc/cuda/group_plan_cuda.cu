@@ -105,8 +105,8 @@ struct SegmentWriter {
   __host__ __device__ void operator()(int p, int c) const {
     const key_t k = keys[p];
     const int64_t j = v.sorted_lookup[p];
-    if (p == 0) {
-      for (int h = 0; h < kPlanHeaderSize; ++h) {
+    if (p == 0) { // the counts (fields 0, 1) are written by the threads that know them
+      for (int h = 2; h < kPlanHeaderSize; ++h) {
         v.header[h] = 0;
       }
       v.header[static_cast<int>(PlanHeader::kNumLookups)] = nnz;

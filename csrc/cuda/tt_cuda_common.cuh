@@ -597,10 +597,16 @@ void scan_heads(LaunchCtx& ctx, int n, const Head& head, const Write& write) {
   if (!ctx.begin_launch()) {
     return;
   }
+  // All counts first, then the writes in reverse order: a writer that depends on another position's
+  // write (no order is guaranteed on the device) shows up as a wrong plan.
+  std::vector<int> counts(static_cast<size_t>(n));
   int c = 0;
   for (int p = 0; p < n; ++p) {
     c += head(p);
-    write(p, c);
+    counts[p] = c;
+  }
+  for (int p = n - 1; p >= 0; --p) {
+    write(p, counts[p]);
   }
 #else
   const thrust::transform_iterator<Head, thrust::counting_iterator<int>> in(

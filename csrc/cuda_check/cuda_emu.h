@@ -4,7 +4,7 @@
 // (g++ -std=c++20 -pthread -I<cuda>/include). Every CUDA thread of a block is a host thread;
 // __syncthreads() / __syncwarp() are real barriers (a thread that skips one deadlocks the block, so
 // non-uniform barriers show up as a hang), warp shuffles exchange through per-warp slots behind
-// barriers, atomics are std::atomic_ref. Blocks run one after another. Dynamic shared memory is
+// barriers, atomics are std::atomic_ref. Blocks run one after another, in reverse order. Dynamic shared memory is
 // filled with 0xff bytes (NaN for floats) before every block, and the test fills the workspace the
 // same way, so reading something no thread wrote shows up in the results.
 #pragma once
@@ -101,9 +101,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&
           static_cast<unsigned>(tid) / (block.x * block.y)};
       t_blockDim = block;
       t_gridDim = grid;
-      for (unsigned bz = 0; bz < grid.z; ++bz) {
-        for (unsigned by = 0; by < grid.y; ++by) {
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
+      // Blocks in reverse order: no code may rely on block order.
+      for (unsigned bz = grid.z; bz-- > 0;) {
+        for (unsigned by = grid.y; by-- > 0;) {
+          for (unsigned bx = grid.x; bx-- > 0;) {
             if (tid == 0) {
               std::memset(st.smem.get(), 0xff, st.smem_size + 64);
             }
