@@ -301,28 +301,24 @@ __global__ void __launch_bounds__(kReduceThreads) grt_det_last_kernel(
     int mean,
     acc_t* __restrict__ dcore_last) {
   const int Rn = t.Rn;
-  const int e = blockIdx.y * blockDim.x + threadIdx.x;
   const int S = plan_count(v.header, PlanHeader::kNumSegments, nnz);
   const int n = static_cast<int>(nnz);
   for (int64_t row = blockIdx.x; row < t.m_last; row += gridDim.x) {
     const int lo = lower_bound_u32(keys, n, static_cast<uint32_t>(row));
     const int hi = lower_bound_u32(keys, n, static_cast<uint32_t>(row) + 1u);
-    if (e >= Rn) {
-      continue;
-    }
-    acc_t sum = acc_t(0);
-    for (int q = lo; q < hi; ++q) {
-      const int p = items[q];
-      const int64_t j = v.sorted_lookup[p];
-      const int64_t s = (j >= 0 && j < nnz) ? v.lookup_segment[j] : -1;
-      const int64_t b = (s >= 0 && s < S) ? v.segment_bag[s] : -1;
-      if (b < 0 || b >= B) {
-        continue;
+    for (int e = blockIdx.y * blockDim.x + threadIdx.x; e < Rn && hi > lo; e += gridDim.y * blockDim.x) {
+      acc_t sum = acc_t(0);
+      for (int q = lo; q < hi; ++q) {
+        const int p = items[q];
+        const int64_t j = v.sorted_lookup[p];
+        const int64_t s = (j >= 0 && j < nnz) ? v.lookup_segment[j] : -1;
+        const int64_t b = (s >= 0 && s < S) ? v.segment_bag[s] : -1;
+        if (b < 0 || b >= B) {
+          continue;
+        }
+        const acc_t c = (psw != nullptr ? to_acc(psw[j]) : acc_t(1)) * bag_scale<acc_t>(offsets, b, nnz, mean);
+        sum += c * seg_dS[s * Rn + e];
       }
-      const acc_t c = (psw != nullptr ? to_acc(psw[j]) : acc_t(1)) * bag_scale<acc_t>(offsets, b, nnz, mean);
-      sum += c * seg_dS[s * Rn + e];
-    }
-    if (hi > lo) {
       dcore_last[row * Rn + e] = sum;
     }
   }
@@ -345,7 +341,6 @@ __global__ void __launch_bounds__(kReduceThreads) grt_det_prefix_kernel(
     const acc_t* __restrict__ act,
     const acc_t* __restrict__ dact,
     GradPtrs<acc_t> grads) {
-  const int e = blockIdx.y * blockDim.x + threadIdx.x;
   for (int64_t r = blockIdx.x; r < runs.row_start[t.d - 1]; r += gridDim.x) {
     int k = 0;
     while (r >= runs.row_start[k + 1]) {
@@ -354,20 +349,19 @@ __global__ void __launch_bounds__(kReduceThreads) grt_det_prefix_kernel(
     const int64_t row = r - runs.row_start[k];
     const int lo = lower_bound_u32(runs.keys[k], n, static_cast<uint32_t>(row));
     const int hi = lower_bound_u32(runs.keys[k], n, static_cast<uint32_t>(row) + 1u);
-    if (e >= t.slice[k] || hi <= lo) {
-      continue;
-    }
     const int L = t.cols(k);
-    const int a = e / L;
-    const int rem = e - a * L;
     const int Nprev = k > 0 ? t.chain[k - 1] : 1;
-    acc_t sum = acc_t(0);
-    for (int q = lo; q < hi; ++q) {
-      const int64_t u = runs.items[k][q];
-      const acc_t* Aprev = k > 0 ? act + u * t.act_size + t.act_off[k - 1] : nullptr;
-      sum += core_grad_elem(Aprev, dact + u * t.act_size + t.act_off[k], Nprev, t.R(k), L, a, rem);
+    for (int e = blockIdx.y * blockDim.x + threadIdx.x; e < t.slice[k] && hi > lo; e += gridDim.y * blockDim.x) {
+      const int a = e / L;
+      const int rem = e - a * L;
+      acc_t sum = acc_t(0);
+      for (int q = lo; q < hi; ++q) {
+        const int64_t u = runs.items[k][q];
+        const acc_t* Aprev = k > 0 ? act + u * t.act_size + t.act_off[k - 1] : nullptr;
+        sum += core_grad_elem(Aprev, dact + u * t.act_size + t.act_off[k], Nprev, t.R(k), L, a, rem);
+      }
+      grads.p[k][row * t.slice[k] + e] = sum;
     }
-    grads.p[k][row * t.slice[k] + e] = sum;
   }
 }
 
@@ -518,7 +512,7 @@ __global__ void __launch_bounds__(kReduceThreads) tt_det_core_kernel(
   acc_t* const a1 = smem + M;
   acc_t* const d0 = smem + 2 * M;
   const int n = static_cast<int>(nnz);
-  const int base = blockIdx.y * blockDim.x * EPT + threadIdx.x;
+  const int tile_elems = static_cast<int>(blockDim.x) * EPT;
   for (int64_t r = blockIdx.x; r < runs.row_start[t.d]; r += gridDim.x) {
     int k = 0;
     while (r >= runs.row_start[k + 1]) {
@@ -527,72 +521,72 @@ __global__ void __launch_bounds__(kReduceThreads) tt_det_core_kernel(
     const int64_t row = r - runs.row_start[k];
     const int lo = lower_bound_u32(runs.keys[k], n, static_cast<uint32_t>(row));
     const int hi = lower_bound_u32(runs.keys[k], n, static_cast<uint32_t>(row) + 1u);
-    if (hi <= lo || static_cast<int>(blockIdx.y) * static_cast<int>(blockDim.x) * EPT >= t.slice[k]) {
-      continue; // block-uniform
-    }
-    const int L = t.cols(k);
-    const int Nprev = k > 0 ? t.chain[k - 1] : 1;
-    acc_t acc[EPT];
-#pragma unroll
-    for (int i = 0; i < EPT; ++i) {
-      acc[i] = acc_t(0);
-    }
-    for (int q = lo; q < hi; ++q) {
-      const int64_t j = runs.items[k][q];
-      const int64_t b = lookup_bag_of(offsets, B, nnz, j);
-      int64_t digits[kMaxCores] = {};
-      row_digits(t.L, static_cast<int64_t>(indices[j]), digits);
-      const acc_t* Aprev = nullptr;
-      acc_t* d1 = a1; // free unless it ends up holding A_{k-1}
-      if (k >= 1) {
-        block_chain_first(
-            cores.p[0] + digits[0] * t.slice[0], t.cols(0), a0, static_cast<acc_t*>(nullptr),
-            static_cast<acc_t*>(nullptr), 0);
-        __syncthreads();
-        acc_t* cur = a0;
-        acc_t* nxt = a1;
-        for (int kk = 1; kk <= k - 1; ++kk) {
-          block_chain_step(
-              cur, cores.p[kk] + digits[kk] * t.slice[kk], t.chain[kk - 1], t.R(kk), t.cols(kk), nxt,
-              static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), 0);
+    for (int tile = blockIdx.y; hi > lo && tile * tile_elems < t.slice[k]; tile += gridDim.y) { // block-uniform
+      const int base = tile * tile_elems + threadIdx.x;
+      const int L = t.cols(k);
+      const int Nprev = k > 0 ? t.chain[k - 1] : 1;
+      acc_t acc[EPT];
+  #pragma unroll
+      for (int i = 0; i < EPT; ++i) {
+        acc[i] = acc_t(0);
+      }
+      for (int q = lo; q < hi; ++q) {
+        const int64_t j = runs.items[k][q];
+        const int64_t b = lookup_bag_of(offsets, B, nnz, j);
+        int64_t digits[kMaxCores] = {};
+        row_digits(t.L, static_cast<int64_t>(indices[j]), digits);
+        const acc_t* Aprev = nullptr;
+        acc_t* d1 = a1; // free unless it ends up holding A_{k-1}
+        if (k >= 1) {
+          block_chain_first(
+              cores.p[0] + digits[0] * t.slice[0], t.cols(0), a0, static_cast<acc_t*>(nullptr),
+              static_cast<acc_t*>(nullptr), 0);
           __syncthreads();
-          acc_t* const tmp = cur;
-          cur = nxt;
-          nxt = tmp;
+          acc_t* cur = a0;
+          acc_t* nxt = a1;
+          for (int kk = 1; kk <= k - 1; ++kk) {
+            block_chain_step(
+                cur, cores.p[kk] + digits[kk] * t.slice[kk], t.chain[kk - 1], t.R(kk), t.cols(kk), nxt,
+                static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), 0);
+            __syncthreads();
+            acc_t* const tmp = cur;
+            cur = nxt;
+            nxt = tmp;
+          }
+          Aprev = cur;
+          d1 = nxt;
         }
-        Aprev = cur;
-        d1 = nxt;
-      }
-      const acc_t c = (psw != nullptr ? to_acc(psw[j]) : acc_t(1)) * bag_scale<acc_t>(offsets, b, nnz, mean);
-      for (int o = threadIdx.x; o < t.N; o += blockDim.x) {
-        d0[o] = c * to_acc(grad_out[b * t.N + o]);
-      }
-      __syncthreads();
-      acc_t* dcur = d0;
-      acc_t* dnxt = d1;
-      for (int kk = t.d - 1; kk > k; --kk) {
-        block_chain_step_back(
-            dcur, cores.p[kk] + digits[kk] * t.slice[kk], t.chain[kk - 1], t.R(kk), t.cols(kk), dnxt);
+        const acc_t c = (psw != nullptr ? to_acc(psw[j]) : acc_t(1)) * bag_scale<acc_t>(offsets, b, nnz, mean);
+        for (int o = threadIdx.x; o < t.N; o += blockDim.x) {
+          d0[o] = c * to_acc(grad_out[b * t.N + o]);
+        }
         __syncthreads();
-        acc_t* const tmp = dcur;
-        dcur = dnxt;
-        dnxt = tmp;
+        acc_t* dcur = d0;
+        acc_t* dnxt = d1;
+        for (int kk = t.d - 1; kk > k; --kk) {
+          block_chain_step_back(
+              dcur, cores.p[kk] + digits[kk] * t.slice[kk], t.chain[kk - 1], t.R(kk), t.cols(kk), dnxt);
+          __syncthreads();
+          acc_t* const tmp = dcur;
+          dcur = dnxt;
+          dnxt = tmp;
+        }
+  #pragma unroll
+        for (int i = 0; i < EPT; ++i) {
+          const int e = base + i * static_cast<int>(blockDim.x);
+          if (e < t.slice[k]) {
+            const int a = e / L;
+            acc[i] += core_grad_elem(Aprev, dcur, Nprev, t.R(k), L, a, e - a * L);
+          }
+        }
+        __syncthreads(); // before the next lookup overwrites the buffers
       }
-#pragma unroll
+  #pragma unroll
       for (int i = 0; i < EPT; ++i) {
         const int e = base + i * static_cast<int>(blockDim.x);
         if (e < t.slice[k]) {
-          const int a = e / L;
-          acc[i] += core_grad_elem(Aprev, dcur, Nprev, t.R(k), L, a, e - a * L);
+          grads.p[k][row * t.slice[k] + e] = acc[i];
         }
-      }
-      __syncthreads(); // before the next lookup overwrites the buffers
-    }
-#pragma unroll
-    for (int i = 0; i < EPT; ++i) {
-      const int e = base + i * static_cast<int>(blockDim.x);
-      if (e < t.slice[k]) {
-        grads.p[k][row * t.slice[k] + e] = acc[i];
       }
     }
   }
@@ -696,7 +690,7 @@ void grt_backward(
     runs.row_start[k + 1] = runs.row_start[k] + in.layout.m[k];
   }
   {
-    const dim3 grid(grid_for_items(t.m_last), static_cast<unsigned int>(ceil_div_i64(t.Rn, kReduceThreads)));
+    const dim3 grid(grid_for_items(t.m_last), grid_y_for_tiles(ceil_div_i64(t.Rn, kReduceThreads)));
     const auto kernel = &grt_det_last_kernel<scalar_t, acc_t, index_t>;
     TORCHREC_TT_LAUNCH(
         ctx, kernel, grid, kReduceThreads, 0, t, v, static_cast<const uint32_t*>(last_keys_sorted),
@@ -709,8 +703,7 @@ void grt_backward(
       max_slice = tt_max(max_slice, t.slice[k]);
     }
     const dim3 grid(
-        grid_for_items(runs.row_start[d - 1]),
-        static_cast<unsigned int>(ceil_div_i64(max_slice, kReduceThreads)));
+        grid_for_items(runs.row_start[d - 1]), grid_y_for_tiles(ceil_div_i64(max_slice, kReduceThreads)));
     const auto kernel = &grt_det_prefix_kernel<acc_t>;
     TORCHREC_TT_LAUNCH(
         ctx, kernel, grid, kReduceThreads, 0, t, runs, static_cast<int>(U_ub),
@@ -774,7 +767,7 @@ void tt_backward_tt(
   ensure_dynamic_smem(ctx, kernel, rsmem);
   const dim3 grid(
       grid_for_items(runs.row_start[d]),
-      static_cast<unsigned int>(ceil_div_i64(max_slice, static_cast<int64_t>(kReduceThreads) * kTTDetEPT)));
+      grid_y_for_tiles(ceil_div_i64(max_slice, static_cast<int64_t>(kReduceThreads) * kTTDetEPT)));
   TORCHREC_TT_LAUNCH(
       ctx, kernel, grid, kReduceThreads, rsmem, t, in.cores, runs, in.indices, in.offsets, in.psw,
       grad_out, in.B, in.nnz, in.pooling_mode, grads);

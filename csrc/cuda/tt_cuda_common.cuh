@@ -100,7 +100,7 @@ constexpr int kElemThreads = 256;
 #define TORCHREC_TT_MAX_GRID_BLOCKS 65536
 #endif
 constexpr int64_t kMaxGridBlocks = TORCHREC_TT_MAX_GRID_BLOCKS;
-constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxGridY = kMaxGridBlocks < 65535 ? kMaxGridBlocks : 65535; // tiles loop past it
 
 // ---------------------------------------------------------------------------------------------
 // dtype conversion (explicit intrinsics: extensions build with __CUDA_NO_HALF_CONVERSIONS__ etc.)
@@ -495,6 +495,11 @@ inline unsigned int grid_for_elems(int64_t n, int threads) {
 // Grid for a block-per-item loop over (at most) n items.
 inline unsigned int grid_for_items(int64_t n) {
   return static_cast<unsigned int>(n < 1 ? 1 : (n > kMaxGridBlocks ? kMaxGridBlocks : n));
+}
+
+// grid.y for a loop over `tiles` element tiles (the kernels loop past kMaxGridY).
+inline unsigned int grid_y_for_tiles(int64_t tiles) {
+  return static_cast<unsigned int>(tiles < 1 ? 1 : (tiles > kMaxGridY ? kMaxGridY : tiles));
 }
 
 template <typename Kernel, typename... Args>

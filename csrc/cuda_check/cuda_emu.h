@@ -1,12 +1,14 @@
-// CPU emulation of the small CUDA subset used by csrc/cuda/*.cuh -- a test vehicle only.
+// CPU emulation of the small CUDA subset used by the kernel files (csrc/cuda/*_cuda.cu and
+// tt_cuda_common.cuh) -- a test vehicle only.
 //
-// Include this header first (g++ -include), then the kernel files, and compile with a host C++20 compiler
-// (g++ -std=c++20 -pthread -I<cuda>/include). Every CUDA thread of a block is a host thread;
+// Force it in first (g++ -include csrc/cuda_check/cuda_emu.h -x c++ file.cu) with a host C++20
+// compiler (-std=c++20 -pthread -I<cuda>/include). Every CUDA thread of a block is a host thread;
 // __syncthreads() / __syncwarp() are real barriers (a thread that skips one deadlocks the block, so
 // non-uniform barriers show up as a hang), warp shuffles exchange through per-warp slots behind
-// barriers, atomics are std::atomic_ref. Blocks run one after another, in reverse order. Dynamic shared memory is
-// filled with 0xff bytes (NaN for floats) before every block, and the test fills the workspace the
-// same way, so reading something no thread wrote shows up in the results.
+// barriers, atomics are std::atomic_ref. Blocks run one after another, in reverse order (no code may
+// rely on block order). Dynamic shared memory is filled with 0xff bytes (NaN for floats) before every
+// block, and the test fills the workspace the same way, so reading something no thread wrote shows
+// up in the results.
 #pragma once
 
 #define TORCHREC_TT_CUDA_EMU_H 1
