@@ -59,6 +59,7 @@ __global__ void __launch_bounds__(kBagThreads) grt_bwd_bag_kernel(
   acc_t* const sw = smem + N + warp * 2 * Rn;
   acc_t* const dsw = sw + Rn;
   const int S = plan_count(v.header, PlanHeader::kNumSegments, nnz);
+  const int U = plan_count(v.header, PlanHeader::kNumSlots, U_ub); // records [0, U) were written
   const int q_off = t.act_off[t.d - 2];
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     const int s_begin = static_cast<int>(tt_min<int64_t>(tt_max<int64_t>(v.bag_segment_start[b], 0), S));
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(kBagThreads) grt_bwd_bag_kernel(
     __syncthreads();
     for (int s = s_begin + warp; s < s_end; s += kBagWarps) {
       const int64_t u = v.segment_slot[s];
-      const bool has_q = u >= 0 && u < U_ub; // warp-uniform
+      const bool has_q = u >= 0 && u < U; // warp-uniform
       const int p0 = static_cast<int>(tt_min<int64_t>(tt_max<int64_t>(v.segment_start[s], 0), nnz));
       const int p1 = static_cast<int>(tt_min<int64_t>(tt_max<int64_t>(v.segment_start[s + 1], p0), nnz));
       constexpr int V = VecWidth<scalar_t>::value;
@@ -594,6 +595,7 @@ __global__ void __launch_bounds__(kReduceThreads) tt_det_core_kernel(
 
 constexpr int kTTDetEPT = 4;
 
+// zeros: the output buffers to zero first (this adds the dQ accumulators of the default mode).
 template <typename scalar_t, typename index_t>
 void grt_backward(
     LaunchCtx& ctx,
@@ -603,7 +605,8 @@ void grt_backward(
     const scalar_t* grad_out,
     const GradPtrs<acc_type<scalar_t>>& grads,
     scalar_t* psw_grad,
-    bool deterministic) {
+    bool deterministic,
+    ZeroList zeros) {
   using acc_t = acc_type<scalar_t>;
   const int d = t.d;
   if (plan == nullptr) {
@@ -618,8 +621,9 @@ void grt_backward(
   acc_t* seg_S = deterministic ? ctx.alloc_n<acc_t>(in.nnz * t.Rn) : nullptr;
   acc_t* seg_dS = deterministic ? ctx.alloc_n<acc_t>(in.nnz * t.Rn) : nullptr;
   if (!deterministic) {
-    memset_async(ctx, dact, 0, static_cast<size_t>(U_ub) * t.act_size * sizeof(acc_t));
+    zeros.add(dact, U_ub * t.act_size * static_cast<int64_t>(sizeof(acc_t)));
   }
+  zero_async(ctx, zeros);
   launch_grt_prefix(ctx, t, in.cores, plan, in.nnz, in.B, U_ub, act, /*store_all=*/1);
   const scalar_t* core_last = in.cores.p[d - 1];
   const bool vec = vec_aligned<VecWidth<scalar_t>::value>(core_last, t.Rn);
@@ -719,9 +723,11 @@ void tt_backward_tt(
     const scalar_t* grad_out,
     const GradPtrs<acc_type<scalar_t>>& grads,
     scalar_t* psw_grad,
-    bool deterministic) {
+    bool deterministic,
+    const ZeroList& zeros) {
   using acc_t = acc_type<scalar_t>;
   const int d = t.d;
+  zero_async(ctx, zeros);
   const size_t smem = smem_tt_lookup_grad(t, sizeof(acc_t));
   if (!deterministic || psw_grad != nullptr) {
     const auto launch = [&](auto core_grads) {
@@ -787,19 +793,23 @@ void tt_backward(
     bool deterministic) {
   using acc_t = acc_type<scalar_t>;
   const KernelShape t = make_kernel_shape(in.layout);
+  // Every output is zeroed (one launch, with the grt default mode's dQ accumulators): rows no lookup
+  // touches and weights of invalid lookups stay 0.
+  ZeroList zeros;
   for (int k = 0; k < t.d; ++k) {
-    memset_async(ctx, grads.p[k], 0, static_cast<size_t>(in.layout.core_numel(k)) * sizeof(acc_t));
+    zeros.add(grads.p[k], in.layout.core_numel(k) * static_cast<int64_t>(sizeof(acc_t)));
   }
   if (psw_grad != nullptr) {
-    memset_async(ctx, psw_grad, 0, static_cast<size_t>(in.nnz) * sizeof(scalar_t));
+    zeros.add(psw_grad, in.nnz * static_cast<int64_t>(sizeof(scalar_t)));
   }
   if (in.B <= 0 || in.nnz <= 0) {
+    zero_async(ctx, zeros);
     return;
   }
   if (variant == 0) {
-    tt_backward_tt(ctx, in, t, grad_out, grads, psw_grad, deterministic);
+    tt_backward_tt(ctx, in, t, grad_out, grads, psw_grad, deterministic, zeros);
   } else {
-    grt_backward(ctx, in, t, plan, grad_out, grads, psw_grad, deterministic);
+    grt_backward(ctx, in, t, plan, grad_out, grads, psw_grad, deterministic, zeros);
   }
 }
 

