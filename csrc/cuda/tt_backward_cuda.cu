@@ -238,16 +238,29 @@ __global__ void __launch_bounds__(kPrefixThreads) grt_bwd_slot_kernel(
   }
 }
 
+// Deterministic mode: a lookup's contribution to the last core, c_j dS_seg, sorted with its key.
+template <typename acc_t>
+struct SegCoef {
+  int32_t seg;
+  acc_t coef;
+};
+
 // Deterministic mode, keys of the sorted reductions (n = nnz >= U_ub entries):
-//   last core: key = last digit of sorted position p < segment_start[S] (m_last otherwise);
+//   last core: key = last digit of sorted position p < segment_start[S] (m_last otherwise), value =
+//              (segment, c_j), so that the reduction reads one value per item;
 //   prefix core k: key = digit i_k of slot u's group (m_k for no / invalid slot).
-template <typename Unused = void>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void grt_det_keys_kernel(
     KernelShape t,
     PlanView<const int64_t> v,
+    const scalar_t* __restrict__ psw,
+    const index_t* __restrict__ offsets,
+    int64_t B,
     int64_t nnz,
+    int mean,
     int64_t U_ub,
     uint32_t* __restrict__ last_keys,
+    SegCoef<acc_t>* __restrict__ last_vals,
     int32_t* __restrict__ iota,
     uint32_t* __restrict__ k0,
     uint32_t* __restrict__ k1,
@@ -258,14 +271,22 @@ __global__ void grt_det_keys_kernel(
   uint32_t* keys[3] = {k0, k1, k2};
   TORCHREC_TT_GRID_STRIDE(i, nnz) {
     const int64_t last = i < nvalid ? v.sorted_last[i] : -1;
-    last_keys[i] = (last >= 0 && last < t.m_last) ? static_cast<uint32_t>(last) : static_cast<uint32_t>(t.m_last);
+    const int64_t j = i < nvalid ? v.sorted_lookup[i] : -1;
+    const int64_t s = (j >= 0 && j < nnz) ? v.lookup_segment[j] : -1;
+    const int64_t b = (s >= 0 && s < S) ? v.segment_bag[s] : -1;
+    const bool ok = last >= 0 && last < t.m_last && b >= 0 && b < B;
+    last_keys[i] = ok ? static_cast<uint32_t>(last) : static_cast<uint32_t>(t.m_last);
+    last_vals[i] = ok
+        ? SegCoef<acc_t>{static_cast<int32_t>(s),
+                         (psw != nullptr ? to_acc(psw[j]) : acc_t(1)) * bag_scale<acc_t>(offsets, b, nnz, mean)}
+        : SegCoef<acc_t>{-1, acc_t(0)};
     iota[i] = static_cast<int32_t>(i);
     if (i < U_ub) {
       const int64_t g = i < U ? v.slot_group[i] : -1;
-      const bool ok = g >= 0 && g < t.num_groups;
+      const bool valid = g >= 0 && g < t.num_groups;
       for (int k = 0; k + 1 < t.d; ++k) {
-        keys[k][i] = ok ? static_cast<uint32_t>(mixed_radix_digit(t.L, g, k, t.d - 1))
-                        : static_cast<uint32_t>(t.L.m[k]);
+        keys[k][i] = valid ? static_cast<uint32_t>(mixed_radix_digit(t.L, g, k, t.d - 1))
+                           : static_cast<uint32_t>(t.L.m[k]);
       }
     }
   }
@@ -286,39 +307,25 @@ __device__ __forceinline__ int lower_bound_u32(const uint32_t* keys, int n, uint
   return lo;
 }
 
-// Deterministic last-core gradient: block (row v of core d-1, element tile y) sums c_j dS_seg(j) over
-// the sorted positions whose last digit is v, in order.
-template <typename scalar_t, typename acc_t, typename index_t>
+// Deterministic last-core gradient: block (row v of core d-1, element tiles) sums c_j dS_seg(j) over
+// the lookups whose last digit is v, in sorted (plan) order.
+template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads) grt_det_last_kernel(
     KernelShape t,
-    PlanView<const int64_t> v,
     const uint32_t* __restrict__ keys,
-    const int32_t* __restrict__ items,
+    const SegCoef<acc_t>* __restrict__ vals,
+    int n,
     const acc_t* __restrict__ seg_dS,
-    const scalar_t* __restrict__ psw,
-    const index_t* __restrict__ offsets,
-    int64_t B,
-    int64_t nnz,
-    int mean,
     acc_t* __restrict__ dcore_last) {
   const int Rn = t.Rn;
-  const int S = plan_count(v.header, PlanHeader::kNumSegments, nnz);
-  const int n = static_cast<int>(nnz);
   for (int64_t row = blockIdx.x; row < t.m_last; row += gridDim.x) {
     const int lo = lower_bound_u32(keys, n, static_cast<uint32_t>(row));
     const int hi = lower_bound_u32(keys, n, static_cast<uint32_t>(row) + 1u);
     for (int e = blockIdx.y * blockDim.x + threadIdx.x; e < Rn && hi > lo; e += gridDim.y * blockDim.x) {
       acc_t sum = acc_t(0);
       for (int q = lo; q < hi; ++q) {
-        const int p = items[q];
-        const int64_t j = v.sorted_lookup[p];
-        const int64_t s = (j >= 0 && j < nnz) ? v.lookup_segment[j] : -1;
-        const int64_t b = (s >= 0 && s < S) ? v.segment_bag[s] : -1;
-        if (b < 0 || b >= B) {
-          continue;
-        }
-        const acc_t c = (psw != nullptr ? to_acc(psw[j]) : acc_t(1)) * bag_scale<acc_t>(offsets, b, nnz, mean);
-        sum += c * seg_dS[s * Rn + e];
+        const SegCoef<acc_t> sc = vals[q];
+        sum += sc.coef * seg_dS[static_cast<int64_t>(sc.seg) * Rn + e];
       }
       dcore_last[row * Rn + e] = sum;
     }
@@ -666,18 +673,20 @@ void grt_backward(
   const int n = static_cast<int>(in.nnz);
   uint32_t* last_keys = ctx.alloc_n<uint32_t>(in.nnz);
   uint32_t* last_keys_sorted = ctx.alloc_n<uint32_t>(in.nnz);
+  SegCoef<acc_t>* last_vals = ctx.alloc_n<SegCoef<acc_t>>(in.nnz);
+  SegCoef<acc_t>* last_vals_sorted = ctx.alloc_n<SegCoef<acc_t>>(in.nnz);
   int32_t* iota = ctx.alloc_n<int32_t>(in.nnz);
-  int32_t* last_items = ctx.alloc_n<int32_t>(in.nnz);
   uint32_t* pkeys[3] = {};
   for (int k = 0; k + 1 < d; ++k) {
     pkeys[k] = ctx.alloc_n<uint32_t>(U_ub);
   }
   launch_elems(
-      ctx, &grt_det_keys_kernel<>, in.nnz, t, v, in.nnz, U_ub, last_keys, iota, pkeys[0], pkeys[1],
-      pkeys[2]);
+      ctx, &grt_det_keys_kernel<scalar_t, acc_t, index_t>, in.nnz, t, v, in.psw, in.offsets, in.B,
+      in.nnz, in.pooling_mode, U_ub, last_keys, last_vals, iota, pkeys[0], pkeys[1], pkeys[2]);
   radix_sort_pairs(
-      ctx, static_cast<const uint32_t*>(last_keys), last_keys_sorted, static_cast<const int32_t*>(iota),
-      last_items, n, bit_width_u64(static_cast<uint64_t>(t.m_last)));
+      ctx, static_cast<const uint32_t*>(last_keys), last_keys_sorted,
+      static_cast<const SegCoef<acc_t>*>(last_vals), last_vals_sorted, n,
+      bit_width_u64(static_cast<uint64_t>(t.m_last)));
   PrefixRuns runs;
   runs.keys[0] = pkeys[0];
   runs.items[0] = iota; // digit i_0 ascends with the group: slots are already in order
@@ -695,11 +704,11 @@ void grt_backward(
   }
   {
     const dim3 grid(grid_for_items(t.m_last), grid_y_for_tiles(ceil_div_i64(t.Rn, kReduceThreads)));
-    const auto kernel = &grt_det_last_kernel<scalar_t, acc_t, index_t>;
+    const auto kernel = &grt_det_last_kernel<acc_t>;
     TORCHREC_TT_LAUNCH(
-        ctx, kernel, grid, kReduceThreads, 0, t, v, static_cast<const uint32_t*>(last_keys_sorted),
-        static_cast<const int32_t*>(last_items), static_cast<const acc_t*>(seg_dS), in.psw,
-        in.offsets, in.B, in.nnz, in.pooling_mode, grads.p[d - 1]);
+        ctx, kernel, grid, kReduceThreads, 0, t, static_cast<const uint32_t*>(last_keys_sorted),
+        static_cast<const SegCoef<acc_t>*>(last_vals_sorted), n, static_cast<const acc_t*>(seg_dS),
+        grads.p[d - 1]);
   }
   if (U_ub > 0) {
     int max_slice = 0;
