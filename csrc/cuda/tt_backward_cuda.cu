@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(kBagThreads) grt_bwd_bag_kernel(
     int64_t nnz,
     int mean,
     bool vec,
+    bool gvec,
     scalar_t* __restrict__ psw_grad,
     acc_t* __restrict__ dcore_last, // default mode
     acc_t* __restrict__ dact, // default mode: dQ of slot u at u * act_size + act_off[d-2]
@@ -68,9 +69,7 @@ __global__ void __launch_bounds__(kBagThreads) grt_bwd_bag_kernel(
       continue;
     }
     const acc_t scale = bag_scale<acc_t>(offsets, b, nnz, mean);
-    for (int o = threadIdx.x; o < N; o += blockDim.x) {
-      gs[o] = to_acc(grad_out[b * N + o]);
-    }
+    block_load_row<VecWidth<scalar_t>::value>(grad_out + b * N, N, gvec, gs);
     __syncthreads();
     for (int s = s_begin + warp; s < s_end; s += kBagWarps) {
       const int64_t u = v.segment_slot[s];
@@ -150,6 +149,7 @@ __global__ void __launch_bounds__(kPrefixThreads) grt_bwd_slot_kernel(
     int64_t U_ub,
     PlanView<const int64_t> v,
     const scalar_t* __restrict__ grad_out,
+    bool gvec,
     const acc_t* __restrict__ seg_S,
     int64_t B,
     int64_t nnz,
@@ -191,9 +191,7 @@ __global__ void __launch_bounds__(kPrefixThreads) grt_bwd_slot_kernel(
           continue;
         }
         __syncthreads(); // previous segment's reads of gs / ss are done
-        for (int o = threadIdx.x; o < N; o += blockDim.x) {
-          gs[o] = to_acc(grad_out[b * N + o]);
-        }
+        block_load_row<VecWidth<scalar_t>::value>(grad_out + b * N, N, gvec, gs);
         for (int e = threadIdx.x; e < t.Rn; e += blockDim.x) {
           ss[e] = seg_S[s * t.Rn + e];
         }
@@ -634,6 +632,7 @@ void grt_backward(
   launch_grt_prefix(ctx, t, in.cores, plan, in.nnz, in.B, U_ub, act, /*store_all=*/1);
   const scalar_t* core_last = in.cores.p[d - 1];
   const bool vec = vec_aligned<VecWidth<scalar_t>::value>(core_last, t.Rn);
+  const bool gvec = vec_aligned<VecWidth<scalar_t>::value>(grad_out, t.N);
   {
     const size_t smem = smem_grt_bwd_bag(t, sizeof(acc_t));
     const auto launch = [&](auto det) {
@@ -642,7 +641,7 @@ void grt_backward(
       TORCHREC_TT_LAUNCH(
           ctx, kernel, grid_for_items(in.B), kBagThreads, smem, t, core_last,
           static_cast<const acc_t*>(act), U_ub, v, in.psw, in.offsets, grad_out, in.B, in.nnz,
-          in.pooling_mode, vec, psw_grad, grads.p[d - 1], dact, seg_S, seg_dS);
+          in.pooling_mode, vec, gvec, psw_grad, grads.p[d - 1], dact, seg_S, seg_dS);
     };
     if (deterministic) {
       launch(std::true_type{});
@@ -657,7 +656,7 @@ void grt_backward(
       ensure_dynamic_smem(ctx, kernel, smem);
       TORCHREC_TT_LAUNCH(
           ctx, kernel, grid_for_items(U_ub), kPrefixThreads, smem, t, in.cores,
-          static_cast<const acc_t*>(act), U_ub, v, grad_out, static_cast<const acc_t*>(seg_S), in.B,
+          static_cast<const acc_t*>(act), U_ub, v, grad_out, gvec, static_cast<const acc_t*>(seg_S), in.B,
           in.nnz, dact, grads);
     };
     if (deterministic) {

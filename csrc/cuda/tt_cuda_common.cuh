@@ -857,6 +857,26 @@ __device__ __forceinline__ void warp_segment_sum(
   __syncwarp();
 }
 
+// Block-cooperative: dst[0, n) = src[0, n) in acc_t, read as vectors of V when vec (src aligned and
+// n % V == 0).
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void block_load_row(const scalar_t* __restrict__ src, int n, bool vec, acc_t* dst) {
+  if (vec) {
+    for (int e = threadIdx.x * V; e < n; e += blockDim.x * V) {
+      acc_t x[V];
+      load_vec<V>(src + e, x);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        dst[e + i] = x[i];
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < n; e += blockDim.x) {
+      dst[e] = to_acc(src[e]);
+    }
+  }
+}
+
 // Row and column (o / nl, o % nl) of the outputs o = first + i * stride (i < OPT) of this thread.
 template <int OPT>
 __device__ __forceinline__ void thread_output_coords(
