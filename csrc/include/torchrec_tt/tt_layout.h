@@ -1,7 +1,7 @@
 // TT layout of one table and the TT index decomposition, shared by the CPU and CUDA kernels.
 //
-// Plain C++ only (no ATen/c10 includes) so that CUDA kernel headers (csrc/cuda/*.cuh) can use it
-// on machines whose torch wheel has no CUDA headers.
+// Plain C++ only (no ATen/c10 includes) so that the CUDA kernel files (csrc/cuda/*_cuda.cu, which
+// include no ATen) and their CPU-thread emulation can use it: one layout type for both devices.
 //
 // Layout (see DESIGN.md section 1): a table with d cores (2 <= d <= 4); core k is a contiguous tensor
 // of shape (m_k, R[k], n_k, R[k+1]) with R[0] = R[d] = 1. Row i has the TT index (i_0, ..., i_{d-1})
