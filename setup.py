@@ -1,9 +1,12 @@
 """Builds the torchrec_tt._C extension (metadata lives in pyproject.toml).
 
 CPU build (always): csrc/ops.cpp (schemas) + csrc/cpu/*.cpp (CPU kernels), C++ with -O3 and OpenMP
-(at::parallel_for). CUDA build: when torch has CUDA (torch.version.cuda) and a CUDA toolkit is found
-(CUDA_HOME), csrc/cuda/*.cu (+ csrc/cuda/*.cpp) are added, compiled with nvcc, and
-TORCHREC_TT_WITH_CUDA is defined. Set TORCHREC_TT_FORCE_CPU=1 to skip the CUDA sources.
+(at::parallel_for). CUDA build: when torch has CUDA (torch.version.cuda), csrc/cuda/*.cu (+
+csrc/cuda/*.cpp) are added, compiled with nvcc, and TORCHREC_TT_WITH_CUDA is defined. A CUDA torch
+without a CUDA toolkit (CUDA_HOME) is an error, not a silent CPU-only build: install the toolkit
+(nvcc) matching torch.version.cuda, or set TORCHREC_TT_FORCE_CPU=1 to build the CPU ops only.
+Without TORCH_CUDA_ARCH_LIST and without a visible GPU (build machines), the kernels are built for
+sm_80 and sm_90 (+ PTX for newer GPUs) instead of whatever torch would guess.
 
 Install with `pip install --no-build-isolation -e .` (an isolated build would fetch another torch).
 The C++ standard is left to torch.utils.cpp_extension (c++17 with torch 2.11, c++20 with 2.13,
@@ -31,10 +34,32 @@ def _sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# Default GPU architectures when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (A100, H100;
+# PTX lets newer GPUs JIT the sm_90 code).
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
 def _with_cuda() -> bool:
     if os.environ.get("TORCHREC_TT_FORCE_CPU", "0") == "1":
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None:
+        return False
+    if CUDA_HOME is None:
+        raise RuntimeError(
+            f"torchrec_tt: torch {torch.__version__} was built with CUDA {torch.version.cuda}, but no "
+            "CUDA toolkit was found (CUDA_HOME is unset and nvcc is not on PATH), so the CUDA ops "
+            "cannot be built. Install the CUDA toolkit matching torch.version.cuda and set "
+            "CUDA_HOME, or set TORCHREC_TT_FORCE_CPU=1 to build the CPU ops only."
+        )
+    return True
+
+
+def _set_default_cuda_arch_list() -> None:
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return  # torch builds for the visible GPUs
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
 
 
 def _cpu_arch_flags() -> list:
@@ -63,6 +88,7 @@ def _extension():
         cxx_flags += ["-fopenmp"]
         link_args += ["-fopenmp"]
     if _with_cuda():
+        _set_default_cuda_arch_list()
         cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         if cuda_sources:
             return CUDAExtension(

@@ -1,12 +1,14 @@
-// CPU emulation of the small CUDA subset used by csrc/cuda/*.cuh -- a test vehicle only.
+// CPU emulation of the small CUDA subset used by the kernel files (csrc/cuda/*_cuda.cu and
+// tt_cuda_common.cuh) -- a test vehicle only.
 //
-// Include this header first, then the kernel headers, and compile with a host C++20 compiler
-// (g++ -std=c++20 -pthread -I<cuda>/include). Every CUDA thread of a block is a host thread;
+// Force it in first (g++ -include csrc/cuda_check/cuda_emu.h -x c++ file.cu) with a host C++20
+// compiler (-std=c++20 -pthread -I<cuda>/include). Every CUDA thread of a block is a host thread;
 // __syncthreads() / __syncwarp() are real barriers (a thread that skips one deadlocks the block, so
 // non-uniform barriers show up as a hang), warp shuffles exchange through per-warp slots behind
-// barriers, atomics are std::atomic_ref. Blocks run one after another. Dynamic shared memory and the
-// context's scratch allocations are filled with 0xff bytes (NaN for floats), so reading something
-// no thread wrote shows up in the results.
+// barriers, atomics are std::atomic_ref. Blocks run one after another, in reverse order (no code may
+// rely on block order). Dynamic shared memory is filled with 0xff bytes (NaN for floats) before every
+// block, and the test fills the workspace the same way, so reading something no thread wrote shows
+// up in the results.
 #pragma once
 
 #define TORCHREC_TT_CUDA_EMU_H 1
@@ -101,9 +103,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&
           static_cast<unsigned>(tid) / (block.x * block.y)};
       t_blockDim = block;
       t_gridDim = grid;
-      for (unsigned bz = 0; bz < grid.z; ++bz) {
-        for (unsigned by = 0; by < grid.y; ++by) {
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
+      // Blocks in reverse order: no code may rely on block order.
+      for (unsigned bz = grid.z; bz-- > 0;) {
+        for (unsigned by = grid.y; by-- > 0;) {
+          for (unsigned bx = grid.x; bx-- > 0;) {
             if (tid == 0) {
               std::memset(st.smem.get(), 0xff, st.smem_size + 64);
             }
@@ -171,33 +174,3 @@ inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
   }
   return cur;
 }
-
-namespace tt_emu {
-
-// Launch context of the emulation: host memory, filled with 0xff (NaN) bytes.
-struct Ctx {
-  cudaStream_t stream = nullptr;
-  std::vector<void*> buffers;
-  Ctx() = default;
-  Ctx(const Ctx&) = delete;
-  Ctx& operator=(const Ctx&) = delete;
-  ~Ctx() {
-    for (void* p : buffers) {
-      std::free(p);
-    }
-  }
-  void* alloc(size_t bytes) {
-    void* p = std::malloc(bytes > 0 ? bytes : 1);
-    std::memset(p, 0xff, bytes);
-    buffers.push_back(p);
-    return p;
-  }
-  void check_launch() {}
-  void check(cudaError_t err) {
-    if (err != cudaSuccess) {
-      std::abort();
-    }
-  }
-};
-
-} // namespace tt_emu

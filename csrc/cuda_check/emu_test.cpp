@@ -1,23 +1,21 @@
-// Runs the CUDA kernels of csrc/cuda/*.cuh on CPU threads (cuda_emu.h) and compares them with a
-// straightforward double-precision reference: group_plan, forward and backward of both variants,
-// sum/mean pooling, per-sample weights, empty bags, d = 2..4, float/double/half/bfloat16 cores,
-// int32/int64 indices, default (atomic) and deterministic reductions, invalid inputs.
+// Runs the CUDA kernel files (csrc/cuda/*_cuda.cu, compiled as C++ with cuda_emu.h forced in) on CPU
+// threads and compares them with a straightforward double-precision reference: the packed
+// group_plan, forward and backward of both variants with and without a caller-built plan, sum/mean
+// pooling, per-sample weights, empty bags, B = 0, nnz = 0, d = 2..4, float/double/half/bfloat16 cores,
+// int32/int64 indices, default (atomic) and deterministic reductions (bit-identical run to run),
+// invalid inputs. It also counts the launches of every op call (kernels, memsets, cub calls) and
+// asserts the budgets: grt forward <= 8 including the plan, grt backward <= 16 given the plan.
 //
-//   g++ -std=c++20 -O1 -pthread -I<cuda>/include csrc/cuda_check/emu_test.cpp -o /tmp/emu_test
-//   (optionally -DTORCHREC_TT_MAX_GRID_BLOCKS=3 -DTORCHREC_TT_CHUNK_ITEMS=3: tiny grids and chunks)
-//   /tmp/emu_test [iterations] [seed]
-// (.ci/compile_cuda.sh builds and runs it; add -fsanitize=address,undefined for memory checks.)
+// .ci/compile_cuda.sh builds it (tiny grids and chunks: -DTORCHREC_TT_MAX_GRID_BLOCKS=3) and runs
+//   emu_test [iterations] [seed]
+// (EMU_SANITIZE=1 adds -fsanitize=address,undefined).
 
-#include "cuda_emu.h"
-
-#include "../cuda/tt_backward.cuh"
-#include "../cuda/tt_forward.cuh"
-#include "../cuda/tt_group_plan.cuh"
-#include "../cuda/tt_input_checks.cuh"
+#include "../cuda/tt_launch.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <random>
@@ -313,22 +311,59 @@ double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
 // Running the kernels
 // ---------------------------------------------------------------------------------------------
 
+// Runs a launcher the way the CUDA ops do: a sizing pass, then the real pass on one workspace
+// filled with 0xff bytes (NaN). Returns the real pass's launch count.
+template <typename F>
+int run_ctx(F&& f) {
+  LaunchCtx sizing;
+  sizing.measure = true;
+  f(sizing);
+  EXPECT(sizing.launches == 0, "the sizing pass launched %d kernels", sizing.launches);
+  const size_t bytes = (sizing.used + 255) / 256 * 256 + 256;
+  void* ws = std::aligned_alloc(256, bytes);
+  std::memset(ws, 0xff, bytes);
+  LaunchCtx ctx;
+  ctx.base = static_cast<char*>(ws);
+  ctx.capacity = sizing.used;
+  f(ctx);
+  EXPECT(ctx.error == cudaSuccess, "launcher error %d", static_cast<int>(ctx.error));
+  EXPECT(ctx.used == sizing.used, "workspace %zu != sized %zu", ctx.used, sizing.used);
+  std::free(ws);
+  return ctx.launches;
+}
+
+torchrec_tt::TTLayout layout_of(const Problem& P) {
+  torchrec_tt::TTLayout L;
+  L.d = P.d;
+  for (int k = 0; k < P.d; ++k) {
+    L.m[k] = P.m[k];
+    L.n[k] = P.n[k];
+  }
+  for (int k = 0; k <= P.d; ++k) {
+    L.R[k] = P.R[k];
+  }
+  return L;
+}
+
 struct GpuOut {
   std::vector<double> y;
   std::vector<std::vector<double>> dcores;
   std::vector<double> psw_grad;
   std::vector<std::vector<unsigned char>> raw; // bytes of dcores + psw_grad (determinism check)
+  int fwd_launches = 0; // forward, including the plan
+  int bwd_launches = 0; // backward (given the plan when given_plan)
 };
 
+// given_plan: the plan comes from build_group_plan without the table's bound (the group_plan op),
+// is counted with the forward and passed to both; otherwise each op builds its own.
 template <typename scalar_t, typename index_t>
-GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic) {
+GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic, bool given_plan) {
   using acc_t = acc_type<scalar_t>;
-  const TTDims t = make_tt_dims(P.d, P.m.data(), P.n.data(), P.R.data());
   const int64_t B = P.B();
   const int64_t nnz = P.nnz();
   const int64_t N = P.N();
   std::vector<std::vector<scalar_t>> cores(P.d);
-  CorePtrs<scalar_t> cp;
+  torchrec_tt::CorePtrs<scalar_t> cp;
   for (int k = 0; k < P.d; ++k) {
     for (double v : P.cores[k]) {
       cores[k].push_back(to_t<scalar_t>(v));
@@ -341,20 +376,30 @@ GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic)
   for (double v : P.psw) {
     psw.push_back(to_t<scalar_t>(v));
   }
-  const scalar_t* psw_ptr = P.has_psw ? psw.data() : nullptr;
-  const LookupBatch<scalar_t, index_t> batch{
-      t, cp, idx.data(), off.data(), psw_ptr, B, nnz, P.mode};
-  std::vector<scalar_t> y(static_cast<size_t>(B * N));
-  std::memset(static_cast<void*>(y.data()), 0xff, y.size() * sizeof(scalar_t));
+  LookupBatch<scalar_t, index_t> batch;
+  batch.layout = layout_of(P);
+  batch.cores = cp;
+  batch.indices = idx.data();
+  batch.offsets = off.data();
+  batch.psw = P.has_psw ? psw.data() : nullptr;
+  batch.B = B;
+  batch.nnz = nnz;
+  batch.pooling_mode = P.mode;
   GpuOut o;
-  {
-    tt_emu::Ctx ctx;
-    if (variant == 1) {
-      grt_forward(ctx, batch, y.data());
-    } else {
-      tt_forward(ctx, batch, y.data());
-    }
+  std::vector<int64_t> plan;
+  const int64_t* plan_ptr = nullptr;
+  if (given_plan) {
+    plan.assign(static_cast<size_t>(torchrec_tt::PlanLayout::make(nnz, B).numel), int64_t{-3});
+    o.fwd_launches += run_ctx([&](LaunchCtx& ctx) {
+      build_group_plan<index_t>(ctx, idx.data(), off.data(), B, nnz, P.m[P.d - 1], 0, plan.data());
+    });
+    plan_ptr = plan.data();
   }
+  std::vector<scalar_t> y(static_cast<size_t>(B * N));
+  if (!y.empty()) {
+    std::memset(static_cast<void*>(y.data()), 0xff, y.size() * sizeof(scalar_t));
+  }
+  o.fwd_launches += run_ctx([&](LaunchCtx& ctx) { tt_forward(ctx, batch, variant, plan_ptr, y.data()); });
   for (auto v : y) {
     o.y.push_back(to_d(v));
   }
@@ -366,21 +411,16 @@ GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic)
     g.push_back(to_t<scalar_t>(v));
   }
   std::vector<std::vector<acc_t>> grads(P.d);
-  acc_t* gp[4] = {};
+  GradPtrs<acc_t> gp;
   for (int k = 0; k < P.d; ++k) {
-    grads[k].assign(static_cast<size_t>(P.m[k] * P.slice(k)), acc_t(0));
-    gp[k] = grads[k].data();
+    grads[k].assign(static_cast<size_t>(P.m[k] * P.slice(k)), acc_t(std::nan("")));
+    gp.p[k] = grads[k].data();
   }
-  std::vector<scalar_t> pg(static_cast<size_t>(nnz), to_t<scalar_t>(0.0));
+  std::vector<scalar_t> pg(static_cast<size_t>(nnz), to_t<scalar_t>(std::nan("")));
   scalar_t* pg_ptr = P.has_psw ? pg.data() : nullptr;
-  {
-    tt_emu::Ctx ctx;
-    if (variant == 1) {
-      grt_backward(ctx, batch, g.data(), gp, pg_ptr, deterministic);
-    } else {
-      tt_backward(ctx, batch, g.data(), gp, pg_ptr, deterministic);
-    }
-  }
+  o.bwd_launches = run_ctx([&](LaunchCtx& ctx) {
+    tt_backward(ctx, batch, variant, plan_ptr, g.data(), gp, pg_ptr, deterministic);
+  });
   for (int k = 0; k < P.d; ++k) {
     std::vector<double> dc;
     for (auto v : grads[k]) {
@@ -390,11 +430,13 @@ GpuOut run_gpu(const Problem& P, int variant, bool backward, bool deterministic)
     const auto* bytes = reinterpret_cast<const unsigned char*>(grads[k].data());
     o.raw.emplace_back(bytes, bytes + grads[k].size() * sizeof(acc_t));
   }
-  for (auto v : pg) {
-    o.psw_grad.push_back(to_d(v));
+  if (P.has_psw) {
+    for (auto v : pg) {
+      o.psw_grad.push_back(to_d(v));
+    }
+    const auto* pbytes = reinterpret_cast<const unsigned char*>(pg.data());
+    o.raw.emplace_back(pbytes, pbytes + pg.size() * sizeof(scalar_t));
   }
-  const auto* pbytes = reinterpret_cast<const unsigned char*>(pg.data());
-  o.raw.emplace_back(pbytes, pbytes + pg.size() * sizeof(scalar_t));
   return o;
 }
 
@@ -520,29 +562,46 @@ std::string describe(const Problem& P) {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
+// Launch budgets (issue 9): grt forward including the plan, grt backward given the plan.
+constexpr int kMaxForwardLaunches = 8;
+constexpr int kMaxBackwardLaunches = 16;
+
 template <typename scalar_t, typename index_t>
-void check_problem(const Problem& P) {
+void check_problem(const Problem& P, bool print_launches = false) {
   const RefOut ref = reference(P);
   const double tol = tolerance<scalar_t>();
   for (int variant = 0; variant <= 1; ++variant) {
-    for (int det = 0; det <= 1; ++det) {
-      const GpuOut g = run_gpu<scalar_t, index_t>(P, variant, /*backward=*/true, det == 1);
-      const std::string what = std::string(type_name<scalar_t>()) + "/" +
-          (sizeof(index_t) == 4 ? "i32" : "i64") + " variant=" + std::to_string(variant) +
-          " det=" + std::to_string(det) + " " + describe(P);
-      const double ey = rel_err(g.y, ref.y);
-      EXPECT(ey <= tol, "forward err %.3g > %.3g: %s", ey, tol, what.c_str());
-      for (int k = 0; k < P.d; ++k) {
-        const double ec = rel_err(g.dcores[k], ref.dcores[k]);
-        EXPECT(ec <= tol, "dcore[%d] err %.3g > %.3g: %s", k, ec, tol, what.c_str());
-      }
-      if (P.has_psw) {
-        const double ep = rel_err(g.psw_grad, ref.psw_grad);
-        EXPECT(ep <= tol, "psw_grad err %.3g > %.3g: %s", ep, tol, what.c_str());
-      }
-      if (det == 1) {
-        const GpuOut g2 = run_gpu<scalar_t, index_t>(P, variant, true, true);
-        EXPECT(g2.raw == g.raw, "deterministic backward differs between runs: %s", what.c_str());
+    for (int given = 0; given <= variant; ++given) {
+      for (int det = 0; det <= 1; ++det) {
+        const GpuOut g = run_gpu<scalar_t, index_t>(P, variant, /*backward=*/true, det == 1, given == 1);
+        const std::string what = std::string(type_name<scalar_t>()) + "/" +
+            (sizeof(index_t) == 4 ? "i32" : "i64") + " variant=" + std::to_string(variant) +
+            " plan=" + (given ? "given" : "built") + " det=" + std::to_string(det) + " " + describe(P);
+        const double ey = rel_err(g.y, ref.y);
+        EXPECT(ey <= tol, "forward err %.3g > %.3g: %s", ey, tol, what.c_str());
+        for (int k = 0; k < P.d; ++k) {
+          const double ec = rel_err(g.dcores[k], ref.dcores[k]);
+          EXPECT(ec <= tol, "dcore[%d] err %.3g > %.3g: %s", k, ec, tol, what.c_str());
+        }
+        if (P.has_psw) {
+          const double ep = rel_err(g.psw_grad, ref.psw_grad);
+          EXPECT(ep <= tol, "psw_grad err %.3g > %.3g: %s", ep, tol, what.c_str());
+        }
+        if (det == 1) {
+          const GpuOut g2 = run_gpu<scalar_t, index_t>(P, variant, true, true, given == 1);
+          EXPECT(g2.raw == g.raw, "deterministic backward differs between runs: %s", what.c_str());
+        }
+        if (variant == 1) {
+          EXPECT(g.fwd_launches <= kMaxForwardLaunches, "grt forward: %d launches incl. the plan > %d: %s",
+                 g.fwd_launches, kMaxForwardLaunches, what.c_str());
+          EXPECT(!given || g.bwd_launches <= kMaxBackwardLaunches, "grt backward: %d launches > %d: %s",
+                 g.bwd_launches, kMaxBackwardLaunches, what.c_str());
+        }
+        if (print_launches && given == variant) {
+          std::printf("  launches %-4s %-9s fwd%s=%d bwd%s=%d  (%s)\n", variant ? "grt" : "tt",
+                      det ? "det" : "atomic", variant ? " incl. plan" : "", g.fwd_launches,
+                      variant ? " given plan" : "", g.bwd_launches, describe(P).c_str());
+        }
       }
     }
   }
@@ -553,12 +612,12 @@ void test_ops(std::mt19937_64& rng, int d, bool invalid_indices) {
   check_problem<scalar_t, index_t>(make_problem<scalar_t>(rng, d, invalid_indices));
 }
 
-// group_plan op against a map-based reference.
+// The packed group_plan (no table bound) against a map-based reference, every field.
 template <typename index_t>
-void test_group_plan(std::mt19937_64& rng, bool huge) {
+void test_group_plan(std::mt19937_64& rng, bool huge, int64_t force_B = -1) {
   auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
   Problem P;
-  const int64_t B = uni(1, 12);
+  const int64_t B = force_B >= 0 ? force_B : uni(1, 12);
   const int64_t last_rows = uni(1, 6);
   const int64_t hi = huge && sizeof(index_t) == 8 ? (int64_t{1} << 62) : uni(1, 40);
   std::vector<int64_t> pool;
@@ -577,62 +636,105 @@ void test_group_plan(std::mt19937_64& rng, bool huge) {
     }
     P.offsets.push_back(static_cast<int64_t>(P.indices.size()));
   }
+  if (B == 0) {
+    P.indices = {3, 1}; // lookups but no bag
+  }
   const int64_t nnz = P.nnz();
+  // The documented key width: groups need < 2^(64 - bit_width(B)).
+  int bbits = 1;
+  while ((int64_t{1} << bbits) <= B) {
+    ++bbits;
+  }
+  auto group_ok = [&](int64_t g) { return 64 - bbits >= 63 || g < (int64_t{1} << (64 - bbits)); };
   // Reference.
-  std::set<std::pair<int64_t, int64_t>> segs;
-  std::set<int64_t> slots;
+  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> segs; // (bag, group) -> lookups
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t b = ref_bag(P, j, -1);
-    if (b >= 0) {
-      segs.insert({b, P.indices[j] / last_rows});
-      slots.insert(P.indices[j] / last_rows);
+    if (b >= 0 && group_ok(P.indices[j] / last_rows)) {
+      segs[{b, P.indices[j] / last_rows}].push_back(j);
     }
   }
-  const std::vector<std::pair<int64_t, int64_t>> seg_list(segs.begin(), segs.end());
-  const std::vector<int64_t> slot_list(slots.begin(), slots.end());
+  std::vector<std::pair<int64_t, int64_t>> seg_list;
+  std::vector<int64_t> sorted_lookup, seg_start{0};
+  for (const auto& kv : segs) {
+    seg_list.push_back(kv.first);
+    sorted_lookup.insert(sorted_lookup.end(), kv.second.begin(), kv.second.end());
+    seg_start.push_back(static_cast<int64_t>(sorted_lookup.size()));
+  }
+  std::map<int64_t, std::vector<int64_t>> slots; // group -> segments
+  for (size_t s = 0; s < seg_list.size(); ++s) {
+    slots[seg_list[s].second].push_back(static_cast<int64_t>(s));
+  }
+  const int64_t S = static_cast<int64_t>(seg_list.size());
+  const int64_t U = static_cast<int64_t>(slots.size());
   // Kernels.
   std::vector<index_t> idx(P.indices.begin(), P.indices.end());
   std::vector<index_t> off(P.offsets.begin(), P.offsets.end());
-  const size_t n1 = static_cast<size_t>(std::max<int64_t>(nnz, 1));
-  std::vector<int64_t> lookup_segment(n1, -7), segment_bag(n1, -7), segment_group(n1, -7),
-      segment_slot(n1, -7), slot_group(n1, -7), counts(2, -7);
-  PlanOutputs out;
-  out.lookup_segment = lookup_segment.data();
-  out.segment_bag = segment_bag.data();
-  out.segment_group = segment_group.data();
-  out.segment_slot = segment_slot.data();
-  out.slot_group = slot_group.data();
-  out.counts = counts.data();
-  {
-    tt_emu::Ctx ctx;
-    group_plan_op<index_t>(ctx, idx.data(), off.data(), B, nnz, last_rows, out);
-  }
-  const int64_t S = static_cast<int64_t>(seg_list.size());
-  const int64_t U = static_cast<int64_t>(slot_list.size());
-  EXPECT(counts[0] == S && counts[1] == U, "group_plan counts [%lld, %lld] != [%lld, %lld]",
-         (long long)counts[0], (long long)counts[1], (long long)S, (long long)U);
-  if (counts[0] != S || counts[1] != U) {
+  std::vector<int64_t> plan(static_cast<size_t>(torchrec_tt::PlanLayout::make(nnz, B).numel), -7);
+  const int launches = run_ctx([&](LaunchCtx& ctx) {
+    build_group_plan<index_t>(ctx, idx.data(), off.data(), B, nnz, last_rows, 0, plan.data());
+  });
+  EXPECT(launches <= 5, "group_plan: %d launches", launches);
+  const auto v = torchrec_tt::PlanView<const int64_t>::make(plan.data(), nnz, B);
+  using torchrec_tt::PlanHeader;
+  auto hdr = [&](PlanHeader h) { return v.header[static_cast<int>(h)]; };
+  EXPECT(hdr(PlanHeader::kNumSegments) == S && hdr(PlanHeader::kNumSlots) == U &&
+             hdr(PlanHeader::kNumLookups) == nnz && hdr(PlanHeader::kNumBags) == B &&
+             hdr(PlanHeader::kLastRows) == last_rows,
+         "group_plan header [%lld %lld %lld %lld %lld] != [%lld %lld %lld %lld %lld]",
+         (long long)v.header[0], (long long)v.header[1], (long long)v.header[2], (long long)v.header[3],
+         (long long)v.header[4], (long long)S, (long long)U, (long long)nnz, (long long)B,
+         (long long)last_rows);
+  if (hdr(PlanHeader::kNumSegments) != S || hdr(PlanHeader::kNumSlots) != U) {
     return;
   }
+  bool ok = true;
+  for (int64_t p = 0; p < static_cast<int64_t>(sorted_lookup.size()); ++p) {
+    ok = ok && v.sorted_lookup[p] == sorted_lookup[p] &&
+        v.sorted_last[p] == P.indices[sorted_lookup[p]] % last_rows;
+  }
+  EXPECT(ok, "group_plan sorted_lookup / sorted_last");
+  ok = true;
+  for (int64_t s = 0; s <= S; ++s) {
+    ok = ok && v.segment_start[s] == seg_start[s];
+  }
   for (int64_t s = 0; s < S; ++s) {
-    EXPECT(segment_bag[s] == seg_list[s].first && segment_group[s] == seg_list[s].second,
-           "segment %lld", (long long)s);
-    const auto it = std::lower_bound(slot_list.begin(), slot_list.end(), seg_list[s].second);
-    EXPECT(segment_slot[s] == it - slot_list.begin(), "segment_slot %lld", (long long)s);
+    const int64_t u = std::distance(slots.begin(), slots.find(seg_list[s].second));
+    ok = ok && v.segment_bag[s] == seg_list[s].first && v.segment_group[s] == seg_list[s].second &&
+        v.segment_slot[s] == u;
   }
-  for (int64_t u = 0; u < U; ++u) {
-    EXPECT(slot_group[u] == slot_list[u], "slot_group %lld", (long long)u);
+  EXPECT(ok, "group_plan segment_start / bag / group / slot");
+  ok = true;
+  for (int64_t b = 0; b <= B; ++b) {
+    const int64_t want =
+        std::lower_bound(seg_list.begin(), seg_list.end(), std::make_pair(b, std::numeric_limits<int64_t>::min())) -
+        seg_list.begin();
+    ok = ok && v.bag_segment_start[b] == want;
   }
+  EXPECT(ok, "group_plan bag_segment_start");
+  ok = true;
+  int64_t u = 0;
+  int64_t q = 0;
+  for (const auto& kv : slots) {
+    ok = ok && v.slot_group[u] == kv.first && v.slot_segment_start[u] == q;
+    for (int64_t s : kv.second) {
+      ok = ok && v.slot_segment[q++] == s;
+    }
+    ++u;
+  }
+  ok = ok && v.slot_segment_start[U] == S;
+  EXPECT(ok, "group_plan slot_group / slot_segment_start / slot_segment");
+  ok = true;
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t b = ref_bag(P, j, -1);
     int64_t want = -1;
-    if (b >= 0) {
-      want = std::lower_bound(seg_list.begin(), seg_list.end(),
-                              std::make_pair(b, P.indices[j] / last_rows)) - seg_list.begin();
+    if (b >= 0 && group_ok(P.indices[j] / last_rows)) {
+      want = std::lower_bound(seg_list.begin(), seg_list.end(), std::make_pair(b, P.indices[j] / last_rows)) -
+          seg_list.begin();
     }
-    EXPECT(lookup_segment[j] == want, "lookup_segment[%lld] = %lld, want %lld", (long long)j,
-           (long long)lookup_segment[j], (long long)want);
+    ok = ok && v.lookup_segment[j] == want;
   }
+  EXPECT(ok, "group_plan lookup_segment");
 }
 
 // Offsets that are not a valid CSR (decreasing, negative, past nnz): no crash, finite results.
@@ -646,7 +748,7 @@ void test_bad_offsets(std::mt19937_64& rng) {
     }
   }
   for (int variant = 0; variant <= 1; ++variant) {
-    const GpuOut g = run_gpu<float, index_t>(P, variant, true, variant == 1);
+    const GpuOut g = run_gpu<float, index_t>(P, variant, true, variant == 1, variant == 1);
     bool finite = true;
     for (double v : g.y) {
       finite = finite && std::isfinite(v);
@@ -666,10 +768,9 @@ void test_bad_offsets(std::mt19937_64& rng) {
   std::vector<index_t> idx(P.indices.begin(), P.indices.end());
   std::vector<index_t> off(P.offsets.begin(), P.offsets.end());
   unsigned long long err[3] = {0, ~0ull, ~0ull};
-  {
-    tt_emu::Ctx ctx;
-    launch_check_inputs<index_t>(ctx, idx.data(), off.data(), P.B(), P.nnz(), P.rows(), err);
-  }
+  run_ctx([&](LaunchCtx& ctx) {
+    check_index_values<index_t>(ctx, idx.data(), off.data(), P.B(), P.nnz(), P.rows(), err);
+  });
   bool want_idx = false;
   unsigned long long first_bad = ~0ull;
   for (int64_t j = 0; j < P.nnz(); ++j) {
@@ -688,14 +789,109 @@ void test_bad_offsets(std::mt19937_64& rng) {
   EXPECT(((err[0] & 8) != 0) == want_dec, "check_inputs decreasing flag");
 }
 
+
+// A plan that does not belong to the batch (another last_rows, or random values): the kernels clamp
+// every count and index they read from it, so nothing is addressed out of bounds (ASan); the forward
+// and the default backward also stay finite (the deterministic backward may read per-segment scratch
+// that an inconsistent plan never wrote: garbage in, garbage out, but in bounds).
+template <typename index_t>
+void test_foreign_plan(std::mt19937_64& rng) {
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  Problem P = make_problem<float>(rng, static_cast<int>(uni(2, 4)), true);
+  const int64_t B = P.B();
+  const int64_t nnz = P.nnz();
+  std::vector<index_t> idx(P.indices.begin(), P.indices.end());
+  std::vector<index_t> off(P.offsets.begin(), P.offsets.end());
+  std::vector<int64_t> plan(static_cast<size_t>(torchrec_tt::PlanLayout::make(nnz, B).numel));
+  if (uni(0, 1) == 0) {
+    run_ctx([&](LaunchCtx& ctx) {
+      build_group_plan<index_t>(ctx, idx.data(), off.data(), B, nnz, P.m[P.d - 1] + uni(1, 3), 0, plan.data());
+    });
+  } else {
+    for (auto& x : plan) {
+      x = uni(-3, nnz + 3);
+    }
+  }
+  std::vector<std::vector<float>> cores(P.d);
+  torchrec_tt::CorePtrs<float> cp;
+  for (int k = 0; k < P.d; ++k) {
+    cores[k].assign(P.cores[k].begin(), P.cores[k].end());
+    cp.p[k] = cores[k].data();
+  }
+  std::vector<float> psw(P.psw.begin(), P.psw.end());
+  LookupBatch<float, index_t> batch;
+  batch.layout = layout_of(P);
+  batch.cores = cp;
+  batch.indices = idx.data();
+  batch.offsets = off.data();
+  batch.psw = P.has_psw ? psw.data() : nullptr;
+  batch.B = B;
+  batch.nnz = nnz;
+  batch.pooling_mode = P.mode;
+  std::vector<float> y(static_cast<size_t>(B * P.N()));
+  run_ctx([&](LaunchCtx& ctx) { tt_forward(ctx, batch, 1, plan.data(), y.data()); });
+  std::vector<float> g(P.grad.begin(), P.grad.end());
+  std::vector<std::vector<float>> grads(P.d);
+  GradPtrs<float> gp;
+  for (int k = 0; k < P.d; ++k) {
+    grads[k].assign(static_cast<size_t>(P.m[k] * P.slice(k)), 0.f);
+    gp.p[k] = grads[k].data();
+  }
+  std::vector<float> pg(static_cast<size_t>(nnz));
+  for (int det = 0; det <= 1; ++det) {
+    run_ctx([&](LaunchCtx& ctx) {
+      tt_backward(ctx, batch, 1, plan.data(), g.data(), gp, P.has_psw ? pg.data() : nullptr, det == 1);
+    });
+    bool finite = true;
+    for (float v : y) {
+      finite = finite && std::isfinite(v);
+    }
+    for (const auto& dc : grads) {
+      for (float v : dc) {
+        finite = finite && std::isfinite(v);
+      }
+    }
+    EXPECT(finite || det == 1, "foreign plan: non-finite results (det %d): %s", det, describe(P).c_str());
+  }
+}
+
 } // namespace
+
+// Fixed shapes whose launch counts are printed: d = 2, 3, 4, empty bags, B = 0, nnz = 0.
+void launch_report(std::mt19937_64& rng) {
+  std::printf("launch counts (kernels + memsets + cub calls per op call):\n");
+  check_problem<float, int64_t>(make_paper_problem<float>(rng, 6, 40), true);
+  for (int d = 2; d <= 4; ++d) {
+    Problem P = make_problem<float>(rng, d, false);
+    P.offsets = {0, 0, 3, 3, 5}; // bags 0 and 2 empty
+    P.indices.resize(5);
+    for (auto& i : P.indices) {
+      i = std::uniform_int_distribution<int64_t>(0, P.rows() - 1)(rng);
+    }
+    P.psw.resize(5, 0.5);
+    P.grad.resize(static_cast<size_t>(4 * P.N()), 0.25);
+    check_problem<float, int32_t>(P, true);
+  }
+  Problem empty_batch = make_problem<double>(rng, 3, false);
+  empty_batch.offsets = {0};
+  empty_batch.indices.clear();
+  empty_batch.psw.clear();
+  empty_batch.grad.clear();
+  check_problem<double, int64_t>(empty_batch, true); // B = 0
+  Problem no_lookups = make_problem<double>(rng, 3, false);
+  no_lookups.offsets = {0, 0, 0};
+  no_lookups.indices.clear();
+  no_lookups.psw.clear();
+  no_lookups.grad.assign(static_cast<size_t>(2 * no_lookups.N()), 0.5);
+  check_problem<double, int64_t>(no_lookups, true); // empty bags only
+}
 
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 3;
   const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 12345;
   std::mt19937_64 rng(seed);
-  check_problem<float, int64_t>(make_paper_problem<float>(rng, 6, 40));
-  std::printf("paper-shaped problem: %d checks, %d failures\n", g_checks, g_failures);
+  launch_report(rng);
+  std::printf("fixed shapes: %d checks, %d failures\n", g_checks, g_failures);
   for (int it = 0; it < iters; ++it) {
     for (int d = 2; d <= 4; ++d) {
       test_ops<float, int64_t>(rng, d, false);
@@ -707,7 +903,10 @@ int main(int argc, char** argv) {
     test_group_plan<int32_t>(rng, false);
     test_group_plan<int64_t>(rng, false);
     test_group_plan<int64_t>(rng, true);
+    test_group_plan<int32_t>(rng, false, /*force_B=*/0);
     test_bad_offsets<int64_t>(rng);
+    test_foreign_plan<int32_t>(rng);
+    test_foreign_plan<int64_t>(rng);
     std::printf("iteration %d: %d checks, %d failures\n", it, g_checks, g_failures);
     std::fflush(stdout);
   }

@@ -1,7 +1,7 @@
 // TT layout of one table and the TT index decomposition, shared by the CPU and CUDA kernels.
 //
-// Plain C++ only (no ATen/c10 includes) so that CUDA kernel headers (csrc/cuda/*.cuh) can use it
-// on machines whose torch wheel has no CUDA headers.
+// Plain C++ only (no ATen/c10 includes) so that the CUDA kernel files (csrc/cuda/*_cuda.cu, which
+// include no ATen) and their CPU-thread emulation can use it: one layout type for both devices.
 //
 // Layout (see DESIGN.md section 1): a table with d cores (2 <= d <= 4); core k is a contiguous tensor
 // of shape (m_k, R[k], n_k, R[k+1]) with R[0] = R[d] = 1. Row i has the TT index (i_0, ..., i_{d-1})
@@ -84,6 +84,26 @@ struct TTLayout {
     return p;
   }
 };
+
+// Pointers to the d cores of one table (contiguous (m_k, R[k], n_k, R[k+1]) each), by value into
+// kernels. T is the element type as the kernels see it (e.g. __half on CUDA for at::Half cores).
+template <typename T>
+struct CorePtrs {
+  const T* p[kMaxCores] = {};
+};
+
+// Digit k (0 <= k < count) of x in mixed radix m_0..m_{count-1}, i_0 most significant: count = d for
+// a row id, d - 1 for a group id.
+TORCHREC_TT_HOST_DEVICE inline int64_t mixed_radix_digit(
+    const TTLayout& layout,
+    int64_t x,
+    int64_t k,
+    int64_t count) {
+  for (int64_t t = count - 1; t > k; --t) {
+    x /= layout.m[t];
+  }
+  return x % layout.m[k];
+}
 
 // Digits (i_0, ..., i_{d-2}) of a group id, i_0 most significant, in radix m_0..m_{d-2}.
 TORCHREC_TT_HOST_DEVICE inline void group_digits(
