@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -203,6 +204,7 @@ at::Tensor plan_for_batch_cpu(
   if (plan.has_value()) {
     return check_plan_cpu(op, *plan, nnz, batch_size, last_rows);
   }
+  RECORD_FUNCTION("torchrec_tt::grt::build_plan", std::vector<c10::IValue>());
   at::Tensor built =
       at::empty({PlanLayout::make(nnz, batch_size).numel}, at::TensorOptions().dtype(at::kLong));
   build_group_plan_cpu<index_t>(

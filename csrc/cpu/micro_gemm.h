@@ -1,4 +1,4 @@
-// Register-blocked small-matrix products for the CPU kernels (docs/design.md section 4).
+// Register-blocked small-matrix products for the CPU kernels (docs/design.md section 3.2).
 //
 // Every TT contraction is a product of small matrices (a few to a few hundred per side), far too
 // small for a BLAS call per product, and too many for the call overhead. These kernels keep an

@@ -7,17 +7,17 @@
 //
 //   variant tt : per lookup, the full chain, then y_b += c_j * W[idx_j].
 //   variant grt: driven by the batch's packed plan (plan_layout.h; built once per batch, passed in
-//                by the autograd wrapper and reused by the backward). Slot-major: for each distinct
-//                group (slot) of the batch, Q once, then for each (bag, group) segment of that slot
-//                S = sum_{j in segment} c_j L_j (intra-group) and y_b += Q @ S (inter-group).
-//                The backward walks the same slots: G_s = Q^T g_b, dQ = sum_s g_b S_s^T (one
-//                register-tiled product over all segments of the slot), then back through the chain.
+//                by the autograd wrapper and reused by the backward; docs/design.md section 3).
+//                Forward: Q once per distinct group (slot), then per bag S_s = sum_j c_j L_j
+//                (intra-group) and y_b = sum_s Q_s S_s (inter-group) as one register-tiled
+//                product over the bag's segments. Backward: per bag G_s = Q_s^T g_b and the
+//                last-core and per-sample-weight gradients; per slot dQ = sum_s g_b S_s^T as one
+//                product over the slot's segments, then back through the chain.
 //
 // Every product goes through the register-blocked micro-kernels of micro_gemm.h (docs/design.md
-// section 4). Slot-major work writes to many bags, so each worker thread accumulates into its own
-// (B x N) buffer and the buffers are summed in a fixed order: results are deterministic for a fixed
-// thread count. The backward's dense gradients are reduced by bucket (deterministic for any count).
-// CPU dtypes are float32/float64, whose accumulation type is the dtype itself.
+// section 3.2). The forward is bag-parallel (deterministic for any thread count); the backward's
+// core gradients go to per-thread dense buffers summed in a fixed order (deterministic for a fixed
+// thread count). CPU dtypes are float32/float64, whose accumulation type is the dtype itself.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -132,11 +132,6 @@ ChainLayout make_chain_layout(const TTLayout& L) {
   return cl;
 }
 
-template <typename scalar_t>
-struct CorePtrs {
-  const scalar_t* ptr[kMaxCores] = {};
-};
-
 // Computes A_0..A_{d-2} for the prefix digits (i_0..i_{d-2}) into buf; returns Q (N' x R').
 template <typename T>
 inline const T* prefix_chain(
@@ -146,13 +141,13 @@ inline const T* prefix_chain(
     const int64_t* digits,
     T* buf) {
   const int64_t s0 = L.slice_numel(0);
-  std::copy(cores.ptr[0] + digits[0] * s0, cores.ptr[0] + (digits[0] + 1) * s0, buf + cl.offset[0]);
+  std::copy(cores.p[0] + digits[0] * s0, cores.p[0] + (digits[0] + 1) * s0, buf + cl.offset[0]);
   for (int64_t k = 1; k + 1 < L.d; ++k) {
     const int64_t cols = L.n[k] * L.R[k + 1];
     // A_k (rows x cols) = A_{k-1} (rows x R[k]) @ slice_k (R[k] x cols)
     gemm</*kAccumulate=*/false>(
         L.chain_rows(k - 1), cols, L.R[k], T(1), buf + cl.offset[k - 1], /*a_row=*/L.R[k],
-        /*a_col=*/1, cores.ptr[k] + digits[k] * L.slice_numel(k), /*ldb=*/cols, buf + cl.offset[k],
+        /*a_col=*/1, cores.p[k] + digits[k] * L.slice_numel(k), /*ldb=*/cols, buf + cl.offset[k],
         /*ldc=*/cols);
   }
   return buf + cl.offset[L.d - 2];
@@ -180,10 +175,10 @@ struct TransposedCores {
       T* dst = data.data() + offset[k];
       at::parallel_for(0, L.m[k], std::max<int64_t>(1, 16384 / slice), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          transpose(rows, cols, cores.ptr[k] + i * slice, dst + i * slice);
+          transpose(rows, cols, cores.p[k] + i * slice, dst + i * slice);
         }
       });
-      ptrs.ptr[k] = dst;
+      ptrs.p[k] = dst;
     }
   }
 };
@@ -213,7 +208,7 @@ inline void prefix_chain_backward(
     // dA_{k-1} (rows x R[k]) = dOut (rows x cols) @ slice_k^T (cols x R[k])
     gemm</*kAccumulate=*/false>(
         rows, rk, cols, T(1), dcur, /*a_row=*/cols, /*a_col=*/1,
-        cores_t.ptr[k] + digits[k] * L.slice_numel(k), /*ldb=*/rk, dnext, /*ldc=*/rk);
+        cores_t.p[k] + digits[k] * L.slice_numel(k), /*ldb=*/rk, dnext, /*ldc=*/rk);
     std::swap(dcur, dnext);
   }
   axpy(L.slice_numel(0), T(1), dcur, dst[0]);
@@ -262,7 +257,7 @@ struct Batch {
         nl(layout.last_dim()),
         N(np * nl),
         last_numel(layout.slice_numel(layout.d - 1)),
-        core_last(core_ptrs.ptr[layout.d - 1]),
+        core_last(core_ptrs.p[layout.d - 1]),
         coef{offsets_, psw_, mean} {}
 
   const TTLayout& L;
@@ -337,6 +332,19 @@ class Scratch {
   std::unique_ptr<T[]> data_;
   int64_t capacity_ = 0;
 };
+
+// The large per-call buffers (at most the scratch budget each) live in grow-only arenas of the
+// calling thread: a fresh allocation would be mapped page by page on first touch, and the kernel's
+// zeroing of those pages costs as much as the products that fill them (tens of MB per batch).
+enum class Arena : int { kPrefixes = 0, kChains, kSegmentS, kCount };
+
+template <typename T>
+T* arena(Arena which, int64_t n) {
+  thread_local Scratch<T> buffers[static_cast<int>(Arena::kCount)];
+  Scratch<T>& buf = buffers[static_cast<int>(which)];
+  buf.resize(n);
+  return buf.data();
+}
 
 // Per-thread (B x N) accumulators of a slot-major pass, summed in part order by `finish`.
 template <typename T>
@@ -482,7 +490,7 @@ template <typename scalar_t, typename index_t>
 void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar_t* out) {
   using T = scalar_t;
   const int64_t q_numel = in.rp * in.np;
-  Scratch<T> qT_buf;
+  T* qT_buf = nullptr;
   std::vector<T> yT_all; // chunked runs: per-bag accumulators across chunks
   BagCursor cursor(plan, in.batch_size, /*single_chunk=*/true);
   bool chunked = false;
@@ -492,7 +500,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
       yT_all.assign(static_cast<size_t>(in.batch_size * in.N), T(0));
       cursor = BagCursor(plan, in.batch_size, false);
     }
-    qT_buf.resize((u_hi - u_lo) * q_numel);
+    qT_buf = arena<T>(Arena::kPrefixes, (u_hi - u_lo) * q_numel);
     {
       RECORD_FUNCTION("torchrec_tt::grt_forward::prefixes", std::vector<c10::IValue>());
       at::parallel_for(u_lo, u_hi, 16, [&](int64_t u_begin, int64_t u_end) {
@@ -501,7 +509,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
         for (int64_t u = u_begin; u < u_end; ++u) {
           group_digits(in.L, plan.v.slot_group[u], digits);
           const T* q = prefix_chain(in.L, in.cl, in.cores, digits, chain.data());
-          transpose(in.np, in.rp, q, qT_buf.data() + (u - u_lo) * q_numel);
+          transpose(in.np, in.rp, q, qT_buf + (u - u_lo) * q_numel);
         }
       });
     }
@@ -528,7 +536,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
             const auto seg_operands = [&](int64_t i) {
               return GemmSegment<T>{
                   s_buf.data() + i * in.last_numel,
-                  qT_buf.data() + (plan.v.segment_slot[first + i] - u_lo) * q_numel,
+                  qT_buf + (plan.v.segment_slot[first + i] - u_lo) * q_numel,
                   in.rp};
             };
             if (chunked) {
@@ -696,13 +704,9 @@ void backward_grt(
 
   const TransposedCores<T> cores_t(in.L, in.cores);
   const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
-  // Position of every segment in slot-major order (where the bag pass leaves its S^T).
-  std::vector<int64_t> seg_pos(static_cast<size_t>(S));
-  at::parallel_for(0, S, 16384, [&](int64_t p0, int64_t p1) {
-    for (int64_t pos = p0; pos < p1; ++pos) {
-      seg_pos[slot_segs[pos]] = pos;
-    }
-  });
+  // Where the bag pass leaves each segment's S^T within the chunk's buffer (bag-major, so the bag
+  // pass writes sequentially; the slot pass gathers).
+  std::vector<int64_t> seg_store(static_cast<size_t>(S));
 
   // Per-part gradients: cores 0..d-2 as the cores, the last core transposed (m_l, n_l, R').
   int64_t core_offset[kMaxCores + 1] = {};
@@ -716,23 +720,29 @@ void backward_grt(
           available_threads(), kScratchBudgetBytes / static_cast<int64_t>(total * sizeof(T))));
   PartBuffers<T> part_grads(max_parts, 1, total);
 
-  Scratch<T> chains;
-  Scratch<T> s_t; // S_s^T (n_l x R') per segment of the chunk, slot-major
-  Scratch<T> g_t; // g_b^T (n_l x N') per segment of the chunk, slot-major
+  T* chains = nullptr;
+  T* s_t = nullptr; // S_s^T (n_l x R') per segment of the chunk, bag-major
   BagCursor cursor(plan, in.batch_size, /*single_chunk=*/true);
+  std::vector<int64_t> bag_first(static_cast<size_t>(in.batch_size));
+  std::vector<int64_t> bag_base(static_cast<size_t>(in.batch_size + 1));
   const int64_t chain_bytes = in.cl.size * static_cast<int64_t>(sizeof(T));
-  const int64_t seg_bytes = (in.last_numel + in.N) * static_cast<int64_t>(sizeof(T));
+  const int64_t seg_bytes = in.last_numel * static_cast<int64_t>(sizeof(T));
   for_each_slot_chunk(plan, chain_bytes, seg_bytes, [&](int64_t u_lo, int64_t u_hi, bool single) {
     if (!single && u_lo == 0) {
       cursor = BagCursor(plan, in.batch_size, false);
     }
-    const int64_t pos_lo = slot_seg_start[u_lo];
-    chains.resize((u_hi - u_lo) * in.cl.size);
-    s_t.resize((slot_seg_start[u_hi] - pos_lo) * in.last_numel);
-    g_t.resize((slot_seg_start[u_hi] - pos_lo) * in.N);
+    // The chunk's segments of every bag, and where their S^T go.
+    bag_base[0] = 0;
+    for (int64_t b = 0; b < in.batch_size; ++b) {
+      const auto [first, last] = cursor.take(plan, b, u_hi);
+      bag_first[b] = first;
+      bag_base[b + 1] = bag_base[b] + (last - first);
+    }
+    chains = arena<T>(Arena::kChains, (u_hi - u_lo) * in.cl.size);
+    s_t = arena<T>(Arena::kSegmentS, bag_base[in.batch_size] * in.last_numel);
     {
       RECORD_FUNCTION("torchrec_tt::grt_backward::prefixes", std::vector<c10::IValue>());
-      chains_of_slots(in, plan, u_lo, u_hi, chains.data());
+      chains_of_slots(in, plan, u_lo, u_hi, chains);
     }
     {
       RECORD_FUNCTION("torchrec_tt::grt_backward::bags", std::vector<c10::IValue>());
@@ -745,21 +755,22 @@ void backward_grt(
             std::vector<T> gT(static_cast<size_t>(in.last_numel)); // G_s^T (n_l x R')
             std::vector<T> g_bag_t(static_cast<size_t>(in.N)); // g_b^T (n_l x N')
             for (int64_t b = b_begin; b < b_end; ++b) {
-              const auto [first, last] = cursor.take(plan, b, u_hi);
-              if (first == last) {
+              const int64_t first = bag_first[b];
+              const int64_t count = bag_base[b + 1] - bag_base[b];
+              if (count == 0) {
                 continue;
               }
               const T scale = in.coef.scale(b);
               transpose(in.np, in.nl, grad_out + b * in.N, g_bag_t.data());
-              for (int64_t s = first; s < last; ++s) {
-                const int64_t pos = seg_pos[s] - pos_lo;
-                const T* q = chains.data() + (seg_slot[s] - u_lo) * in.cl.size + in.cl.offset[in.L.d - 2];
+              for (int64_t i = 0; i < count; ++i) {
+                const int64_t s = first + i;
+                seg_store[s] = bag_base[b] + i;
+                const T* q = chains + (seg_slot[s] - u_lo) * in.cl.size + in.cl.offset[in.L.d - 2];
                 // G^T (n_l x R') = g^T (n_l x N') @ Q (N' x R')
                 gemm</*kAccumulate=*/false>(
                     in.nl, in.rp, in.np, T(1), g_bag_t.data(), /*a_row=*/in.np, /*a_col=*/1, q,
                     /*ldb=*/in.rp, gT.data(), /*ldc=*/in.rp);
-                std::copy(g_bag_t.begin(), g_bag_t.end(), g_t.data() + pos * in.N);
-                T* st = s_t.data() + pos * in.last_numel;
+                T* st = s_t + (bag_base[b] + i) * in.last_numel;
                 std::fill(st, st + in.last_numel, T(0));
                 for (int64_t k = seg_start[s]; k < seg_start[s + 1]; ++k) {
                   const int64_t j = sorted_lookups[k];
@@ -784,26 +795,30 @@ void backward_grt(
         [&](int64_t part, int64_t i_begin, int64_t i_end) {
           T* base = part_grads.part(part);
           std::vector<T> scratch(2 * in.cl.max_step);
+          std::vector<GemmSegment<T>> operands;
           T* dcur = scratch.data();
           T* dnext = dcur + in.cl.max_step;
           int64_t digits[kMaxCores];
           T* dst[kMaxCores];
           for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
-            const int64_t first = slot_seg_start[u] - pos_lo;
-            const int64_t count = slot_seg_start[u + 1] - slot_seg_start[u];
-            // dQ (N' x R') = [g_1 .. g_count] (N' x n_l count) @ [S_1^T; ..; S_count^T]: the slot's
-            // packed g^T and S^T blocks are contiguous, so this is one product with K = n_l count.
-            gemm</*kAccumulate=*/false>(
-                in.np, in.rp, in.nl * count, T(1), g_t.data() + first * in.N, /*a_row=*/1,
-                /*a_col=*/in.np, s_t.data() + first * in.last_numel, /*ldb=*/in.rp, dcur,
-                /*ldc=*/in.rp);
+            const int64_t first = slot_seg_start[u];
+            const int64_t count = slot_seg_start[u + 1] - first;
+            operands.resize(static_cast<size_t>(count));
+            for (int64_t i = 0; i < count; ++i) {
+              const int64_t s = slot_segs[first + i];
+              operands[i] = {grad_out + seg_bag[s] * in.N, s_t + seg_store[s] * in.last_numel, in.nl};
+            }
+            // dQ (N' x R') = sum_s g_s (N' x n_l) @ S_s^T (n_l x R'): one tile pass over the slot's
+            // segments, K = n_l * count.
+            multi_gemm</*kAccumulate=*/false>(
+                in.np, in.rp, [&](int64_t i) { return operands[i]; }, count, T(1), /*a_row=*/in.nl,
+                /*a_col=*/1, /*ldb=*/in.rp, dcur, /*ldc=*/in.rp);
             group_digits(in.L, slot_group[u], digits);
             for (int64_t k = 0; k + 1 < in.L.d; ++k) {
               dst[k] = base + core_offset[k] + digits[k] * in.L.slice_numel(k);
             }
             prefix_chain_backward(
-                in.L, in.cl, cores_t.ptrs, digits, chains.data() + (u - u_lo) * in.cl.size, dcur,
-                dnext, dst);
+                in.L, in.cl, cores_t.ptrs, digits, chains + (u - u_lo) * in.cl.size, dcur, dnext, dst);
           }
         });
   });
@@ -855,7 +870,6 @@ at::Tensor grt_plan(
     const char* op,
     const std::optional<at::Tensor>& plan,
     const Batch<scalar_t, index_t>& batch) {
-  RECORD_FUNCTION("torchrec_tt::grt::plan", std::vector<c10::IValue>());
   return plan_for_batch_cpu<index_t>(
       op, plan, batch.indices, batch.offsets, batch.batch_size, batch.nnz, batch.L.last_rows(),
       batch.L.num_groups());
@@ -865,7 +879,7 @@ template <typename scalar_t>
 CorePtrs<scalar_t> core_ptrs(const std::vector<at::Tensor>& cores) {
   CorePtrs<scalar_t> p;
   for (const auto k : c10::irange(cores.size())) {
-    p.ptr[k] = cores[k].data_ptr<scalar_t>();
+    p.p[k] = cores[k].data_ptr<scalar_t>();
   }
   return p;
 }
@@ -883,7 +897,7 @@ at::Tensor tt_embedding_bag_cpu(
       check_inputs(op, cores, indices, offsets, per_sample_weights, pooling_mode, variant);
   const TTLayout& L = in.layout;
   at::Tensor out = at::empty({in.batch_size, L.embedding_dim()}, in.cores[0].options());
-  const bool mean = pooling_mode == kPoolingMean;
+  const bool mean = static_cast<PoolingMode>(pooling_mode) == PoolingMode::kMean;
   TORCHREC_TT_DISPATCH_CPU_FLOAT_TYPES(in.cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
     const auto cp = core_ptrs<scalar_t>(in.cores);
     const scalar_t* psw = in.psw.has_value() ? in.psw->data_ptr<scalar_t>() : nullptr;
@@ -892,7 +906,7 @@ at::Tensor tt_embedding_bag_cpu(
       const index_t* idx = in.indices.data_ptr<index_t>();
       const index_t* off = in.offsets.data_ptr<index_t>();
       const Batch<scalar_t, index_t> batch(L, cp, idx, off, psw, in.batch_size, in.nnz, mean);
-      if (variant == kVariantGRT) {
+      if (static_cast<Variant>(variant) == Variant::kGRT) {
         const at::Tensor p = grt_plan(op, plan, batch);
         forward_grt(batch, PlanRef(p, in.nnz, in.batch_size), y);
       } else {
@@ -919,14 +933,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
   const TTLayout& L = in.layout;
   check_backward_inputs(op, grad_output, in, per_sample_weights_requires_grad);
   const at::Tensor grad_out = grad_output.contiguous();
-  const bool mean = pooling_mode == kPoolingMean;
+  const bool mean = static_cast<PoolingMode>(pooling_mode) == PoolingMode::kMean;
 
   std::vector<at::Tensor> core_grads;
   core_grads.reserve(in.cores.size());
   for (const auto& c : in.cores) {
     // grt writes every gradient entry once (from its per-thread sums); tt accumulates into them.
     core_grads.push_back(
-        variant == kVariantGRT ? at::empty(c.sizes(), c.options()) : at::zeros(c.sizes(), c.options()));
+        static_cast<Variant>(variant) == Variant::kGRT ? at::empty(c.sizes(), c.options()) : at::zeros(c.sizes(), c.options()));
   }
   at::Tensor psw_grad = at::empty(
       {per_sample_weights_requires_grad ? in.nnz : 0}, in.cores[0].options());
@@ -947,7 +961,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
       const index_t* idx = in.indices.data_ptr<index_t>();
       const index_t* off = in.offsets.data_ptr<index_t>();
       const Batch<scalar_t, index_t> batch(L, cp, idx, off, psw, in.batch_size, in.nnz, mean);
-      if (variant == kVariantGRT) {
+      if (static_cast<Variant>(variant) == Variant::kGRT) {
         const at::Tensor p = grt_plan(op, plan, batch);
         backward_grt(batch, PlanRef(p, in.nnz, in.batch_size), g, grads, dpsw);
       } else {

@@ -814,7 +814,7 @@ void tt_backward(
     zero_async(ctx, zeros);
     return;
   }
-  if (variant == 0) {
+  if (static_cast<Variant>(variant) == Variant::kTT) {
     tt_backward_tt(ctx, in, t, grad_out, grads, psw_grad, deterministic, zeros);
   } else {
     grt_backward(ctx, in, t, plan, grad_out, grads, psw_grad, deterministic, zeros);
@@ -824,7 +824,7 @@ void tt_backward(
 size_t max_smem_bytes(const TTLayout& layout, int variant, bool backward, size_t acc_bytes) {
   const KernelShape t = make_kernel_shape(layout);
   size_t s = 0;
-  if (variant == 1) {
+  if (static_cast<Variant>(variant) == Variant::kGRT) {
     s = tt_max(smem_grt_prefix(t, acc_bytes), smem_grt_fwd_bag(t, acc_bytes));
     if (backward) {
       s = tt_max(s, tt_max(smem_grt_bwd_bag(t, acc_bytes), smem_grt_slot(t, acc_bytes)));

@@ -301,15 +301,17 @@ __host__ __device__ __forceinline__ int64_t lookup_bag_of(
   return ok ? b : -1;
 }
 
-// Pooling scale of bag b: 1 / L_b for mean pooling with L_b > 0, else 1.
+// Pooling scale of bag b: 1 / L_b for mean pooling with L_b > 0, else 1. pooling_mode: a
+// PoolingMode value (enums.h).
 template <typename acc_t, typename index_t>
 __device__ __forceinline__ acc_t bag_scale(
     const index_t* offsets,
     int64_t b,
     int64_t nnz,
-    int mean) {
+    int pooling_mode) {
   const int64_t len = offset_clamped(offsets, b + 1, nnz) - offset_clamped(offsets, b, nnz);
-  return (mean != 0 && len > 0) ? acc_t(1) / static_cast<acc_t>(len) : acc_t(1);
+  const bool mean = static_cast<PoolingMode>(pooling_mode) == PoolingMode::kMean;
+  return (mean && len > 0) ? acc_t(1) / static_cast<acc_t>(len) : acc_t(1);
 }
 
 // A plan header count clamped into [0, hi].

@@ -206,7 +206,7 @@ void tt_forward(
     memset_async(ctx, out, 0, static_cast<size_t>(in.B) * t.N * sizeof(scalar_t));
     return;
   }
-  if (variant == 0) {
+  if (static_cast<Variant>(variant) == Variant::kTT) {
     const size_t smem = smem_tt_fwd(t, sizeof(acc_t));
     dispatch_pow2<8>((t.N + kTTThreads - 1) / kTTThreads, [&](auto opt) {
       constexpr int OPT = decltype(opt)::value;

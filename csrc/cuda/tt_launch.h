@@ -25,6 +25,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "torchrec_tt/enums.h"
 #include "torchrec_tt/plan_layout.h"
 #include "torchrec_tt/tt_layout.h"
 
@@ -88,7 +89,7 @@ struct LaunchCtx {
 };
 
 // One table's batch: TT layout, cores and the lookups (device pointers, contiguous; psw nullable),
-// B bags and nnz lookups (< 2^31, checked by the caller), pooling_mode 0 = sum, 1 = mean.
+// B bags and nnz lookups (< 2^31, checked by the caller), pooling_mode a PoolingMode value (enums.h).
 template <typename scalar_t, typename index_t>
 struct LookupBatch {
   TTLayout layout;

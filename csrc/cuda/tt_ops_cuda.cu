@@ -119,8 +119,8 @@ void run_on_device(const at::Device& device, Fn&& fn) {
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 
 void check_cuda_sizes(const char* op, int64_t nnz, int64_t batch_size) {
-  TORCH_CHECK(nnz < kIntMax, op, ": the CUDA kernels support fewer than 2^31 - 1 indices, got ", nnz);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(nnz < kIntMax, op, ": the CUDA kernels support fewer than 2^31 - 1 indices, got ", nnz);
+  TORCH_CHECK_VALUE(
       batch_size < kIntMax, op, ": the CUDA kernels support fewer than 2^31 - 1 bags, got ", batch_size);
 }
 
@@ -153,23 +153,19 @@ void check_index_values_cuda(
   }
   const at::Tensor off64 = offsets.cpu().to(at::kLong);
   const int64_t* o = off64.data_ptr<int64_t>();
-  TORCH_CHECK((flags & 2) == 0, op, ": offsets[0] must be 0, got ", o[0]);
-  TORCH_CHECK(
-      (flags & 4) == 0, op, ": offsets[-1] (offsets[", B, "]) must equal indices.numel() = ", nnz,
-      ", got ", o[B]);
+  if ((flags & 2) != 0) {
+    fail_offsets_first(op, o[0]);
+  }
+  if ((flags & 4) != 0) {
+    fail_offsets_last(op, B, nnz, o[B]);
+  }
   if ((flags & 8) != 0) {
     const int64_t b = e.data_ptr<int64_t>()[2];
-    TORCH_CHECK(
-        false, op, ": offsets must be non-decreasing, but offsets[", b, "] = ", o[b], " > offsets[",
-        b + 1, "] = ", o[b + 1]);
+    fail_offsets_decreasing(op, b, o[b], o[b + 1]);
   }
   if ((flags & 1) != 0) {
     const int64_t j = e.data_ptr<int64_t>()[1];
-    const int64_t v = indices.select(0, j).item<int64_t>();
-    if (num_rows < 0) {
-      TORCH_CHECK(false, op, ": indices[", j, "] = ", v, " is negative");
-    }
-    TORCH_CHECK(false, op, ": indices[", j, "] = ", v, " is out of range [0, ", num_rows, ")");
+    fail_index_out_of_range(op, j, indices.select(0, j).item<int64_t>(), num_rows);
   }
 }
 
@@ -184,36 +180,36 @@ TTInputs check_cuda_inputs(
     int64_t pooling_mode,
     int64_t variant,
     bool backward) {
-  TORCH_CHECK(indices.is_cuda(), op, ": expected CUDA tensors, got indices on ", indices.device());
+  TORCH_CHECK_VALUE(indices.is_cuda(), op, ": expected CUDA tensors, got indices on ", indices.device());
   TTInputs in = check_tt_inputs(
       op, cores, indices, offsets, per_sample_weights, pooling_mode, variant, c10::DeviceType::CUDA,
       /*allow_reduced_precision=*/true);
   const TTLayout& L = in.layout;
   check_cuda_sizes(op, in.nnz, in.batch_size);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       L.embedding_dim() <= kMaxEmbeddingDimGpu, op, ": the CUDA kernels support embedding_dim = "
       "prod(n_k) <= ", kMaxEmbeddingDimGpu, ", got ", L.embedding_dim());
   int64_t chain = 1;
   int64_t act_size = 0; // a slot's activation record (sum of the prefix chain sizes)
   for (const auto k : c10::irange(L.d)) {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         L.m[k] < kIntMax, op, ": the CUDA kernels support cores[k].size(0) < 2^31 - 1, got cores[",
         k, "].size(0) = ", L.m[k]);
     chain *= L.n[k];
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         chain * L.R[k + 1] <= kIntMax && L.slice_numel(k) <= kIntMax && L.core_numel(k) <= kIntMax,
         op, ": TT sizes too large for the CUDA kernels at cores[", k, "] (shape ", cores[k].sizes(), ")");
     if (k + 1 < L.d) {
       act_size += chain * L.R[k + 1];
     }
   }
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       act_size <= kIntMax, op, ": TT sizes too large for the CUDA kernels (prefix chain of ",
       act_size, " values)");
   const size_t acc_bytes = cores[0].scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
   const size_t smem = max_smem_bytes(L, static_cast<int>(variant), backward, acc_bytes);
   const size_t limit = smem_optin(cores[0].device().index());
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       smem <= limit, op, ": TT shapes too large for the CUDA kernels (variant ", variant, "): they need ",
       smem, " bytes of shared memory per block, the device allows ", limit,
       "; reduce the ranks or the dim factors n_k");
@@ -229,25 +225,29 @@ std::optional<at::Tensor> check_plan(
     const std::optional<at::Tensor>& plan,
     const TTInputs& in,
     int64_t variant) {
-  if (!plan.has_value() || variant != kVariantGRT) {
+  if (!plan.has_value() || static_cast<Variant>(variant) != Variant::kGRT) {
     return std::nullopt;
   }
   const at::Tensor& p = *plan;
   const int64_t want = PlanLayout::make(in.nnz, in.batch_size).numel;
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       p.scalar_type() == at::kLong && p.dim() == 1 && p.numel() == want, op,
       ": plan must be the int64 tensor of group_plan(indices, offsets, last_rows) for this batch (",
       want, " entries for nnz = ", in.nnz, ", B = ", in.batch_size, "), got ", p.scalar_type(),
       " of shape ", p.sizes());
-  TORCH_CHECK(p.device() == in.indices.device(), op, ": plan must be on ", in.indices.device(), ", got ", p.device());
+  TORCH_CHECK_VALUE(p.device() == in.indices.device(), op, ": plan must be on ", in.indices.device(), ", got ", p.device());
   return p.contiguous();
 }
 
-at::Tensor group_plan_cuda(const at::Tensor& indices_in, const at::Tensor& offsets_in, int64_t last_rows) {
+at::Tensor group_plan_cuda(
+    const at::Tensor& indices_in,
+    const at::Tensor& offsets_in,
+    int64_t last_rows,
+    int64_t num_rows) {
   constexpr const char* op = "group_plan";
   check_indices_offsets(op, indices_in, offsets_in, indices_in.device());
-  TORCH_CHECK(indices_in.is_cuda(), op, ": expected CUDA tensors, got indices on ", indices_in.device());
-  TORCH_CHECK(last_rows >= 1, op, ": last_rows must be >= 1, got ", last_rows);
+  TORCH_CHECK_VALUE(indices_in.is_cuda(), op, ": expected CUDA tensors, got indices on ", indices_in.device());
+  TORCH_CHECK_VALUE(last_rows >= 1, op, ": last_rows must be >= 1, got ", last_rows);
   const c10::cuda::CUDAGuard guard(indices_in.device());
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
@@ -255,14 +255,16 @@ at::Tensor group_plan_cuda(const at::Tensor& indices_in, const at::Tensor& offse
   const int64_t batch_size = offsets.numel() - 1;
   check_cuda_sizes(op, nnz, batch_size);
   if (check_bounds_mode()) {
-    check_index_values_cuda(op, indices, offsets, batch_size, nnz, /*num_rows=*/-1);
+    check_index_values_cuda(op, indices, offsets, batch_size, nnz, num_rows);
   }
+  // The table's group count bounds the sort keys (0: unknown, full-width keys).
+  const int64_t num_groups = num_rows >= 0 ? (num_rows + last_rows - 1) / last_rows : 0;
   at::Tensor plan = at::empty({PlanLayout::make(nnz, batch_size).numel}, indices.options().dtype(at::kLong));
   TORCHREC_TT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "group_plan_cuda", [&] {
     run_on_device(indices.device(), [&](LaunchCtx& ctx) {
       build_group_plan<index_t>(
           ctx, indices.data_ptr<index_t>(), offsets.data_ptr<index_t>(), batch_size, nnz, last_rows,
-          /*num_groups=*/0, plan.data_ptr<int64_t>());
+          num_groups, plan.data_ptr<int64_t>());
     });
   });
   return plan;

@@ -1,11 +1,13 @@
 """Benchmark ``grt`` vs ``tt`` vs uncompressed embedding bags, side by side.
 
-    python -m torchrec_tt.bench                      # CPU, the paper's table
-    python -m torchrec_tt.bench --device cuda        # paper table + 10M-row table
+    python -m torchrec_tt.bench                      # the paper's table and the 10M-row table
+    python -m torchrec_tt.bench --device cuda
 
 All variants run in one process on the same inputs, after warm-up, interleaved within
-every repeat; the medians over repeats are reported. Writes ``<out>/bench_<device>.json``
-and ``<out>/bench_<device>.png``.
+every repeat; the medians over repeats are reported, next to the same machine's large
+``torch.mm`` rate (the practical roof). A profiled pass then splits grt's forward+backward
+into its phases (plan, prefixes, bags, slots, ...; docs/design.md section 4) and, on CUDA,
+counts kernel launches per call. Writes ``<out>/bench_<device>.json`` and ``.png``.
 """
 
 import argparse
@@ -76,6 +78,43 @@ def _time(fn: Callable[[], None], device: torch.device, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def mm_roof(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Median FLOP/s of a large fp32 ``torch.mm`` on ``device`` (the practical roof)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    _time(lambda: torch.mm(a, b), device, 2)
+    return 2 * size**3 / statistics.median(_time(lambda: torch.mm(a, b), device, 3) for _ in range(repeats))
+
+
+def grt_phases(fwd_bwd: Callable[[], None], device: torch.device, iters: int) -> Dict:
+    """Per-call time of every ``torchrec_tt::`` phase of grt forward+backward, and CUDA launches.
+
+    The CPU kernels mark their phases with ``RECORD_FUNCTION`` scopes; CUDA kernels are
+    grouped by the op that launched them.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fwd_bwd()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fwd_bwd()
+        _sync(device)
+    phases_ms: Dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("torchrec_tt::"):
+            phases_ms[event.key] = event.cpu_time_total / iters / 1e3
+    record: Dict = {"phases_ms": phases_ms}
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        record["cuda_launches_per_fwd_bwd"] = len(kernels) / iters
+        record["cuda_kernel_ms"] = {}
+        for e in kernels:
+            record["cuda_kernel_ms"][e.name] = record["cuda_kernel_ms"].get(e.name, 0.0) + e.device_time / iters / 1e3
+    return record
+
+
 def run_config(
     cfg: BenchConfig, device: torch.device, repeats: int, iters: int, warmup: int, seed: int, alpha: float
 ) -> Dict:
@@ -122,6 +161,7 @@ def run_config(
         for (v, p), fn in fns.items():
             samples[f"{v}/{p}"].append(_time(fn, device, iters))
     medians = {k: statistics.median(s) for k, s in samples.items()}
+    phases = grt_phases(fns[("grt", "fwd_bwd")], device, max(1, iters))
     flops = {"grt/fwd": counts.grt_flops, "tt/fwd": counts.tt_flops,
              "grt/fwd_bwd": counts.grt_flops + counts.grt_backward_flops,
              "tt/fwd_bwd": counts.tt_flops + counts.tt_backward_flops}
@@ -134,6 +174,7 @@ def run_config(
         "median_ms": {k: v * 1e3 for k, v in medians.items()},
         "samples_ms": {k: [x * 1e3 for x in s] for k, s in samples.items()},
         "useful_flops_per_s": {k: f / medians[k] for k, f in flops.items()},
+        "grt_phases": phases,
         "ratios": {
             "tt/grt fwd": medians["tt/fwd"] / medians["grt/fwd"],
             "tt/grt fwd_bwd": medians["tt/fwd_bwd"] / medians["grt/fwd_bwd"],
@@ -183,11 +224,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--configs", nargs="+", choices=["paper", "10M"],
-                        help="default: paper on cpu, paper and 10M on cuda")
+                        help="default: paper and 10M")
     parser.add_argument("--batch-size", type=int, help="override every config's batch size")
     parser.add_argument("--pooling-factor", type=int, help="override every config's P")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 3 cpu, 20 cuda)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="calls per timed sample (default: cpu 3 for paper and 1 for 10M, cuda 20)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the row popularity")
@@ -196,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False")
-    names = args.configs or (["paper"] if device.type == "cpu" else ["paper", "10M"])
+    names = args.configs or ["paper", "10M"]
     configs = []
     for name in names:
         cfg = {"paper": PAPER, "10M": TEN_M}[name]
@@ -204,35 +246,50 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             cfg = BenchConfig(**{**asdict(cfg), "batch_size": 4096})
         overrides = {k: v for k, v in (("batch_size", args.batch_size), ("pooling_factor", args.pooling_factor)) if v}
         configs.append(BenchConfig(**{**asdict(cfg), **overrides}))
-    iters = args.iters or (3 if device.type == "cpu" else 20)
+    def iters_for(cfg: BenchConfig) -> int:
+        if args.iters:
+            return args.iters
+        return 20 if device.type == "cuda" else (1 if cfg.num_rows > 1_000_000 else 3)
+
     name = device_name(device)
+    roof = mm_roof(device)
     record = {
         "device": device.type,
         "device_name": name,
         "torch": torch.__version__,
         "compiled_kernels": uses_extension(device),
         "repeats": args.repeats,
-        "iters_per_sample": iters,
+        "iters_per_sample": {c.name: iters_for(c) for c in configs},
         "zipf_alpha": args.alpha,
-        "results": [run_config(c, device, args.repeats, iters, args.warmup, args.seed, args.alpha) for c in configs],
+        "mm_flops_per_s": roof,
+        "results": [
+            run_config(c, device, args.repeats, iters_for(c), args.warmup, args.seed, args.alpha) for c in configs
+        ],
     }
     peak = fp32_peak(name) if device.type == "cuda" else None
-    print(f"device: {name}   compiled kernels: {record['compiled_kernels']}   torch {torch.__version__}")
+    print(f"device: {name}   compiled kernels: {record['compiled_kernels']}   torch {torch.__version__}   "
+          f"large torch.mm: {roof / 1e9:.1f} GFLOP/s")
     for res in record["results"]:
         c, med, oc = res["config"], res["median_ms"], res["op_counts"]
         print(f"\n[{c['name']}] rows {c['num_rows']:,} p={c['p_shapes']} q={c['q_shapes']} ranks={c['ranks']} "
               f"B={c['batch_size']} P={oc['pooling_factor']:.1f} P_G={oc['groups_per_bag']:.2f} "
               f"U={oc['num_distinct_groups']}  cores {res['core_bytes'] / 1e6:.2f} MB, "
               f"compression {res['compression']:.1f}x")
-        print(f"  {'variant':<8}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd GFLOP/s':>13}" + ("  % fp32 peak" if peak else ""))
+        print(f"  {'variant':<8}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd GFLOP/s':>13}{'% of mm':>9}"
+              + ("  % fp32 peak" if peak else ""))
         for v in ("grt", "tt", "dense"):
             fl = res["useful_flops_per_s"].get(f"{v}/fwd")
             line = f"  {v:<8}{med[f'{v}/fwd']:>10.3f}{med[f'{v}/fwd_bwd']:>12.3f}"
-            line += f"{fl / 1e9:>13.1f}" if fl else f"{'-':>13}"
+            line += f"{fl / 1e9:>13.1f}{100 * fl / roof:>8.0f}%" if fl else f"{'-':>13}{'-':>9}"
             if peak and fl:
                 line += f"  {100 * fl / peak:>10.2f}%"
             print(line)
         print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items()))
+        ph = res["grt_phases"]
+        print("  grt fwd+bwd phases (ms/call): "
+              + ", ".join(f"{k.removeprefix('torchrec_tt::')} {v:.2f}" for k, v in sorted(ph["phases_ms"].items())))
+        if "cuda_launches_per_fwd_bwd" in ph:
+            print(f"  CUDA launches per grt fwd+bwd: {ph['cuda_launches_per_fwd_bwd']:.0f}")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench_{device.type}")
     with open(stem + ".json", "w") as f:

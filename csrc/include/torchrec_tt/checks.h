@@ -13,21 +13,10 @@
 #include <optional>
 #include <vector>
 
+#include "torchrec_tt/enums.h"
 #include "torchrec_tt/tt_layout.h"
 
 namespace torchrec_tt {
-
-// The ops' `int pooling_mode` and `int variant` arguments; the values of torchrec_tt.enums.PoolingMode
-// and torchrec_tt.enums.Variant (Python IntEnums) are the same.
-enum class PoolingMode : int64_t { kSum = 0, kMean = 1 };
-enum class Variant : int64_t { kTT = 0, kGRT = 1 };
-
-// Aliases kept only for the kernel files that compare the schema's int64 arguments directly
-// (csrc/cpu/tt_embedding_bag_cpu.cpp, csrc/cuda/tt_embedding_bag_cuda.cu).
-constexpr int64_t kPoolingSum = static_cast<int64_t>(PoolingMode::kSum);
-constexpr int64_t kPoolingMean = static_cast<int64_t>(PoolingMode::kMean);
-constexpr int64_t kVariantTT = static_cast<int64_t>(Variant::kTT);
-constexpr int64_t kVariantGRT = static_cast<int64_t>(Variant::kGRT);
 
 inline bool is_core_dtype(at::ScalarType t, bool allow_reduced_precision) {
   return t == at::kFloat || t == at::kDouble ||

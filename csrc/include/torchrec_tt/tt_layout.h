@@ -3,7 +3,7 @@
 // Plain C++ only (no ATen/c10 includes) so that the CUDA kernel files (csrc/cuda/*_cuda.cu, which
 // include no ATen) and their CPU-thread emulation can use it: one layout type for both devices.
 //
-// Layout (see DESIGN.md section 1): a table with d cores (2 <= d <= 4); core k is a contiguous tensor
+// Layout (see docs/design.md section 1): a table with d cores (2 <= d <= 4); core k is a contiguous tensor
 // of shape (m_k, R[k], n_k, R[k+1]) with R[0] = R[d] = 1. Row i has the TT index (i_0, ..., i_{d-1})
 // in mixed radix m_0..m_{d-1}, i_0 most significant. group(i) = i / m_{d-1}, last(i) = i % m_{d-1}.
 // The prefix of a group, Q_g = core_0[i_0] . ... . core_{d-2}[i_{d-2}], is an (N' x R') matrix with

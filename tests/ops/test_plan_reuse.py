@@ -1,0 +1,112 @@
+"""One (bag, group) plan per batch: built once in forward, reused by backward (issue: kernels).
+
+The plan is the packed tensor of ``torchrec_tt::group_plan`` (docs/design.md section 3.1). These
+tests check, on the compiled CPU ops, that autograd builds it exactly once per forward+backward and
+that the backward does not regroup; that a plan from another batch is refused; and that results do
+not depend on whether the plan is passed in or built by the op.
+"""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import torchrec_tt
+from torchrec_tt import tt_embedding_bag
+from tt_testing import random_cores
+
+pytestmark = pytest.mark.skipif(
+    not torchrec_tt.ops.uses_extension(torch.device("cpu")), reason="needs the compiled CPU ops"
+)
+
+
+def _batch(seed=0, rows=(5, 6, 7), batch=9, max_len=12):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_len, (batch,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    num_rows = rows[0] * rows[1] * rows[2]
+    indices = torch.randint(0, num_rows, (int(offsets[-1]),), generator=gen)
+    return indices, offsets
+
+
+def _event_counts(fn):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {}
+    for e in prof.events():
+        if e.name.startswith("torchrec_tt::"):
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
+
+
+def test_forward_backward_builds_the_plan_once():
+    cores = [c.requires_grad_(True) for c in random_cores([5, 6, 7], [2, 2, 2], [3, 4])]
+    indices, offsets = _batch()
+
+    def step():
+        out = tt_embedding_bag(cores, indices, offsets, variant="grt")
+        out.backward(torch.ones_like(out))
+
+    counts = _event_counts(step)
+    assert counts.get("torchrec_tt::group_plan") == 1
+    assert counts.get("torchrec_tt::tt_embedding_bag") == 1
+    assert counts.get("torchrec_tt::tt_embedding_bag_backward") == 1
+    # Neither op regroups: the plan was passed to both.
+    assert counts.get("torchrec_tt::grt::build_plan", 0) == 0
+
+
+def test_op_without_a_plan_builds_its_own():
+    cores = random_cores([5, 6, 7], [2, 2, 2], [3, 4])
+    indices, offsets = _batch()
+    counts = _event_counts(lambda: torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, None, 0, 1))
+    assert counts.get("torchrec_tt::grt::build_plan") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_given_plan_and_built_plan_agree_bitwise(dtype):
+    cores = random_cores([5, 6, 7], [2, 2, 2], [3, 4], dtype=dtype)
+    indices, offsets = _batch(seed=3)
+    ops = torch.ops.torchrec_tt
+    plan = ops.group_plan(indices, offsets, 7)
+    grad = torch.randn(offsets.numel() - 1, 8, dtype=dtype)
+    assert torch.equal(
+        ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1, plan),
+        ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1),
+    )
+    with_plan, _ = ops.tt_embedding_bag_backward(grad, cores, indices, offsets, None, 0, 1, False, plan)
+    without, _ = ops.tt_embedding_bag_backward(grad, cores, indices, offsets, None, 0, 1, False)
+    for a, b in zip(with_plan, without):
+        assert torch.equal(a, b)
+
+
+def test_plan_of_another_batch_is_refused():
+    cores = random_cores([5, 6, 7], [2, 2, 2], [3, 4])
+    indices, offsets = _batch(seed=1)
+    other_indices, other_offsets = _batch(seed=2, batch=4)
+    ops = torch.ops.torchrec_tt
+    other = ops.group_plan(other_indices, other_offsets, 7)
+    with pytest.raises(ValueError, match=r"tt_embedding_bag: plan must be .* for this batch"):
+        ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1, other)
+    # Same sizes but grouped for another last_rows: the header gives it away.
+    wrong_rows = ops.group_plan(indices, offsets, 5)
+    with pytest.raises(ValueError, match=r"plan was built for another batch or table .*last_rows 5"):
+        ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1, wrong_rows)
+    with pytest.raises(ValueError, match=r"plan must be"):
+        ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1, torch.zeros(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_results_match_the_reference_for_any_thread_count(threads):
+    """The forward is bag-parallel and the backward reduces per-thread buffers in a fixed order."""
+    cores = random_cores([5, 6, 7], [2, 2, 2], [3, 4], dtype=torch.float64)
+    indices, offsets = _batch(seed=4, batch=600, max_len=30)  # enough work to use every thread
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = tt_embedding_bag(cores, indices, offsets, variant="grt")
+        again = tt_embedding_bag(cores, indices, offsets, variant="grt")
+    finally:
+        torch.set_num_threads(prev)
+    rows = torchrec_tt.tt_to_dense(cores, 5 * 6 * 7)
+    ref = torch.nn.functional.embedding_bag(indices, rows, offsets[:-1], mode="sum")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out, again)
