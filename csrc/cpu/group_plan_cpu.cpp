@@ -172,14 +172,7 @@ at::Tensor check_plan_cpu(
     int64_t nnz,
     int64_t batch_size,
     int64_t last_rows) {
-  const int64_t numel = PlanLayout::make(nnz, batch_size).numel;
-  TORCH_CHECK_VALUE(
-      plan.dim() == 1 && plan.scalar_type() == at::kLong && plan.numel() == numel,
-      op, ": plan must be the 1-D int64 tensor of group_plan(indices, offsets, last_rows) for this "
-      "batch (", numel, " entries for nnz = ", nnz, ", B = ", batch_size, "), got ",
-      plan.scalar_type(), " of shape ", plan.sizes());
-  TORCH_CHECK_VALUE(plan.is_cpu(), op, ": plan must be on cpu, got ", plan.device());
-  at::Tensor p = plan.contiguous();
+  at::Tensor p = check_plan_shape(op, plan, nnz, batch_size, c10::Device(c10::kCPU));
   const int64_t* h = p.data_ptr<int64_t>();
   const auto at_ = [&](PlanHeader f) { return h[static_cast<int64_t>(f)]; };
   TORCH_CHECK_VALUE(
@@ -227,10 +220,7 @@ at::Tensor group_plan_cpu(
     int64_t last_rows,
     int64_t num_rows) {
   constexpr const char* op = "group_plan";
-  check_indices_offsets(op, indices_in, offsets_in, indices_in.device());
-  TORCH_CHECK_VALUE(
-      indices_in.is_cpu(), op, ": expected CPU tensors, got indices on ", indices_in.device());
-  TORCH_CHECK_VALUE(last_rows >= 1, op, ": last_rows must be >= 1, got ", last_rows);
+  check_group_plan_inputs(op, indices_in, offsets_in, last_rows, c10::DeviceType::CPU);
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t nnz = indices.numel();

@@ -228,15 +228,7 @@ std::optional<at::Tensor> check_plan(
   if (!plan.has_value() || static_cast<Variant>(variant) != Variant::kGRT) {
     return std::nullopt;
   }
-  const at::Tensor& p = *plan;
-  const int64_t want = PlanLayout::make(in.nnz, in.batch_size).numel;
-  TORCH_CHECK_VALUE(
-      p.scalar_type() == at::kLong && p.dim() == 1 && p.numel() == want, op,
-      ": plan must be the int64 tensor of group_plan(indices, offsets, last_rows) for this batch (",
-      want, " entries for nnz = ", in.nnz, ", B = ", in.batch_size, "), got ", p.scalar_type(),
-      " of shape ", p.sizes());
-  TORCH_CHECK_VALUE(p.device() == in.indices.device(), op, ": plan must be on ", in.indices.device(), ", got ", p.device());
-  return p.contiguous();
+  return check_plan_shape(op, *plan, in.nnz, in.batch_size, in.indices.device());
 }
 
 at::Tensor group_plan_cuda(
@@ -245,9 +237,7 @@ at::Tensor group_plan_cuda(
     int64_t last_rows,
     int64_t num_rows) {
   constexpr const char* op = "group_plan";
-  check_indices_offsets(op, indices_in, offsets_in, indices_in.device());
-  TORCH_CHECK_VALUE(indices_in.is_cuda(), op, ": expected CUDA tensors, got indices on ", indices_in.device());
-  TORCH_CHECK_VALUE(last_rows >= 1, op, ": last_rows must be >= 1, got ", last_rows);
+  check_group_plan_inputs(op, indices_in, offsets_in, last_rows, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(indices_in.device());
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();

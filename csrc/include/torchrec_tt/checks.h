@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "torchrec_tt/enums.h"
+#include "torchrec_tt/plan_layout.h"
 #include "torchrec_tt/tt_layout.h"
 
 namespace torchrec_tt {
@@ -235,6 +236,38 @@ inline void make_tt_inputs_contiguous(
   if (per_sample_weights.has_value()) {
     in.psw = per_sample_weights->contiguous();
   }
+}
+
+// group_plan's arguments on a `device_type` device (no value reads).
+inline void check_group_plan_inputs(
+    const char* op,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    int64_t last_rows,
+    c10::DeviceType device_type) {
+  check_indices_offsets(op, indices, offsets, indices.device());
+  TORCH_CHECK_VALUE(
+      indices.device().type() == device_type, op, ": expected ", c10::DeviceTypeName(device_type),
+      " tensors, got indices on ", indices.device());
+  TORCH_CHECK_VALUE(last_rows >= 1, op, ": last_rows must be >= 1, got ", last_rows);
+}
+
+// A plan passed to tt_embedding_bag(_backward): the 1-D int64 tensor of group_plan for a batch of
+// nnz lookups and B bags (plan_layout.h), on the batch's device. Returns it contiguous.
+inline at::Tensor check_plan_shape(
+    const char* op,
+    const at::Tensor& plan,
+    int64_t nnz,
+    int64_t batch_size,
+    const c10::Device& device) {
+  const int64_t numel = PlanLayout::make(nnz, batch_size).numel;
+  TORCH_CHECK_VALUE(
+      plan.dim() == 1 && plan.scalar_type() == at::kLong && plan.numel() == numel,
+      op, ": plan must be the 1-D int64 tensor of group_plan(indices, offsets, last_rows) for this "
+      "batch (", numel, " entries for nnz = ", nnz, ", B = ", batch_size, "), got ",
+      plan.scalar_type(), " of shape ", plan.sizes());
+  TORCH_CHECK_VALUE(plan.device() == device, op, ": plan must be on ", device, ", got ", plan.device());
+  return plan.contiguous();
 }
 
 // The backward's own arguments: grad_output (B, N) like the cores, and per_sample_weights given
