@@ -107,14 +107,21 @@ TORCHREC_TT_ALWAYS_INLINE void tile_accumulate(
     int64_t ldb) {
   constexpr int W = VecTraits<T>::kLanes;
   for (int64_t k = 0; k < K; ++k) {
-    vec_t<T> b[NV];
-    for (int v = 0; v < NV; ++v) {
-      b[v] = vload(B + k * ldb + v * W);
-    }
-    for (int r = 0; r < MR; ++r) {
-      const vec_t<T> a = vbroadcast(A[r * a_row + k * a_col]);
-      for (int v = 0; v < NV; ++v) {
-        acc[r][v] += a * b[v];
+    const T* bk = B + k * ldb;
+    vec_t<T> b0 = vload(bk);
+    keep_in_register(b0);
+    if constexpr (NV == 1) {
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] += vbroadcast(A[r * a_row + k * a_col]) * b0;
+      }
+    } else {
+      static_assert(NV == 2, "tiles are one or two vectors wide");
+      vec_t<T> b1 = vload(bk + W);
+      keep_in_register(b1);
+      for (int r = 0; r < MR; ++r) {
+        const vec_t<T> a = vbroadcast(A[r * a_row + k * a_col]);
+        acc[r][0] += a * b0;
+        acc[r][1] += a * b1;
       }
     }
   }
