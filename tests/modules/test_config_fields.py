@@ -1,0 +1,60 @@
+"""``EmbeddingBagConfig`` fields on TT tables: honoured (init range) or rejected by name."""
+
+import math
+
+import pytest
+import torch
+
+from torchrec_tt import TTEmbeddingBag, TTEmbeddingBagConfig
+
+
+@pytest.mark.parametrize("low,high", [(0.0, 0.2), (-0.3, -0.1), (0.05, 0.5), (-0.01, 0.01)])
+def test_weight_init_range_gives_torchrec_uniform_row_statistics(low: float, high: float) -> None:
+    """Materialized rows: mean (low+high)/2, variance (high-low)^2/12 like U(low, high); most
+    entries inside [low, high] (TT rows are sums of products, not bounded like U)."""
+    torch.manual_seed(0)
+    cfg = TTEmbeddingBagConfig(name="t", num_embeddings=20000, embedding_dim=16, feature_names=["f"],
+                               weight_init_min=low, weight_init_max=high, tt_ranks=[8, 8])
+    rows = TTEmbeddingBag(cfg).full_weight()
+    reference = torch.empty_like(rows).uniform_(low, high)  # TorchRec's init of the dense table
+    width = high - low
+    assert float(rows.mean()) == pytest.approx(float(reference.mean()), abs=0.02 * width)
+    assert float(rows.std()) == pytest.approx(float(reference.std()), rel=0.15)
+    # per-column means too (the offset is on every entry, not only on average)
+    assert float((rows.mean(0) - (low + high) / 2).abs().max()) < 0.05 * width
+    inside = float(((rows >= low) & (rows <= high)).float().mean())
+    assert inside > 0.85, inside
+    # measured: ~91% inside, extremes ~2 widths outside over 320k entries
+    assert float(rows.min()) > low - 3 * width and float(rows.max()) < high + 3 * width
+
+
+def test_off_centre_init_needs_rank_two() -> None:
+    with pytest.raises(ValueError, match=r"TTEmbeddingBagConfig 't': tt_ranks=\[1, 4\] must be >= 2 for an init range not centred on 0"):
+        TTEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"],
+                             weight_init_min=0.0, weight_init_max=1.0, tt_ranks=[1, 4])
+    with pytest.raises(ValueError, match=r"TTEmbeddingBagConfig 't': weight_init_min=1.0 must be <= weight_init_max=0.0"):
+        TTEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"],
+                             weight_init_min=1.0, weight_init_max=0.0)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("init_fn", torch.nn.init.zeros_, r"init_fn=<function zeros_ .*> is not supported: TT rows are products"),
+        ("need_pos", True, r"need_pos=True is not supported \(no positional weights"),
+        ("num_embeddings_post_pruning", 10, r"num_embeddings_post_pruning=10 is not supported by TT tables"),
+        ("use_virtual_table", True, r"use_virtual_table=True is not supported by TT tables"),
+    ],
+)
+def test_unsupported_fields_are_rejected_by_name(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"TTEmbeddingBagConfig 'big': {message}"):
+        TTEmbeddingBagConfig(name="big", num_embeddings=1000, embedding_dim=8, feature_names=["f"], **{field: value})
+
+
+def test_default_init_is_unchanged_symmetric() -> None:
+    torch.manual_seed(0)
+    cfg = TTEmbeddingBagConfig(name="t", num_embeddings=8000, embedding_dim=16, feature_names=["f"])
+    rows = TTEmbeddingBag(cfg).full_weight()
+    bound = math.sqrt(1 / 8000)
+    assert abs(float(rows.mean())) < 0.05 * bound
+    assert float(rows.var()) == pytest.approx((2 * bound) ** 2 / 12, rel=0.2)
