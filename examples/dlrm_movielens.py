@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
@@ -129,6 +130,7 @@ def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> Lis
                 tt_ranks=[args.tt_rank] * (args.tt_cores - 1),
                 tt_num_cores=args.tt_cores,
                 variant=embedding,
+                data_type=DataType[args.tt_data_type.upper()],
             ))
     return tables
 
@@ -275,6 +277,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--tt-rank", type=int, default=32, help="every inner TT rank")
     p.add_argument("--tt-cores", type=int, default=3)
+    p.add_argument("--tt-data-type", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype the TT cores are stored in (bf16/fp16: half the bytes, fp32 arithmetic)")
     p.add_argument("--tt-p-shapes", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="row factors, e.g. 21,22,50 (default: torchrec_tt.suggest_tt_shapes)")
     p.add_argument("--tables", choices=("separate", "shared"), default="separate",

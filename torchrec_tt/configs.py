@@ -23,7 +23,7 @@ from torchrec_tt.tt_shapes import (
 VARIANTS = tuple(str(v) for v in Variant)  # ("tt", "grt")
 DEFAULT_RANK = 32
 _SUPPORTED_POOLING = (PoolingType.SUM, PoolingType.MEAN)
-_SUPPORTED_DATA_TYPES = (DataType.FP32,)
+_SUPPORTED_DATA_TYPES = (DataType.FP32, DataType.FP16, DataType.BF16)
 # EmbeddingBagConfig fields with no TT implementation, and their "unused" defaults.
 _UNSUPPORTED_FIELDS = (
     ("init_fn", None),

@@ -4,6 +4,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -14,6 +15,8 @@ from torchrec_tt.init import from_dense, tt_to_dense, uniform_like_init_
 from torchrec_tt.ops import tt_embedding_bag
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_STORAGE_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
 
 # Calls recorded as single nodes by ``torch.fx.symbolic_trace`` / ``torchrec.fx.symbolic_trace``
 # (their bodies branch on values and keys); Dynamo and ``torch.export`` trace through them.
@@ -286,8 +289,10 @@ class TTEmbeddingBag(nn.Module):
         self.validate_inputs = validate_inputs
         # The op's enums, converted once (the config keeps TorchRec's PoolingType).
         self._pooling = PoolingMode.parse(config.pooling, f"table '{config.name}'")
+        # FP16/BF16 tables store their cores in that dtype (half the bytes) and compute in fp32.
+        dtype = _STORAGE_DTYPES[config.data_type]
         self.cores = nn.ParameterList(
-            [nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device)) for shape in config.core_shapes]
+            [nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for shape in config.core_shapes]
         )
         self.reset_parameters()
 
@@ -297,7 +302,27 @@ class TTEmbeddingBag(nn.Module):
         if self.cores[0].device.type == "meta":
             return
         lo, hi = self.config.get_weight_init_min(), self.config.get_weight_init_max()
+        if self.cores[0].dtype in _LOW_PRECISION:
+            full = [torch.empty(c.shape, dtype=torch.float32, device=c.device) for c in self.cores]
+            uniform_like_init_(full, lo, hi)
+            with torch.no_grad():
+                for core, value in zip(self.cores, full):
+                    core.copy_(value)
+            return
         uniform_like_init_(list(self.cores), lo, hi)
+
+    def compute_cores(self) -> List[torch.Tensor]:
+        """The cores the op runs on: fp16/bf16 cores upcast to fp32 (small; gradients flow back
+        to the low-precision parameters), others as they are."""
+        cores = list(self.cores)
+        if cores[0].dtype in _LOW_PRECISION:
+            return [c.float() for c in cores]
+        return cores
+
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the lookups' arithmetic, outputs and per-sample weights."""
+        dtype = self.cores[0].dtype
+        return torch.float32 if dtype in _LOW_PRECISION else dtype
 
     def forward(
         self,
@@ -317,7 +342,7 @@ class TTEmbeddingBag(nn.Module):
         per_sample_weights: Optional[torch.Tensor],
     ) -> torch.Tensor:
         return tt_embedding_bag(
-            list(self.cores),
+            self.compute_cores(),
             indices,
             offsets,
             per_sample_weights,
@@ -356,13 +381,13 @@ class TTEmbeddingBag(nn.Module):
         Returns:
             Tensor: ``(B, F * embedding_dim)``, features side by side.
         """
-        values, offsets, weights = _table_lookups(self.config, features, is_weighted, validate, self.cores[0].dtype)
+        values, offsets, weights = _table_lookups(self.config, features, is_weighted, validate, self.compute_dtype())
         return _side_by_side(self._pool(values, offsets, weights), len(features.keys()), features.stride(), self.config.embedding_dim)
 
     def full_weight(self) -> torch.Tensor:
         """The materialized ``(num_embeddings, embedding_dim)`` table (no grad)."""
         with torch.no_grad():
-            return tt_to_dense(list(self.cores), self.config.num_embeddings)
+            return tt_to_dense(self.compute_cores(), self.config.num_embeddings)
 
     @torch.no_grad()
     def copy_from_dense(self, weight: torch.Tensor) -> None:
@@ -443,7 +468,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         becomes one graph node and each table's op another.
         """
         bags = [self.embedding_bags[t.name] for t in self._embedding_bag_configs]
-        dtype = bags[0].cores[0].dtype
+        dtype = bags[0].compute_dtype()
         values = features.values()
         if isinstance(values, torch.fx.Proxy):
             lookups, batch = _collection_lookups_fx(

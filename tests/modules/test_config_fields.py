@@ -58,3 +58,34 @@ def test_default_init_is_unchanged_symmetric() -> None:
     bound = math.sqrt(1 / 8000)
     assert abs(float(rows.mean())) < 0.05 * bound
     assert float(rows.var()) == pytest.approx((2 * bound) ** 2 / 12, rel=0.2)
+
+
+@pytest.mark.parametrize("data_type", ["FP16", "BF16"])
+def test_low_precision_cores_compute_in_fp32(data_type: str) -> None:
+    """FP16/BF16 tables: cores stored in that dtype (half the bytes), lookups in fp32 equal to
+    F.embedding_bag over the upcast cores' rows, gradients back on the low-precision cores."""
+    import torch.nn.functional as F
+    from torchrec import KeyedJaggedTensor
+    from torchrec.modules.embedding_configs import DataType
+
+    from torchrec_tt import TTEmbeddingBagCollection
+
+    torch.manual_seed(0)
+    kw = dict(num_embeddings=500, embedding_dim=8, feature_names=["f"], tt_ranks=[4, 4])
+    low = TTEmbeddingBagConfig(name="t", data_type=DataType[data_type], **kw)
+    full = TTEmbeddingBagConfig(name="t", **kw)
+    assert low.storage_bytes() * 2 == full.storage_bytes()
+    ebc = TTEmbeddingBagCollection([low], is_weighted=True)
+    dtype = torch.float16 if data_type == "FP16" else torch.bfloat16
+    assert all(c.dtype == dtype for c in ebc.parameters())
+    assert sum(c.numel() * c.element_size() for c in ebc.parameters()) == low.storage_bytes()
+    kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 7, 499, 3, 3]), lengths=torch.tensor([2, 0, 3]),
+                            weights=torch.tensor([0.5, 1.0, 2.0, -1.0, 1.0]))
+    out = ebc(kjt).values()
+    assert out.dtype == torch.float32
+    rows = ebc.full_weight("t")
+    assert rows.dtype == torch.float32
+    want = F.embedding_bag(kjt.values(), rows, kjt.offsets()[:-1], mode="sum", per_sample_weights=kjt.weights())
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    out.sum().backward()
+    assert all(c.grad is not None and c.grad.dtype == dtype and bool(c.grad.abs().sum() > 0) for c in ebc.parameters())
