@@ -1,6 +1,7 @@
 """torchrec_tt: Tensor-Train compressed embedding bags for TorchRec (TT-Rec and GRT-GnR)."""
 
 from torchrec_tt.configs import TTEmbeddingBagConfig  # noqa: F401
+from torchrec_tt.convert import MixedEmbeddingBagCollection, convert_ebc_to_tt  # noqa: F401
 from torchrec_tt.enums import PoolingMode, Variant  # noqa: F401
 from torchrec_tt.init import from_dense, tt_to_dense  # noqa: F401
 from torchrec_tt.modules import TTEmbeddingBag, TTEmbeddingBagCollection  # noqa: F401
