@@ -250,6 +250,16 @@ class Optimizers:
                 continue  # stepped in backward by the sharded module's fused optimizer
             (tables if "sparse_arch." in name else dense).append(param)
         self.optimizers = [torch.optim.Adam(dense, lr=lr)]
+        low = {n: p for n, p in model.named_parameters()
+               if any(p is t for t in tables) and p.dtype in (torch.float16, torch.bfloat16)}
+        if low:
+            # fp16/bf16 TT cores: fp32 Adagrad state and update, stochastic rounding (stepped in
+            # backward, as when sharded); a plain torch Adagrad would keep bf16 state and lose
+            # most small updates to rounding.
+            from torchrec_tt import TTFusedOptimizer
+
+            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS})
+            tables = [t for t in tables if not any(t is p for p in low.values())]
         if tables:
             self.optimizers.append(torch.optim.Adagrad(tables, lr=emb_lr, eps=ADAGRAD_EPS))
 

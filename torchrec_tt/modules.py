@@ -315,13 +315,17 @@ class TTEmbeddingBag(nn.Module):
         """The cores the op runs on: fp16/bf16 cores upcast to fp32 (small; gradients flow back
         to the low-precision parameters), others as they are."""
         cores = list(self.cores)
-        if cores[0].dtype in _LOW_PRECISION:
+        if self._storage_dtype() in _LOW_PRECISION:
             return [c.float() for c in cores]
         return cores
 
+    def _storage_dtype(self) -> torch.dtype:
+        # The parameter itself, not through ``self.cores[0]`` (an fx proxy under symbolic tracing).
+        return next(iter(self.cores._parameters.values())).dtype
+
     def compute_dtype(self) -> torch.dtype:
         """dtype of the lookups' arithmetic, outputs and per-sample weights."""
-        dtype = self.cores[0].dtype
+        dtype = self._storage_dtype()
         return torch.float32 if dtype in _LOW_PRECISION else dtype
 
     def forward(

@@ -67,6 +67,9 @@ class QuantTTEmbeddingBag(TTEmbeddingBag):
             out.append(codes.float() if scale is None else codes.float() * scale + bias)
         return out
 
+    def _storage_dtype(self) -> torch.dtype:
+        return torch.float32  # dequantized per call
+
     def reset_parameters(self) -> None:
         raise ValueError(f"table '{self.config.name}': a quantized TT table cannot be re-initialized")
 
