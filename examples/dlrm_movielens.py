@@ -315,6 +315,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save", default=None,
                    help="save the trained model's state_dict here, '{embedding}' is replaced (world size 1)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--init-from-dense", default=None,
+                   help="state_dict of a trained --embedding dense model (--save): its tables are converted "
+                        "to TT (torchrec_tt.convert_ebc_to_tt) and fine-tuned (--max-steps; 0: evaluate only)")
+    p.add_argument("--convert-max-error", type=float, default=0.5,
+                   help="relative reconstruction error target of --init-from-dense")
     return p.parse_args(argv)
 
 
@@ -378,6 +383,19 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     else:
         ebc = TTEmbeddingBagCollection(tables, device=torch.device("cpu"), validate_inputs=False)
     model: nn.Module = DLRMLike(ebc, renumber)
+    if args.init_from_dense and embedding != "dense":
+        # Conversion recipe: a trained dense model (--embedding dense --save PATH), its tables
+        # replaced by TT tables fitted to their rows, then fine-tuned like a TT model.
+        from torchrec_tt import convert_ebc_to_tt
+
+        model = DLRMLike(EmbeddingBagCollection(tables=make_tables(args, "dense", task.num_items),
+                                                device=torch.device("cpu")), renumber)
+        model.load_state_dict(torch.load(args.init_from_dense))
+        report = convert_ebc_to_tt(model, max_rel_error=args.convert_max_error)
+        results["conversion"] = report
+        results["tables"] = table_memory(model.sparse_arch.embedding_bag_configs())
+        for name, r in report.items():
+            say(f"converted {name}: ranks {r['tt_ranks']}, {r['compression']:.1f}x, relative error {r['rel_error']:.3f}")
     first_epoch = task.train_examples(0)
     if env.world_size > 1:
         sample = task.make_batch(first_epoch.subset(torch.arange(args.batch_size))).sparse

@@ -99,7 +99,10 @@ def convert_ebc_to_tt(
         return {}
 
     def rank_bytes(name: str, rank: int) -> int:
-        return _tt_config(all_tables[name][2], rank, num_cores).storage_bytes()
+        try:
+            return _tt_config(all_tables[name][2], rank, num_cores).storage_bytes()
+        except ValueError:
+            return 1 << 62  # larger than the dense table: never fits
 
     budget_rank = ranks[-1]
     if memory_budget is not None:
@@ -110,11 +113,18 @@ def convert_ebc_to_tt(
         budget_rank = fitting[-1]
     report: Dict[str, Dict[str, Union[int, float, List[int]]]] = {}
     fitted = {}
+    def fits(table: EmbeddingBagConfig, rank: int) -> bool:
+        try:  # ranks whose cores would outgrow the dense table are rejected by the config
+            _tt_config(table, rank, num_cores)
+            return True
+        except ValueError:
+            return False
+
     for name in chosen:
         _, ebc, table = all_tables[name]
         weight = ebc.embedding_bags[name].weight.detach()
-        candidates = [r for r in ranks if r <= budget_rank] or [budget_rank]
-        for rank in candidates if max_rel_error is not None else [budget_rank]:
+        candidates = [r for r in ranks if r <= budget_rank and fits(table, r)] or [ranks[0]]
+        for rank in candidates if max_rel_error is not None else [candidates[-1]]:
             config, cores, error = _fit(table, weight, rank, num_cores)
             if max_rel_error is not None and error <= max_rel_error:
                 break
