@@ -173,3 +173,22 @@ def test_fx_symbolic_trace_matches_eager_and_still_validates(trace) -> None:
     bad = KeyedJaggedTensor(keys=KEYS, values=torch.full_like(bad.values(), 99), lengths=bad.lengths())
     with pytest.raises(ValueError, match=r"table 't1', feature 'f2': ids must be in \[0, 60\), got index 99"):
         gm(torch.randn(2, 4), bad)
+
+
+@requires_extension
+def test_bf16_tables_trace_and_compile() -> None:
+    from torchrec.modules.embedding_configs import DataType
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    tables = [TTEmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
+                                   feature_names=t.feature_names, tt_ranks=t.tt_ranks, variant=t.variant,
+                                   data_type=DataType.BF16) for t in _tables()]
+    ebc = TTEmbeddingBagCollection(tables)
+    kjt = _kjt(5, 1)
+    want = ebc(kjt).values()
+    torch.testing.assert_close(torch.fx.symbolic_trace(ebc)(kjt).values(), want, atol=0, rtol=0)
+    explained = torch._dynamo.explain(lambda k: ebc(k).values())(kjt)
+    assert explained.graph_break_count == 0
+    got = torch.compile(lambda k: ebc(k).values(), fullgraph=True, backend="aot_eager")(kjt)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
