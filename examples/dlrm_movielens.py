@@ -318,8 +318,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--init-from-dense", default=None,
                    help="state_dict of a trained --embedding dense model (--save): its tables are converted "
                         "to TT (torchrec_tt.convert_ebc_to_tt) and fine-tuned (--max-steps; 0: evaluate only)")
-    p.add_argument("--convert-max-error", type=float, default=0.5,
-                   help="relative reconstruction error target of --init-from-dense")
+    p.add_argument("--convert-max-error", type=float, default=None,
+                   help="relative reconstruction error target of --init-from-dense (default: rank --tt-rank)")
     return p.parse_args(argv)
 
 
@@ -391,7 +391,10 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         model = DLRMLike(EmbeddingBagCollection(tables=make_tables(args, "dense", task.num_items),
                                                 device=torch.device("cpu")), renumber)
         model.load_state_dict(torch.load(args.init_from_dense))
-        report = convert_ebc_to_tt(model, max_rel_error=args.convert_max_error)
+        if args.convert_max_error is not None:
+            report = convert_ebc_to_tt(model, max_rel_error=args.convert_max_error)
+        else:  # the TT layout of a from-scratch run: every inner rank --tt-rank
+            report = convert_ebc_to_tt(model, memory_budget=1 << 62, ranks=[args.tt_rank])
         results["conversion"] = report
         results["tables"] = table_memory(model.sparse_arch.embedding_bag_configs())
         for name, r in report.items():
