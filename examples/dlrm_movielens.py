@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
@@ -129,6 +130,7 @@ def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> Lis
                 tt_ranks=[args.tt_rank] * (args.tt_cores - 1),
                 tt_num_cores=args.tt_cores,
                 variant=embedding,
+                data_type=DataType[args.tt_data_type.upper()],
             ))
     return tables
 
@@ -248,6 +250,16 @@ class Optimizers:
                 continue  # stepped in backward by the sharded module's fused optimizer
             (tables if "sparse_arch." in name else dense).append(param)
         self.optimizers = [torch.optim.Adam(dense, lr=lr)]
+        low = {n: p for n, p in model.named_parameters()
+               if any(p is t for t in tables) and p.dtype in (torch.float16, torch.bfloat16)}
+        if low:
+            # fp16/bf16 TT cores: fp32 Adagrad state and update, stochastic rounding (stepped in
+            # backward, as when sharded); a plain torch Adagrad would keep bf16 state and lose
+            # most small updates to rounding.
+            from torchrec_tt import TTFusedOptimizer
+
+            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS})
+            tables = [t for t in tables if not any(t is p for p in low.values())]
         if tables:
             self.optimizers.append(torch.optim.Adagrad(tables, lr=emb_lr, eps=ADAGRAD_EPS))
 
@@ -275,6 +287,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--tt-rank", type=int, default=32, help="every inner TT rank")
     p.add_argument("--tt-cores", type=int, default=3)
+    p.add_argument("--tt-data-type", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype the TT cores are stored in (bf16/fp16: half the bytes, fp32 arithmetic)")
     p.add_argument("--tt-p-shapes", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="row factors, e.g. 21,22,50 (default: torchrec_tt.suggest_tt_shapes)")
     p.add_argument("--tables", choices=("separate", "shared"), default="separate",
@@ -301,6 +315,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save", default=None,
                    help="save the trained model's state_dict here, '{embedding}' is replaced (world size 1)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--init-from-dense", default=None,
+                   help="state_dict of a trained --embedding dense model (--save): its tables are converted "
+                        "to TT (torchrec_tt.convert_ebc_to_tt) and fine-tuned (--max-steps; 0: evaluate only)")
+    p.add_argument("--convert-max-error", type=float, default=None,
+                   help="relative reconstruction error target of --init-from-dense (default: rank --tt-rank)")
     return p.parse_args(argv)
 
 
@@ -364,6 +383,22 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     else:
         ebc = TTEmbeddingBagCollection(tables, device=torch.device("cpu"), validate_inputs=False)
     model: nn.Module = DLRMLike(ebc, renumber)
+    if args.init_from_dense and embedding != "dense":
+        # Conversion recipe: a trained dense model (--embedding dense --save PATH), its tables
+        # replaced by TT tables fitted to their rows, then fine-tuned like a TT model.
+        from torchrec_tt import convert_ebc_to_tt
+
+        model = DLRMLike(EmbeddingBagCollection(tables=make_tables(args, "dense", task.num_items),
+                                                device=torch.device("cpu")), renumber)
+        model.load_state_dict(torch.load(args.init_from_dense))
+        if args.convert_max_error is not None:
+            report = convert_ebc_to_tt(model, max_rel_error=args.convert_max_error)
+        else:  # the TT layout of a from-scratch run: every inner rank --tt-rank
+            report = convert_ebc_to_tt(model, memory_budget=1 << 62, ranks=[args.tt_rank])
+        results["conversion"] = report
+        results["tables"] = table_memory(model.sparse_arch.embedding_bag_configs())
+        for name, r in report.items():
+            say(f"converted {name}: ranks {r['tt_ranks']}, {r['compression']:.1f}x, relative error {r['rel_error']:.3f}")
     first_epoch = task.train_examples(0)
     if env.world_size > 1:
         sample = task.make_batch(first_epoch.subset(torch.arange(args.batch_size))).sparse

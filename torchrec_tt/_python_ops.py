@@ -22,14 +22,26 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def reads_values(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether checks may read the values of ``tensors``: not on ``meta``, not fake (tracing)."""
+def is_tracing(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the call is being traced: ``torch.compile``/``torch.export`` (strict or not), or
+    fake tensors or ``torch.fx`` proxies among ``tensors``. Constant-folded by Dynamo (checked
+    first), so callers can branch on it without a graph break."""
+    if torch.compiler.is_compiling():
+        return True
     from torch._subclasses.fake_tensor import is_fake
 
     for t in tensors:
-        if t is not None and (t.device.type == "meta" or is_fake(t)):
-            return False
-    return not torch.compiler.is_compiling()
+        if isinstance(t, torch.fx.Proxy) or (t is not None and is_fake(t)):
+            return True
+    return False
+
+
+def reads_values(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether checks may read the values of ``tensors``: not on ``meta``, not traced (fake
+    tensors, fx proxies, ``torch.compile``/``torch.export``)."""
+    if is_tracing(*tensors):
+        return False
+    return not any(t is not None and t.device.type == "meta" for t in tensors)
 
 
 def first_out_of_range(values: torch.Tensor, low: int, high: Optional[int]) -> Optional[Tuple[int, int]]:

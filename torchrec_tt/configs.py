@@ -1,9 +1,11 @@
 """``TTEmbeddingBagConfig``: TorchRec's ``EmbeddingBagConfig`` plus the TT factorization."""
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import List, Tuple, Union
 
+import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
 from torchrec_tt.enums import Variant
@@ -21,7 +23,19 @@ from torchrec_tt.tt_shapes import (
 VARIANTS = tuple(str(v) for v in Variant)  # ("tt", "grt")
 DEFAULT_RANK = 32
 _SUPPORTED_POOLING = (PoolingType.SUM, PoolingType.MEAN)
-_SUPPORTED_DATA_TYPES = (DataType.FP32,)
+_SUPPORTED_DATA_TYPES = (DataType.FP32, DataType.FP16, DataType.BF16)
+# EmbeddingBagConfig fields with no TT implementation, and their "unused" defaults.
+_UNSUPPORTED_FIELDS = (
+    ("init_fn", None),
+    ("need_pos", False),
+    ("num_embeddings_post_pruning", None),
+    ("input_dim", None),
+    ("total_num_buckets", None),
+    ("use_virtual_table", False),
+    ("virtual_table_eviction_policy", None),
+    ("enable_embedding_update", False),
+    ("stash_weights", False),
+)
 
 
 @dataclass
@@ -73,6 +87,7 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         duplicated = sorted({f for f in self.feature_names if list(self.feature_names).count(f) > 1})
         self._check(not duplicated, "feature_names", self.feature_names, f"must be distinct ({duplicated} repeated)")
         self.feature_names = list(self.feature_names)
+        self._check_unsupported_fields()  # before TorchRec's __post_init__ fills init_fn in
         super().__post_init__()
         try:
             self.variant = Variant.parse(self.variant)
@@ -159,6 +174,15 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         self._check(
             all(_is_int(v) and v >= 1 for v in self.tt_ranks), "tt_ranks", self.tt_ranks, "must hold positive ints"
         )
+        lo, hi = self.get_weight_init_min(), self.get_weight_init_max()
+        self._check(lo <= hi, "weight_init_min", lo, f"must be <= weight_init_max={hi}")
+        if lo != -hi:
+            self._check(
+                min(self.tt_ranks) >= 2,
+                "tt_ranks",
+                self.tt_ranks,
+                f"must be >= 2 for an init range not centred on 0 ([{lo}, {hi}]; rank path 0 carries the mean)",
+            )
         core_bytes, dense_bytes = self.storage_bytes(), self.dense_bytes()
         limit = max(dense_bytes, MIN_CORE_BYTES_LIMIT)
         self._check(
@@ -167,6 +191,28 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             self.tt_ranks,
             f"make cores of {core_bytes} bytes, more than the dense table ({dense_bytes} bytes) and "
             f"{MIN_CORE_BYTES_LIMIT} bytes; expected ranks whose cores take at most {limit} bytes",
+        )
+
+    def _check_unsupported_fields(self) -> None:
+        """``EmbeddingBagConfig`` fields TT tables do not implement: rejected, never dropped."""
+        why = {
+            "init_fn": "is not supported: TT rows are products of cores, so an init of the materialized rows "
+            "cannot be applied; use weight_init_min/weight_init_max, or init a dense table and "
+            "TTEmbeddingBagCollection.copy_from_dense / torchrec_tt.convert_ebc_to_tt",
+            "need_pos": "is not supported (no positional weights for TT tables)",
+        }
+        for name, default in _UNSUPPORTED_FIELDS:
+            value = getattr(self, name, default)
+            if name == "init_fn" and self._is_torchrec_default_init(value):
+                continue  # the uniform init TorchRec's __post_init__ fills in (a copied config)
+            if value != default:
+                self._check(False, name, value, why.get(name, f"is not supported by TT tables (expected {default!r})"))
+
+    def _is_torchrec_default_init(self, init_fn: object) -> bool:
+        return (
+            isinstance(init_fn, functools.partial)
+            and init_fn.func is torch.nn.init.uniform_
+            and init_fn.keywords == {"a": self.get_weight_init_min(), "b": self.get_weight_init_max()}
         )
 
     def _check(self, ok: bool, field_name: str, value: object, why: str) -> None:

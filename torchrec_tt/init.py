@@ -40,6 +40,41 @@ def sampled_init_(cores: Sequence[torch.Tensor], row_variance: float, generator:
             core.normal_(0.0, std, generator=generator)
 
 
+@torch.no_grad()
+def uniform_like_init_(
+    cores: Sequence[torch.Tensor],
+    low: float,
+    high: float,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Init whose rows have the mean and variance of TorchRec's ``U(low, high)`` init, in place.
+
+    With ``low == -high`` this is :func:`sampled_init_`. Otherwise rank path 0 carries the
+    mean: core ``k`` is block diagonal over its ranks, ``core[:, 0, :, 0] = c_k`` with
+    ``prod(c_k) = (low + high) / 2``, and the other blocks are the sampled init over the
+    remaining ``prod(R[k] - 1)`` paths with variance ``(high - low)^2 / 12``. Every entry of
+    every row is then ``(low + high) / 2 + Z`` with ``E[Z] = 0``, ``Var[Z] = (high - low)^2 / 12``
+    exactly in distribution; ``Z`` is a sum of products of Gaussians, so (unlike ``U``) it is
+    not bounded by ``[low, high]`` (about 90% of the entries fall inside). Needs every inner
+    rank >= 2 when ``low != -high``.
+    """
+    mean, variance = (low + high) / 2.0, (high - low) ** 2 / 12.0
+    if mean == 0.0 or all(c.device.type == "meta" for c in cores):
+        sampled_init_(cores, variance, generator)
+        return
+    ranks = [c.size(3) for c in cores[:-1]]
+    if min(ranks) < 2:
+        raise ValueError(f"uniform_like_init_: an init range not centred on 0 needs inner ranks >= 2, got {ranks}")
+    d = len(cores)
+    paths = math.prod(r - 1 for r in ranks)
+    std = (variance / paths) ** (1.0 / (2 * d)) if variance > 0 else 0.0
+    scale = abs(mean) ** (1.0 / d)
+    for k, core in enumerate(cores):
+        core.zero_()
+        core[:, 1 if k > 0 else 0 :, :, 1 if k < d - 1 else 0 :].normal_(0.0, std, generator=generator)
+        core[:, 0, :, 0] = scale * (-1.0 if (k == 0 and mean < 0) else 1.0)
+
+
 def tt_to_dense(cores: Sequence[torch.Tensor], num_rows: Optional[int] = None) -> torch.Tensor:
     """Materialize the table: ``(num_rows, prod(n_k))`` (default ``prod(m_k)`` rows).
 

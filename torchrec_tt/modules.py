@@ -1,19 +1,34 @@
 """TT-compressed embedding-bag modules with TorchRec ``EmbeddingBagCollection`` semantics."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt import _python_ops
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.enums import PoolingMode
-from torchrec_tt.init import from_dense, sampled_init_, tt_to_dense
+from torchrec_tt.init import from_dense, tt_to_dense, uniform_like_init_
 from torchrec_tt.ops import tt_embedding_bag
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_STORAGE_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
+
+# Calls recorded as single nodes by ``torch.fx.symbolic_trace`` / ``torchrec.fx.symbolic_trace``
+# (their bodies branch on values and keys); Dynamo and ``torch.export`` trace through them.
+torch.fx.wrap("tt_embedding_bag")
+
+
+class _TableInfo(NamedTuple):
+    """What validation needs of a table, as plain values (an fx graph can hold it)."""
+
+    name: str
+    num_embeddings: int
+    feature_names: Tuple[str, ...]
 
 
 def _where(config: TTEmbeddingBagConfig, feature: str) -> str:
@@ -128,6 +143,125 @@ def validate_features(
             raise ValueError(f"{where(keys[-1])}: KJT lengths must sum to the number of {name} ({count}), got {cumulative}")
 
 
+def _table_lookups(
+    config: "TTEmbeddingBagConfig | _TableInfo",
+    features: KeyedJaggedTensor,
+    is_weighted: bool,
+    validate: bool,
+    dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(ids, offsets, weights)`` of one table's KJT (its features, config order), checked."""
+    if features.variable_stride_per_key():
+        raise ValueError(f"table '{config.name}': a variable batch size per feature is not supported")
+    validate_features(features, {f: config for f in config.feature_names}, is_weighted, validate)
+    weights = features.weights().to(dtype) if is_weighted else None
+    if validate and _python_ops.reads_values(features.lengths()):
+        # Per feature (validate_features checked that the lengths cover the values), with the
+        # weights after the cast to the cores' dtype (a float64 weight can overflow to inf).
+        keys, values = features.keys(), features.values()
+        per_key = features.lengths().split([features.stride()] * len(keys))
+        sums = [int(n.sum()) for n in per_key]
+        per_key_weights = weights.split(sums) if weights is not None else [None] * len(keys)
+        for name, lengths, ids, w in zip(keys, per_key, values.split(sums), per_key_weights):
+            validate_lookups(config, name, ids, lengths, w)
+    return features.values(), features.offsets(), weights
+
+
+def _side_by_side(pooled: torch.Tensor, num_features: int, batch: int, dim: int) -> torch.Tensor:
+    """``(F * B, D)`` feature-major -> ``(B, F * D)``."""
+    if num_features == 1:
+        return pooled
+    # explicit sizes: B = 0 leaves -1 ambiguous
+    return pooled.view(num_features, batch, dim).transpose(0, 1).reshape(batch, num_features * dim)
+
+
+def _missing_features_error(config_of: Dict[str, "TTEmbeddingBagConfig | _TableInfo"], names: Sequence[str], keys: Sequence[str]) -> Optional[ValueError]:
+    missing = [f for f in names if f not in keys]
+    if not missing:
+        return None
+    return ValueError(
+        f"{_where(config_of[missing[0]], missing[0])}: the input KJT must have every table's "
+        f"features, {missing} are missing, got keys {list(keys)}"
+    )
+
+
+def _collection_lookups(
+    features: KeyedJaggedTensor,
+    tables: Tuple[_TableInfo, ...],
+    is_weighted: bool,
+    validate: bool,
+    dtype: torch.dtype,
+) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], int]:
+    """Eager: checks the KJT, puts it in table order and splits it: per table ``(ids, offsets,
+    weights)``, and the batch size. Reads lengths on the host (KJT permute/split)."""
+    config_of = {f: t for t in tables for f in t.feature_names}
+    names = [f for t in tables for f in t.feature_names]
+    validate_features(features, config_of, is_weighted, validate)
+    keys = features.keys()
+    if keys != names:
+        error = _missing_features_error(config_of, names, keys)
+        if error is not None:
+            raise error
+        features = features.permute([keys.index(f) for f in names])
+    splits = features.split([len(t.feature_names) for t in tables])
+    return [_table_lookups(t, kjt, is_weighted, validate, dtype) for t, kjt in zip(tables, splits)], features.stride()
+
+
+@torch.fx.wrap
+def _collection_lookups_fx(
+    keys: List[str],
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    tables: Tuple[_TableInfo, ...],
+    is_weighted: bool,
+    validate: bool,
+    dtype: torch.dtype,
+) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], int]:
+    """:func:`_collection_lookups` as one node of an fx graph (runs eagerly, checks included)."""
+    features = KeyedJaggedTensor(keys=keys, values=values, weights=weights, lengths=lengths)
+    return _collection_lookups(features, tables, is_weighted, validate, dtype)
+
+
+def _collection_lookups_traced(
+    features: KeyedJaggedTensor,
+    tables: Tuple[_TableInfo, ...],
+    is_weighted: bool,
+    dtype: torch.dtype,
+) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], List[int]]], int]:
+    """``torch.compile``/``torch.export``: no host reads, no data-dependent sizes.
+
+    Every table sees the whole batch (all ``F * B`` bags) with the ids of other tables'
+    features replaced by row 0; its own features' bags are then selected by position. With
+    ``grt`` those foreign lookups fall into one group per bag (group 0), so they cost one
+    short chain per foreign bag; with ``tt`` one chain per foreign lookup. Shapes and dtypes
+    are checked here (at trace time); ids, lengths and weights are checked by the ops when the
+    graph runs (ids against the padded row count ``prod(tt_p_shapes)``).
+    """
+    config_of = {f: t for t in tables for f in t.feature_names}
+    names = [f for t in tables for f in t.feature_names]
+    validate_features(features, config_of, is_weighted, read_values=False)
+    keys = features.keys()
+    error = _missing_features_error(config_of, names, keys)
+    if error is not None:
+        raise error
+    values, lengths = features.values(), features.lengths()
+    num_keys = len(keys)
+    batch = lengths.shape[0] // num_keys
+    offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(values.dtype)
+    weights = features.weights().to(dtype) if is_weighted else None
+    positions = torch.arange(values.shape[0], device=values.device, dtype=values.dtype)
+    out = []
+    for table in tables:
+        slots = [keys.index(f) for f in table.feature_names]
+        mask = torch.zeros_like(positions, dtype=torch.bool)
+        for k in slots:
+            mask = mask | ((positions >= offsets[k * batch]) & (positions < offsets[(k + 1) * batch]))
+        ids = values if len(tables) == 1 and len(slots) == num_keys else torch.where(mask, values, torch.zeros_like(values))
+        out.append((ids, offsets, weights, slots))
+    return out, batch
+
+
 class TTEmbeddingBag(nn.Module):
     """One TT-compressed table; pooled lookups like ``nn.EmbeddingBag``.
 
@@ -155,17 +289,44 @@ class TTEmbeddingBag(nn.Module):
         self.validate_inputs = validate_inputs
         # The op's enums, converted once (the config keeps TorchRec's PoolingType).
         self._pooling = PoolingMode.parse(config.pooling, f"table '{config.name}'")
+        # FP16/BF16 tables store their cores in that dtype (half the bytes) and compute in fp32.
+        dtype = _STORAGE_DTYPES[config.data_type]
         self.cores = nn.ParameterList(
-            [nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device)) for shape in config.core_shapes]
+            [nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for shape in config.core_shapes]
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """TT-Rec sampled init matching the spread of TorchRec's uniform init."""
+        """Rows with the mean and variance of TorchRec's ``U(weight_init_min, weight_init_max)``
+        init (:func:`~torchrec_tt.init.uniform_like_init_`)."""
         if self.cores[0].device.type == "meta":
             return
         lo, hi = self.config.get_weight_init_min(), self.config.get_weight_init_max()
-        sampled_init_(list(self.cores), row_variance=(hi - lo) ** 2 / 12.0)
+        if self.cores[0].dtype in _LOW_PRECISION:
+            full = [torch.empty(c.shape, dtype=torch.float32, device=c.device) for c in self.cores]
+            uniform_like_init_(full, lo, hi)
+            with torch.no_grad():
+                for core, value in zip(self.cores, full):
+                    core.copy_(value)
+            return
+        uniform_like_init_(list(self.cores), lo, hi)
+
+    def compute_cores(self) -> List[torch.Tensor]:
+        """The cores the op runs on: fp16/bf16 cores upcast to fp32 (small; gradients flow back
+        to the low-precision parameters), others as they are."""
+        cores = list(self.cores)
+        if self._storage_dtype() in _LOW_PRECISION:
+            return [c.float() for c in cores]
+        return cores
+
+    def _storage_dtype(self) -> torch.dtype:
+        # The parameter itself, not through ``self.cores[0]`` (an fx proxy under symbolic tracing).
+        return next(iter(self.cores._parameters.values())).dtype
+
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the lookups' arithmetic, outputs and per-sample weights."""
+        dtype = self._storage_dtype()
+        return torch.float32 if dtype in _LOW_PRECISION else dtype
 
     def forward(
         self,
@@ -185,7 +346,7 @@ class TTEmbeddingBag(nn.Module):
         per_sample_weights: Optional[torch.Tensor],
     ) -> torch.Tensor:
         return tt_embedding_bag(
-            list(self.cores),
+            self.compute_cores(),
             indices,
             offsets,
             per_sample_weights,
@@ -224,30 +385,13 @@ class TTEmbeddingBag(nn.Module):
         Returns:
             Tensor: ``(B, F * embedding_dim)``, features side by side.
         """
-        if features.variable_stride_per_key():
-            raise ValueError(f"table '{self.config.name}': a variable batch size per feature is not supported")
-        validate_features(features, {f: self.config for f in self.config.feature_names}, is_weighted, validate)
-        weights = features.weights().to(self.cores[0].dtype) if is_weighted else None
-        if validate and _python_ops.reads_values(features.lengths()):
-            # Per feature (validate_features checked that the lengths cover the values), with the
-            # weights after the cast to the cores' dtype (a float64 weight can overflow to inf).
-            keys, values = features.keys(), features.values()
-            per_key = features.lengths().split([features.stride()] * len(keys))
-            sums = [int(n.sum()) for n in per_key]
-            per_key_weights = weights.split(sums) if weights is not None else [None] * len(keys)
-            for name, lengths, ids, w in zip(keys, per_key, values.split(sums), per_key_weights):
-                validate_lookups(self.config, name, ids, lengths, w)
-        pooled = self._pool(features.values(), features.offsets(), weights)  # (F * B, N), feature-major
-        num_features, batch = len(features.keys()), features.stride()
-        if num_features > 1:
-            dim = self.config.embedding_dim  # explicit: B = 0 leaves -1 ambiguous
-            pooled = pooled.view(num_features, batch, dim).transpose(0, 1).reshape(batch, num_features * dim)
-        return pooled
+        values, offsets, weights = _table_lookups(self.config, features, is_weighted, validate, self.compute_dtype())
+        return _side_by_side(self._pool(values, offsets, weights), len(features.keys()), features.stride(), self.config.embedding_dim)
 
     def full_weight(self) -> torch.Tensor:
         """The materialized ``(num_embeddings, embedding_dim)`` table (no grad)."""
         with torch.no_grad():
-            return tt_to_dense(list(self.cores), self.config.num_embeddings)
+            return tt_to_dense(self.compute_cores(), self.config.num_embeddings)
 
     @torch.no_grad()
     def copy_from_dense(self, weight: torch.Tensor) -> None:
@@ -317,23 +461,45 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_names = [f for t in tables for f in t.feature_names]
         self._lengths_per_embedding = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._feature_splits = [len(t.feature_names) for t in tables]
+        self._table_infos = tuple(_TableInfo(t.name, t.num_embeddings, tuple(t.feature_names)) for t in tables)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """``KeyedJaggedTensor`` ``(F, B, L)`` -> ``KeyedTensor`` ``(B, D)``."""
-        validate_features(features, self._config_of, self._is_weighted, self._validate_inputs)
-        keys = features.keys()
-        if keys != self._embedding_names:
-            missing = [f for f in self._embedding_names if f not in keys]
-            if missing:
-                raise ValueError(
-                    f"{_where(self._config_of[missing[0]], missing[0])}: the input KJT must have every table's "
-                    f"features, {missing} are missing, got keys {keys}"
-                )
-            features = features.permute([keys.index(f) for f in self._embedding_names])
-        pooled = [
-            self.embedding_bags[table.name].forward_features(kjt, self._is_weighted, self._validate_inputs)
-            for table, kjt in zip(self._embedding_bag_configs, features.split(self._feature_splits))
-        ]
+        """``KeyedJaggedTensor`` ``(F, B, L)`` -> ``KeyedTensor`` ``(B, D)``.
+
+        Eager, it checks the batch (when ``validate_inputs``) and looks each table up once.
+        Traced by ``torch.compile``/``torch.export`` it reads no values on the host (see
+        :func:`_collection_lookups_traced`); under ``torch.fx.symbolic_trace`` the KJT handling
+        becomes one graph node and each table's op another.
+        """
+        bags = [self.embedding_bags[t.name] for t in self._embedding_bag_configs]
+        dtype = bags[0].compute_dtype()
+        values = features.values()
+        if isinstance(values, torch.fx.Proxy):
+            lookups, batch = _collection_lookups_fx(
+                features.keys(), values, features.lengths(), features.weights_or_none(),
+                self._table_infos, self._is_weighted, self._validate_inputs, dtype,
+            )
+            pooled = [
+                _side_by_side(bag._pool(lookups[i][0], lookups[i][1], lookups[i][2]), len(t.feature_names), batch, t.embedding_dim)
+                for i, (t, bag) in enumerate(zip(self._embedding_bag_configs, bags))
+            ]
+        elif _python_ops.is_tracing(values):
+            lookups, batch = _collection_lookups_traced(features, self._table_infos, self._is_weighted, dtype)
+            pooled = []
+            for (ids, offsets, weights, slots), bag in zip(lookups, bags):
+                every_bag = bag._pool(ids, offsets, weights)  # (F * B, D), feature-major
+                # Feature k's bags are rows [k * B, (k + 1) * B).
+                own = [
+                    every_bag.index_select(0, torch.arange(k * batch, (k + 1) * batch, device=every_bag.device))
+                    for k in slots
+                ]
+                pooled.append(torch.cat(own, dim=1) if len(own) > 1 else own[0])
+        else:
+            lookups, batch = _collection_lookups(features, self._table_infos, self._is_weighted, self._validate_inputs, dtype)
+            pooled = [
+                _side_by_side(bag._pool(*lookup), len(t.feature_names), batch, t.embedding_dim)
+                for lookup, t, bag in zip(lookups, self._embedding_bag_configs, bags)
+            ]
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,

@@ -31,14 +31,24 @@ except ImportError as _err:  # pragma: no cover - depends on the build
 _INDEX_DTYPES = {torch.int32, torch.int64}
 
 
+def _extension_device_types() -> frozenset:
+    """Device types with a compiled kernel, resolved once at import (a plain Python set, so
+    the dispatch choice costs no dispatcher query, and no graph break when traced)."""
+    if not HAS_EXTENSION:
+        return frozenset()
+    return frozenset(
+        device_type
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("torchrec_tt::tt_embedding_bag", key)
+    )
+
+
+_EXTENSION_DEVICE_TYPES = _extension_device_types()
+
+
 def uses_extension(device: torch.device) -> bool:
     """Whether ops on ``device`` run the compiled kernels (else the PyTorch path)."""
-    if not HAS_EXTENSION:
-        return False
-    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "torchrec_tt::tt_embedding_bag", key
-    )
+    return device.type in _EXTENSION_DEVICE_TYPES
 
 
 def _pooling_mode(pooling: PoolingLike) -> int:
@@ -57,7 +67,7 @@ def _check_values_outside_kernels(per_sample_weights: Optional[torch.Tensor]) ->
     On CPU always; on CUDA only with ``TORCHREC_TT_CHECK_BOUNDS=1`` (reading device values
     syncs). The pure-PyTorch path does these checks itself.
     """
-    if per_sample_weights is None:
+    if per_sample_weights is None or _python_ops.is_tracing(per_sample_weights):
         return
     if per_sample_weights.device.type == "cpu" or os.environ.get("TORCHREC_TT_CHECK_BOUNDS", "0") == "1":
         _python_ops.check_per_sample_weights_finite("tt_embedding_bag", per_sample_weights)
@@ -72,10 +82,12 @@ def _batch_plan(
     var: int,
 ) -> torch.Tensor:
     """The packed plan of a grt batch (built once; autograd saves it for the backward)."""
+    last_rows, num_rows = cores[-1].shape[0], math.prod([c.shape[0] for c in cores])
+    if _python_ops.is_tracing(indices, offsets):
+        # Traced (compile/export): the op's own checks run when the graph runs.
+        return torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, num_rows)
     try:
-        return torch.ops.torchrec_tt.group_plan(
-            indices, offsets, cores[-1].shape[0], math.prod(c.shape[0] for c in cores)
-        )
+        return torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, num_rows)
     except (ValueError, IndexError, TypeError, RuntimeError):
         # Report bad input as the forward op does, arguments checked in its order.
         torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var)

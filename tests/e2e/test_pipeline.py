@@ -148,3 +148,20 @@ def test_torchx_cli_dryrun():
                            "--embedding", "grt"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "examples/dlrm_movielens.py" in proc.stdout and "--nproc_per_node 2" in proc.stdout
+
+
+def test_bf16_cores_and_conversion_from_dense(pipeline, tmp_path):
+    """--tt-data-type bf16 stores half the core bytes; --init-from-dense converts a saved dense
+    model's tables (convert_ebc_to_tt) and evaluates it (0 steps) like the dense model would."""
+    bf16 = pipeline.main(["--embedding", "grt", "--tt-data-type", "bf16"] + TINY)["grt"]
+    fp32 = pipeline.main(["--embedding", "grt"] + TINY)["grt"]
+    assert [t["bytes"] * 2 for t in bf16["tables"]] == [t["bytes"] for t in fp32["tables"]]
+    assert 0.0 <= bf16["eval"]["auc"] <= 1.0
+    path = tmp_path / "dense.pt"
+    dense = pipeline.main(["--embedding", "dense", "--save", str(path)] + TINY)["dense"]
+    tiny0 = [a if a != "6" else "0" for a in TINY]  # --max-steps 0: evaluate the converted model
+    converted = pipeline.main(["--embedding", "grt", "--init-from-dense", str(path), "--convert-max-error", "1e-6",
+                               "--tt-rank", "4"] + tiny0)["grt"]
+    report = converted["conversion"]
+    assert set(report) == {"history", "candidate"} and all(r["rel_error"] < 1e-5 for r in report.values())
+    assert converted["eval"]["auc"] == pytest.approx(dense["eval"]["auc"], abs=1e-3)

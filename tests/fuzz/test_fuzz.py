@@ -420,7 +420,7 @@ CONFIG_MUTATIONS = [
     ("tt_ranks", [[0], [2, 2, 2, 2], [True], [10**7, 10**7, 10**7]]),
     ("variant", ["fast", 3, None, ""]),
     ("pooling", [PoolingType.NONE]),
-    ("data_type", [DataType.FP16, DataType.INT8]),
+    ("data_type", [DataType.INT8, DataType.INT4]),
     ("tt_num_cores", [1, 5, "3"]),
     ("feature_names", [["f", "f"], "f", [""]]),
     ("name", [""]),

@@ -114,7 +114,7 @@ def test_config_fills_the_missing_factorization():
         (dict(tt_p_shapes=[21.0, 22, 50]), "tt_p_shapes", r"21\.0"),
         (dict(variant="fast"), "variant", r"'fast'"),
         (dict(pooling=PoolingType.NONE), "pooling", r"NONE"),
-        (dict(data_type=DataType.FP16), "data_type", r"FP16"),
+        (dict(data_type=DataType.INT8), "data_type", r"INT8"),
         (dict(num_embeddings=0), "num_embeddings", r"=0\b"),
         (dict(num_embeddings=-5), "num_embeddings", r"-5"),
         (dict(embedding_dim=0, tt_q_shapes=[]), "embedding_dim", r"=0\b"),

@@ -204,7 +204,7 @@ class _DeferredSteps:
             self._task = -1
         # Check everything first: a step either happens for every core or for none.
         for optimizer, key, param, grad in pending:
-            check_state_shapes(key, param, optimizer._optimizers[key].state.get(param, {}))
+            check_state_shapes(key, param, optimizer._optimizers[key].state.get(optimizer._shadows.get(key, param), {}))
         for optimizer, key, param, grad in pending:
             optimizer._step_one(key, param, grad)
 
@@ -246,12 +246,24 @@ class TTFusedOptimizer(FusedOptimizer):
         optimizer_kwargs: Dict[str, Any],
     ) -> None:
         self._optimizers: Dict[str, torch.optim.Optimizer] = {}
+        # fp16/bf16 cores: the torch optimizer steps an fp32 stand-in (filled from the core for
+        # the step, emptied after), so its state (Adagrad's sum, Adam's moments) is fp32 and the
+        # update is computed in fp32; the result is written back rounded stochastically (bf16)
+        # or to nearest (fp16), so small updates are not all lost to rounding.
+        self._shadows: Dict[str, nn.Parameter] = {
+            key: nn.Parameter(param.detach().float())  # full shape while the optimizer is built
+            for key, param in params.items()
+            if param.dtype in (torch.float16, torch.bfloat16)
+        }
         for key, param in params.items():
             try:
-                optimizer = optimizer_class([param], **optimizer_kwargs)
+                optimizer = optimizer_class([self._shadows.get(key, param)], **optimizer_kwargs)
             except TypeError as e:
                 raise ValueError(f"parameter '{key}': cannot build {optimizer_class.__name__}(**{optimizer_kwargs}): {e}") from e
             self._optimizers[key] = optimizer
+            if key in self._shadows:
+                self._shadows[key].data = torch.empty(0, dtype=torch.float32, device=param.device)
+                optimizer.param_groups[0]["params"] = [param]  # the stand-in only inside a step
             param._in_backward_optimizers = [optimizer]  # pyre-ignore[16]
             param._optimizer_classes = [optimizer_class]  # pyre-ignore[16]
             param._optimizer_kwargs = [dict(optimizer_kwargs)]  # pyre-ignore[16]
@@ -265,6 +277,21 @@ class TTFusedOptimizer(FusedOptimizer):
         return hook
 
     def _step_one(self, key: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        shadow = self._shadows.get(key)
+        if shadow is not None:
+            group = self._optimizers[key].param_groups[0]
+            shadow.data = param.detach().float()
+            shadow.grad = grad.float()
+            group["params"] = [shadow]
+            try:
+                self._optimizers[key].step()
+                with torch.no_grad():
+                    param.copy_(_round_to(shadow.data, param.dtype))
+            finally:
+                group["params"] = [param]
+                shadow.grad = None
+                shadow.data = torch.empty(0, dtype=torch.float32, device=param.device)
+            return
         param.grad = grad
         try:
             self._optimizers[key].step()
@@ -275,7 +302,7 @@ class TTFusedOptimizer(FusedOptimizer):
         # torch optimizers fill ``state[p]`` in place on their first step, so sharing the
         # per-parameter dicts keeps this view current (until a torch load_state_dict
         # replaces them: see load_state_dict).
-        return {param: self._optimizers[key].state[param] for key, param in params.items()}
+        return {param: self._optimizers[key].state[self._shadows.get(key, param)] for key, param in params.items()}
 
     def _collect_param_groups(self) -> list:
         return [group for optimizer in self._optimizers.values() for group in optimizer.param_groups]
@@ -301,11 +328,27 @@ class TTFusedOptimizer(FusedOptimizer):
             # torch's load_state_dict keeps same-device tensors by reference: copy them so
             # this optimizer never shares state with the checkpoint or another model.
             state = {name: _copy_value(value) for name, value in new_state[key].items()}
-            groups = optimizer.state_dict()["param_groups"]
-            optimizer.load_state_dict({"state": {0: state} if state else {}, "param_groups": groups})
+            shadow = self._shadows.get(key)
+            if shadow is not None:  # load into the fp32 stand-in (torch casts state to its dtype)
+                optimizer.param_groups[0]["params"] = [shadow]
+            try:
+                groups = optimizer.state_dict()["param_groups"]
+                optimizer.load_state_dict({"state": {0: state} if state else {}, "param_groups": groups})
+            finally:
+                if shadow is not None:
+                    optimizer.param_groups[0]["params"] = [self.params[key]]
         self.state = self._collect_state(self.params)
         self.param_groups = self._collect_param_groups()
         self.post_load_state_dict()
+
+
+def _round_to(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> ``dtype``: bf16 by stochastic rounding (unbiased: E[result] = value), else nearest."""
+    if dtype != torch.bfloat16:
+        return value.to(dtype)
+    bits = value.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def _copy_value(value: Any) -> Any:
