@@ -336,7 +336,7 @@ class Scratch {
 // The large per-call buffers (at most the scratch budget each) live in grow-only arenas of the
 // calling thread: a fresh allocation would be mapped page by page on first touch, and the kernel's
 // zeroing of those pages costs as much as the products that fill them (tens of MB per batch).
-enum class Arena : int { kPrefixes = 0, kChains, kSegmentS, kCount };
+enum class Arena : int { kPrefixes = 0, kChains, kSegmentS, kSliceGrads, kCount };
 
 template <typename T>
 T* arena(Arena which, int64_t n) {
@@ -725,7 +725,18 @@ void backward_grt(
   BagCursor cursor(plan, in.batch_size, /*single_chunk=*/true);
   std::vector<int64_t> bag_first(static_cast<size_t>(in.batch_size));
   std::vector<int64_t> bag_base(static_cast<size_t>(in.batch_size + 1));
-  const int64_t chain_bytes = in.cl.size * static_cast<int64_t>(sizeof(T));
+  // dOut_k (chain_rows(k-1) x n_k R[k+1]) of every slot for the middle cores k = 1..d-2: the slot
+  // pass leaves them here and the slice pass turns them into slice gradients digit by digit.
+  int64_t dout_offset[kMaxCores] = {};
+  int64_t dout_size = 0;
+  for (int64_t k = 1; k + 1 < in.L.d; ++k) {
+    dout_offset[k] = dout_size;
+    dout_size += in.L.chain_rows(k - 1) * in.L.n[k] * in.L.R[k + 1];
+  }
+  T* douts = nullptr;
+  std::vector<int64_t> digit_start;
+  std::vector<int64_t> digit_slots;
+  const int64_t chain_bytes = (in.cl.size + dout_size) * static_cast<int64_t>(sizeof(T));
   const int64_t seg_bytes = in.last_numel * static_cast<int64_t>(sizeof(T));
   for_each_slot_chunk(plan, chain_bytes, seg_bytes, [&](int64_t u_lo, int64_t u_hi, bool single) {
     if (!single && u_lo == 0) {
@@ -739,6 +750,7 @@ void backward_grt(
       bag_base[b + 1] = bag_base[b] + (last - first);
     }
     chains = arena<T>(Arena::kChains, (u_hi - u_lo) * in.cl.size);
+    douts = arena<T>(Arena::kSliceGrads, (u_hi - u_lo) * dout_size);
     s_t = arena<T>(Arena::kSegmentS, bag_base[in.batch_size] * in.last_numel);
     {
       RECORD_FUNCTION("torchrec_tt::grt_backward::prefixes", std::vector<c10::IValue>());
@@ -786,41 +798,101 @@ void backward_grt(
             }
           });
     }
-    RECORD_FUNCTION("torchrec_tt::grt_backward::slots", std::vector<c10::IValue>());
-    // Cost of a slot ~ its segments (a product each) plus its chain (about 8 segments' worth).
-    weighted_parallel_for(
-        u_hi - u_lo,
-        max_parts,
-        [&](int64_t i) { return slot_seg_start[u_lo + i] + 8 * i; },
-        [&](int64_t part, int64_t i_begin, int64_t i_end) {
-          T* base = part_grads.part(part);
-          std::vector<T> scratch(2 * in.cl.max_step);
-          std::vector<GemmSegment<T>> operands;
-          T* dcur = scratch.data();
-          T* dnext = dcur + in.cl.max_step;
-          int64_t digits[kMaxCores];
-          T* dst[kMaxCores];
-          for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
-            const int64_t first = slot_seg_start[u];
-            const int64_t count = slot_seg_start[u + 1] - first;
-            operands.resize(static_cast<size_t>(count));
-            for (int64_t i = 0; i < count; ++i) {
-              const int64_t s = slot_segs[first + i];
-              operands[i] = {grad_out + seg_bag[s] * in.N, s_t + seg_store[s] * in.last_numel, in.nl};
+    {
+      RECORD_FUNCTION("torchrec_tt::grt_backward::slots", std::vector<c10::IValue>());
+      // Cost of a slot ~ its segments (a product each) plus its chain (about 8 segments' worth).
+      weighted_parallel_for(
+          u_hi - u_lo,
+          max_parts,
+          [&](int64_t i) { return slot_seg_start[u_lo + i] + 8 * i; },
+          [&](int64_t part, int64_t i_begin, int64_t i_end) {
+            T* dslice0 = part_grads.part(part) + core_offset[0];
+            std::vector<T> dA0(static_cast<size_t>(in.L.slice_numel(0)));
+            std::vector<GemmSegment<T>> operands;
+            int64_t digits[kMaxCores];
+            for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
+              const int64_t first = slot_seg_start[u];
+              const int64_t count = slot_seg_start[u + 1] - first;
+              operands.resize(static_cast<size_t>(count));
+              for (int64_t i = 0; i < count; ++i) {
+                const int64_t s = slot_segs[first + i];
+                operands[i] = {grad_out + seg_bag[s] * in.N, s_t + seg_store[s] * in.last_numel, in.nl};
+              }
+              T* dout = douts + (u - u_lo) * dout_size;
+              // dQ (N' x R') = sum_s g_s (N' x n_l) @ S_s^T (n_l x R'): one tile pass over the slot's
+              // segments, K = n_l * count. It is dOut of the last middle core (or dA_0 when d = 2).
+              T* cur = in.L.d > 2 ? dout + dout_offset[in.L.d - 2] : dA0.data();
+              multi_gemm</*kAccumulate=*/false>(
+                  in.np, in.rp, [&](int64_t i) { return operands[i]; }, count, T(1), /*a_row=*/in.nl,
+                  /*a_col=*/1, /*ldb=*/in.rp, cur, /*ldc=*/in.rp);
+              group_digits(in.L, slot_group[u], digits);
+              // Down the chain: dA_{k-1} (rows x R[k]) = dOut_k (rows x cols) @ slice_k^T; the slice
+              // gradients A_{k-1}^T dOut_k are left to the slice pass.
+              for (int64_t k = in.L.d - 2; k >= 1; --k) {
+                const int64_t rows = in.L.chain_rows(k - 1);
+                const int64_t cols = in.L.n[k] * in.L.R[k + 1];
+                T* next = k > 1 ? dout + dout_offset[k - 1] : dA0.data();
+                gemm</*kAccumulate=*/false>(
+                    rows, in.L.R[k], cols, T(1), cur, /*a_row=*/cols, /*a_col=*/1,
+                    cores_t.ptrs.p[k] + digits[k] * in.L.slice_numel(k), /*ldb=*/in.L.R[k], next,
+                    /*ldc=*/in.L.R[k]);
+                cur = next;
+              }
+              axpy(in.L.slice_numel(0), T(1), cur, dslice0 + digits[0] * in.L.slice_numel(0));
             }
-            // dQ (N' x R') = sum_s g_s (N' x n_l) @ S_s^T (n_l x R'): one tile pass over the slot's
-            // segments, K = n_l * count.
-            multi_gemm</*kAccumulate=*/false>(
-                in.np, in.rp, [&](int64_t i) { return operands[i]; }, count, T(1), /*a_row=*/in.nl,
-                /*a_col=*/1, /*ldb=*/in.rp, dcur, /*ldc=*/in.rp);
-            group_digits(in.L, slot_group[u], digits);
-            for (int64_t k = 0; k + 1 < in.L.d; ++k) {
-              dst[k] = base + core_offset[k] + digits[k] * in.L.slice_numel(k);
+          });
+    }
+    // Middle-core slice gradients, one digit value at a time: d core_k[i] = sum over the chunk's
+    // slots u with digit_k(u) = i of A_{k-1,u}^T dOut_{k,u}, one register-tiled product per digit
+    // (K = rows * slots) written once, instead of a read-modify-write of the slice per slot.
+    RECORD_FUNCTION("torchrec_tt::grt_backward::slices", std::vector<c10::IValue>());
+    for (int64_t k = 1; k + 1 < in.L.d; ++k) {
+      const int64_t m = in.L.m[k];
+      digit_start.assign(static_cast<size_t>(m + 1), 0);
+      digit_slots.resize(static_cast<size_t>(u_hi - u_lo));
+      int64_t digits[kMaxCores];
+      for (int64_t u = u_lo; u < u_hi; ++u) {
+        group_digits(in.L, slot_group[u], digits);
+        ++digit_start[digits[k] + 1];
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        digit_start[i + 1] += digit_start[i];
+      }
+      {
+        std::vector<int64_t> fill(digit_start.begin(), digit_start.end() - 1);
+        for (int64_t u = u_lo; u < u_hi; ++u) {
+          group_digits(in.L, slot_group[u], digits);
+          digit_slots[fill[digits[k]]++] = u - u_lo;
+        }
+      }
+      const int64_t rows = in.L.chain_rows(k - 1);
+      const int64_t rk = in.L.R[k];
+      const int64_t cols = in.L.n[k] * in.L.R[k + 1];
+      T* dcore = part_grads.part(0) + core_offset[k];
+      weighted_parallel_for(
+          m,
+          max_parts,
+          [&](int64_t i) { return 16 * digit_start[i] + i; },
+          [&](int64_t, int64_t i_begin, int64_t i_end) {
+            for (int64_t i = i_begin; i < i_end; ++i) {
+              const int64_t n = digit_start[i + 1] - digit_start[i];
+              if (n == 0) {
+                continue;
+              }
+              const int64_t* slots = digit_slots.data() + digit_start[i];
+              const auto operands = [&](int64_t t) {
+                return GemmSegment<T>{
+                    chains + slots[t] * in.cl.size + in.cl.offset[k - 1],
+                    douts + slots[t] * dout_size + dout_offset[k],
+                    rows};
+              };
+              // d slice (R[k] x cols) += sum_t A_{k-1,t}^T (R[k] x rows) @ dOut_{k,t} (rows x cols)
+              multi_gemm</*kAccumulate=*/true>(
+                  rk, cols, operands, n, T(1), /*a_row=*/1, /*a_col=*/rk, /*ldb=*/cols,
+                  dcore + i * in.L.slice_numel(k), /*ldc=*/cols);
             }
-            prefix_chain_backward(
-                in.L, in.cl, cores_t.ptrs, digits, chains + (u - u_lo) * in.cl.size, dcur, dnext, dst);
-          }
-        });
+          });
+    }
   });
 
   RECORD_FUNCTION("torchrec_tt::grt_backward::reduce", std::vector<c10::IValue>());
