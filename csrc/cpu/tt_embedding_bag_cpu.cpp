@@ -346,18 +346,13 @@ T* arena(Arena which, int64_t n) {
   return buf.data();
 }
 
-// Per-thread (B x N) accumulators of a slot-major pass, summed in part order by `finish`.
+// Per-worker accumulators (`parts` buffers of rows x row entries, zeroed), summed in part order.
 template <typename T>
 class PartBuffers {
  public:
   PartBuffers(int64_t parts, int64_t batch_size, int64_t row)
       : parts_(parts), size_(batch_size * row), data_(static_cast<size_t>(parts * size_), T(0)) {}
 
-  // The most parts whose buffers fit the scratch budget (at least one).
-  static int64_t max_parts(int64_t batch_size, int64_t row) {
-    const int64_t per = std::max<int64_t>(1, batch_size * row * static_cast<int64_t>(sizeof(T)));
-    return std::max<int64_t>(1, std::min<int64_t>(available_threads(), kScratchBudgetBytes / per));
-  }
   T* part(int64_t p) {
     return data_.data() + p * size_;
   }
