@@ -219,28 +219,18 @@ inline void row_block(
     int64_t ldc) {
   constexpr int W = VecTraits<T>::kLanes;
   int64_t j = 0;
+  const auto shifted = [&](int64_t s) { // the segments' B at column j
+    GemmSegment<T> seg = segs(s);
+    seg.B += j;
+    return seg;
+  };
   for (; j + kTileVecs * W <= N; j += kTileVecs * W) {
-    const auto shifted = [&](int64_t s) {
-      GemmSegment<T> seg = segs(s);
-      seg.B += j;
-      return seg;
-    };
     tile_multi<MR, kTileVecs, kAccumulate>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
   }
   for (; j + W <= N; j += W) {
-    const auto shifted = [&](int64_t s) {
-      GemmSegment<T> seg = segs(s);
-      seg.B += j;
-      return seg;
-    };
     tile_multi<MR, 1, kAccumulate>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
   }
   if (j < N) {
-    const auto shifted = [&](int64_t s) {
-      GemmSegment<T> seg = segs(s);
-      seg.B += j;
-      return seg;
-    };
     tile_multi_scalar<kAccumulate>(shifted, num_segs, alpha, MR, N - j, a_row, a_col, ldb, C + j, ldc);
   }
 }
@@ -260,25 +250,18 @@ inline void multi_gemm(
     T* C,
     int64_t ldc) {
   int64_t i = 0;
-  for (; i + kTileRows <= M; i += kTileRows) {
-    const auto rows = [&](int64_t s) {
-      GemmSegment<T> seg = segs(s);
-      seg.A += i * a_row;
-      return seg;
-    };
-    row_block<kTileRows, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, C + i * ldc, ldc);
-  }
-  const int64_t rest = M - i;
-  if (rest == 0) {
-    return;
-  }
-  const auto rows = [&](int64_t s) {
+  const auto rows = [&](int64_t s) { // the segments' A at row i
     GemmSegment<T> seg = segs(s);
     seg.A += i * a_row;
     return seg;
   };
+  for (; i + kTileRows <= M; i += kTileRows) {
+    row_block<kTileRows, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, C + i * ldc, ldc);
+  }
   T* c = C + i * ldc;
-  switch (rest) {
+  switch (M - i) {
+    case 0:
+      break;
     case 1:
       row_block<1, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
       break;
