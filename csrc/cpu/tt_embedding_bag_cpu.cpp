@@ -8,16 +8,16 @@
 //   variant tt : per lookup, the full chain, then y_b += c_j * W[idx_j].
 //   variant grt: driven by the batch's packed plan (plan_layout.h; built once per batch, passed in
 //                by the autograd wrapper and reused by the backward; docs/design.md section 3).
-//                Forward: Q once per distinct group (slot), then per bag S_s = sum_j c_j L_j
-//                (intra-group) and y_b = sum_s Q_s S_s (inter-group) as one register-tiled
-//                product over the bag's segments. Backward: per bag G_s = Q_s^T g_b and the
-//                last-core and per-sample-weight gradients; per slot dQ = sum_s g_b S_s^T as one
-//                product over the slot's segments, then back through the chain.
+//                Both passes are slot-major: a slot's prefix Q (one per distinct group) is computed
+//                once and used while it sits in L1 by every segment (bag) of that group.
+//                Forward: per segment S_s = sum_j c_j L_j (intra-group) and y_b += Q S_s
+//                (inter-group) into per-thread accumulators. Backward: per segment G_s = Q^T g_b
+//                and the last-core and per-sample-weight gradients, then dQ = sum_s g_b S_s^T as
+//                one register-tiled product over the slot's segments, then back through the chain.
 //
 // Every product goes through the register-blocked micro-kernels of micro_gemm.h (docs/design.md
-// section 3.2). The forward is bag-parallel (deterministic for any thread count); the backward's
-// core gradients go to per-thread dense buffers summed in a fixed order (deterministic for a fixed
-// thread count). CPU dtypes are float32/float64, whose accumulation type is the dtype itself.
+// section 3.2). Per-thread output and core-gradient buffers are summed in a fixed order:
+// deterministic for a fixed thread count. CPU dtypes are float32/float64, whose accumulation type is the dtype itself.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -46,13 +47,18 @@
 namespace torchrec_tt::cpu {
 namespace {
 
-// Upper bound on the large scratch buffers (grt: per-slot prefixes and per-segment gradients, processed
-// in slot chunks beyond it; per-thread output and gradient buffers). Overridable at build time
-// (tests build with a tiny budget to exercise the chunked paths).
-#ifndef TORCHREC_TT_CPU_SCRATCH_BUDGET_BYTES
-#define TORCHREC_TT_CPU_SCRATCH_BUDGET_BYTES (int64_t{128} << 20)
-#endif
-constexpr int64_t kScratchBudgetBytes = TORCHREC_TT_CPU_SCRATCH_BUDGET_BYTES;
+// Upper bound on the large scratch buffers: the grt backward's per-slot chains and dOut blocks
+// (processed in chunks of slots beyond it), and the per-thread output and gradient accumulators
+// (fewer threads beyond it). 128 MiB; the environment variable TORCHREC_TT_CPU_SCRATCH_BUDGET_BYTES,
+// read once per process, overrides it (tests set a tiny budget to exercise the chunked paths).
+int64_t scratch_budget_bytes() {
+  static const int64_t budget = [] {
+    const char* env = std::getenv("TORCHREC_TT_CPU_SCRATCH_BUDGET_BYTES");
+    const int64_t parsed = env == nullptr ? 0 : std::atoll(env);
+    return parsed > 0 ? parsed : int64_t{128} << 20;
+  }();
+  return budget;
+}
 
 // ----------------------------------------------------------------------------------------------
 // Work partitioning.
@@ -293,19 +299,20 @@ struct PlanRef {
   }
 };
 
-// acc (rows x cols, row-major per lookup) = sum over the plan's sorted lookups [k0, k1) of
+// acc (`numel` entries) = sum over the plan's sorted lookups [k0, k1) of
 // scale * w_j * slices[last_j] (each slice `numel` contiguous entries).
 template <typename scalar_t, typename index_t>
 inline void segment_reduce(
     const PlanRef& plan,
-    int64_t s,
+    int64_t k0,
+    int64_t k1,
     const scalar_t* slices,
     int64_t numel,
     const BagCoefficients<scalar_t, index_t>& coef,
     scalar_t scale,
     scalar_t* acc) {
   std::fill(acc, acc + numel, scalar_t(0));
-  for (int64_t k = plan.v.segment_start[s]; k < plan.v.segment_start[s + 1]; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     axpy(numel, scale * coef.weight(plan.v.sorted_lookup[k]), slices + plan.v.sorted_last[k] * numel, acc);
   }
 }
@@ -336,7 +343,7 @@ class Scratch {
 // The large per-call buffers (at most the scratch budget each) live in grow-only arenas of the
 // calling thread: a fresh allocation would be mapped page by page on first touch, and the kernel's
 // zeroing of those pages costs as much as the products that fill them (tens of MB per batch).
-enum class Arena : int { kPrefixes = 0, kChains, kSegmentS, kSliceGrads, kCount };
+enum class Arena : int { kOutputs = 0, kChains, kSliceGrads, kCount };
 
 template <typename T>
 T* arena(Arena which, int64_t n) {
@@ -405,52 +412,20 @@ void forward_tt(const Batch<scalar_t, index_t>& in, scalar_t* out) {
       });
 }
 
-// Slot chunks: ranges [lo, hi) of slots whose per-slot (and per-segment) buffers fit the scratch
-// budget together. Each bag's segments are ordered by group, i.e. by slot, so the segments of a bag
-// that fall in a chunk are contiguous: BagCursor walks them chunk after chunk.
+// Slot chunks: ranges [lo, hi) of slots whose per-slot buffers (per_slot bytes each) fit the scratch
+// budget together; f(lo, hi) per chunk, in order.
 template <typename F>
-void for_each_slot_chunk(
-    const PlanRef& plan,
-    int64_t per_slot,
-    int64_t per_segment,
-    const F& f) {
-  const int64_t budget = kScratchBudgetBytes;
-  const int64_t* slot_start = plan.v.slot_segment_start;
+void for_each_slot_chunk(const PlanRef& plan, int64_t per_slot, const F& f) {
   int64_t lo = 0;
   while (lo < plan.num_slots) {
     int64_t hi = lo + 1; // at least one slot, then as many as fit
-    while (hi < plan.num_slots &&
-           (hi + 1 - lo) * per_slot + (slot_start[hi + 1] - slot_start[lo]) * per_segment <= budget) {
+    while (hi < plan.num_slots && (hi + 1 - lo) * per_slot <= scratch_budget_bytes()) {
       ++hi;
     }
-    f(lo, hi, lo == 0 && hi == plan.num_slots);
+    f(lo, hi);
     lo = hi;
   }
 }
-
-struct BagCursor {
-  std::vector<int64_t> next; // first segment of bag b not yet visited (chunked runs only)
-
-  BagCursor(const PlanRef& plan, int64_t batch_size, bool single_chunk) {
-    if (!single_chunk) {
-      next.assign(plan.v.bag_segment_start, plan.v.bag_segment_start + batch_size);
-    }
-  }
-  // Segments [first, last) of bag b whose slot is below slot_hi; advances the cursor.
-  std::pair<int64_t, int64_t> take(const PlanRef& plan, int64_t b, int64_t slot_hi) {
-    const int64_t end = plan.v.bag_segment_start[b + 1];
-    if (next.empty()) {
-      return {plan.v.bag_segment_start[b], end};
-    }
-    const int64_t first = next[b];
-    int64_t last = first;
-    while (last < end && plan.v.segment_slot[last] < slot_hi) {
-      ++last;
-    }
-    next[b] = last;
-    return {first, last};
-  }
-};
 
 // Fills buf[(u - lo) * cl.size ...] with the prefix chain of every slot u in [lo, hi).
 template <typename scalar_t, typename index_t>
@@ -469,94 +444,112 @@ void chains_of_slots(
   });
 }
 
-// Bag weights for the bag-parallel passes: lookups plus ~4 per segment.
+// What the slot-major passes need of one segment, read from the plan's per-segment and per-bag
+// arrays.
+template <typename T>
+struct SlotSegment {
+  int64_t bag;
+  int64_t lookup_begin; // the segment's range of the plan's sorted lookups
+  int64_t lookup_end;
+  T scale;
+};
+
+// The segments [first, first + count) of a slot's list, gathered in stages. A slot's segments lie
+// all over the plan (one per bag that touches the group), so every read here misses the cache on
+// large batches; issued stage by stage they are independent loads that overlap, where reading each
+// segment's fields just before use made a chain of dependent misses per segment. The last stage
+// prefetches what the lookup loop reads next and each segment's bag row of `rows` (row stride N:
+// the incoming gradient in the backward, the output accumulator in the forward).
 template <typename scalar_t, typename index_t>
-int64_t bag_weight_prefix(const Batch<scalar_t, index_t>& in, const PlanRef& plan, int64_t b) {
-  return static_cast<int64_t>(in.offsets[b]) + 4 * plan.v.bag_segment_start[b];
+void gather_slot_segments(
+    const Batch<scalar_t, index_t>& in,
+    const PlanRef& plan,
+    const scalar_t* rows,
+    int64_t first,
+    int64_t count,
+    std::vector<SlotSegment<scalar_t>>& segs) {
+  segs.resize(static_cast<size_t>(count));
+  const int64_t* slot_segs = plan.v.slot_segment + first;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t s = slot_segs[i];
+    segs[i].bag = plan.v.segment_bag[s];
+    segs[i].lookup_begin = plan.v.segment_start[s];
+    segs[i].lookup_end = plan.v.segment_start[s + 1];
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    segs[i].scale = in.coef.scale(segs[i].bag);
+    __builtin_prefetch(plan.v.sorted_lookup + segs[i].lookup_begin);
+    __builtin_prefetch(plan.v.sorted_last + segs[i].lookup_begin);
+    const char* g = reinterpret_cast<const char*>(rows + segs[i].bag * in.N);
+    for (int64_t byte = 0; byte < in.N * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
+      __builtin_prefetch(g + byte);
+    }
+  }
 }
 
-// grt forward over the plan, in chunks of slots whose Q^T fit the scratch budget:
-//   prefixes: Q_u^T (R' x N') for every slot u of the chunk (parallel over slots);
-//   bags: per bag (parallel, sequential reads of the plan), S_s = sum_j c_j L_j for each of its
-//         segments, then yT_b (n_l x N') = sum_s S_s^T Q_slot(s)^T as one register-tiled product
-//         over the bag's segments (the output tile stays in registers across them), transposed
-//         into the output row. Bag-parallel: deterministic for any thread count.
+// grt forward over the plan, slot-major: per slot u (parallel over slots, balanced by segment
+// count) its chain, Q_u^T (R' x N') kept in the worker's L1, then per segment s of the slot (bag b)
+// S_s = sum_j c_j L_j (R' x n_l) and yT_b (n_l x N') += S_s^T @ Q_u^T into the worker's own output
+// accumulator; the accumulators are summed in part order and transposed into the output. Nothing
+// per slot goes through memory: a bag-major pass needs every slot's Q^T (2 KB each) stored and
+// gathered again per segment, tens of MB from DRAM on large batches. Deterministic for a fixed
+// thread count.
 template <typename scalar_t, typename index_t>
 void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar_t* out) {
   using T = scalar_t;
-  const int64_t q_numel = in.rp * in.np;
-  T* qT_buf = nullptr;
-  std::vector<T> yT_all; // chunked runs: per-bag accumulators across chunks
-  BagCursor cursor(plan, in.batch_size, /*single_chunk=*/true);
-  bool chunked = false;
-  for_each_slot_chunk(plan, q_numel * sizeof(T), 0, [&](int64_t u_lo, int64_t u_hi, bool single) {
-    chunked = !single;
-    if (!single && yT_all.empty()) {
-      yT_all.assign(static_cast<size_t>(in.batch_size * in.N), T(0));
-      cursor = BagCursor(plan, in.batch_size, false);
-    }
-    qT_buf = arena<T>(Arena::kPrefixes, (u_hi - u_lo) * q_numel);
-    {
-      RECORD_FUNCTION("torchrec_tt::grt_forward::prefixes", std::vector<c10::IValue>());
-      at::parallel_for(u_lo, u_hi, 16, [&](int64_t u_begin, int64_t u_end) {
-        std::vector<T> chain(in.cl.size);
-        int64_t digits[kMaxCores];
-        for (int64_t u = u_begin; u < u_end; ++u) {
-          group_digits(in.L, plan.v.slot_group[u], digits);
-          const T* q = prefix_chain(in.L, in.cl, in.cores, digits, chain.data());
-          transpose(in.np, in.rp, q, qT_buf + (u - u_lo) * q_numel);
-        }
-      });
-    }
-    RECORD_FUNCTION("torchrec_tt::grt_forward::bags", std::vector<c10::IValue>());
+  const int64_t out_numel = in.batch_size * in.N;
+  const int64_t max_parts = std::max<int64_t>(
+      1,
+      std::min<int64_t>(
+          available_threads(),
+          scratch_budget_bytes() / std::max<int64_t>(1, out_numel * static_cast<int64_t>(sizeof(T)))));
+  T* partial = arena<T>(Arena::kOutputs, max_parts * out_numel);
+  at::parallel_for(0, max_parts * out_numel, 1 << 16, [&](int64_t e0, int64_t e1) {
+    std::fill(partial + e0, partial + e1, T(0));
+  });
+  {
+    RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
     weighted_parallel_for(
-        in.batch_size,
-        available_threads(),
-        [&](int64_t b) { return bag_weight_prefix(in, plan, b); },
-        [&](int64_t, int64_t b_begin, int64_t b_end) {
-          Scratch<T> s_buf; // S_s (R' x n_l) per segment of the bag
-          Scratch<T> yT_local;
-          yT_local.resize(in.N);
-          for (int64_t b = b_begin; b < b_end; ++b) {
-            const auto [first, last] = cursor.take(plan, b, u_hi);
-            const int64_t count = last - first;
-            const T scale = in.coef.scale(b);
-            s_buf.resize(std::max<int64_t>(count, 1) * in.last_numel);
-            for (int64_t i = 0; i < count; ++i) {
+        plan.num_slots,
+        max_parts,
+        [&](int64_t u) { return 2 * plan.v.slot_segment_start[u] + 8 * u; },
+        [&](int64_t part, int64_t u_begin, int64_t u_end) {
+          T* yT = partial + part * out_numel;
+          std::vector<T> chain(static_cast<size_t>(in.cl.size));
+          std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
+          std::vector<T> s_buf(static_cast<size_t>(in.last_numel)); // S_s (R' x n_l)
+          std::vector<SlotSegment<T>> segs;
+          int64_t digits[kMaxCores];
+          for (int64_t u = u_begin; u < u_end; ++u) {
+            const int64_t first = plan.v.slot_segment_start[u];
+            const int64_t count = plan.v.slot_segment_start[u + 1] - first;
+            gather_slot_segments(in, plan, yT, first, count, segs);
+            group_digits(in.L, plan.v.slot_group[u], digits);
+            transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
+            for (const SlotSegment<T>& seg : segs) {
               segment_reduce(
-                  plan, first + i, in.core_last, in.last_numel, in.coef, scale,
-                  s_buf.data() + i * in.last_numel);
-            }
-            // yT_b (n_l x N') (+)= sum_s S_s^T (n_l x R') @ Q_s^T (R' x N')
-            const auto seg_operands = [&](int64_t i) {
-              return GemmSegment<T>{
-                  s_buf.data() + i * in.last_numel,
-                  qT_buf + (plan.v.segment_slot[first + i] - u_lo) * q_numel,
-                  in.rp};
-            };
-            if (chunked) {
-              multi_gemm</*kAccumulate=*/true>(
-                  in.nl, in.np, seg_operands, count, T(1), /*a_row=*/1, /*a_col=*/in.nl,
-                  /*ldb=*/in.np, yT_all.data() + b * in.N, /*ldc=*/in.np);
-            } else {
-              multi_gemm</*kAccumulate=*/false>(
-                  in.nl, in.np, seg_operands, count, T(1), /*a_row=*/1, /*a_col=*/in.nl,
-                  /*ldb=*/in.np, yT_local.data(), /*ldc=*/in.np);
-              transpose(in.nl, in.np, yT_local.data(), out + b * in.N);
+                  plan, seg.lookup_begin, seg.lookup_end, in.core_last, in.last_numel, in.coef,
+                  seg.scale, s_buf.data());
+              // yT_b (n_l x N') += S_s^T (n_l x R') @ Q_u^T (R' x N')
+              gemm</*kAccumulate=*/true>(
+                  in.nl, in.np, in.rp, T(1), s_buf.data(), /*a_row=*/1, /*a_col=*/in.nl, qT.data(),
+                  /*ldb=*/in.np, yT + seg.bag * in.N, /*ldc=*/in.np);
             }
           }
         });
-  });
-  if (plan.num_slots == 0) {
-    std::fill(out, out + in.batch_size * in.N, T(0));
-  } else if (chunked) {
-    at::parallel_for(0, in.batch_size, 64, [&](int64_t b_begin, int64_t b_end) {
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        transpose(in.nl, in.np, yT_all.data() + b * in.N, out + b * in.N);
-      }
-    });
   }
+  RECORD_FUNCTION("torchrec_tt::grt_forward::reduce", std::vector<c10::IValue>());
+  at::parallel_for(0, in.batch_size, 64, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t p = 1; p < max_parts; ++p) {
+      const T* src = partial + p * out_numel;
+      axpy((b_end - b_begin) * in.N, T(1), src + b_begin * in.N, partial + b_begin * in.N);
+    }
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      transpose(in.nl, in.np, partial + b * in.N, out + b * in.N);
+    }
+  });
 }
+
 
 // ----------------------------------------------------------------------------------------------
 // Backward.
@@ -595,7 +588,7 @@ void backward_tt(
   }
   const int64_t total = core_offset[in.L.d];
   const int64_t max_buffers =
-      std::max<int64_t>(1, kScratchBudgetBytes / static_cast<int64_t>(total * sizeof(T)));
+      std::max<int64_t>(1, scratch_budget_bytes() / static_cast<int64_t>(total * sizeof(T)));
   const int64_t num_parts = std::max<int64_t>(
       1, std::min<int64_t>({available_threads(), max_buffers, in.batch_size}));
   std::vector<T> extra(static_cast<size_t>((num_parts - 1) * total), T(0));
@@ -663,14 +656,18 @@ void backward_tt(
   }
 }
 
-// grt backward over the plan, in chunks of slots (for_each_slot_chunk) whose chains and per-segment
-// S^T fit the scratch budget:
+// grt backward over the plan, in chunks of slots (for_each_slot_chunk) whose chains and dOut
+// blocks fit the scratch budget:
 //   prefixes: the chain (A_0 .. A_{d-2} = Q) of every slot of the chunk;
-//   bags (parallel over bags, sequential plan reads): per segment s of bag b, G_s^T = g_b^T Q_s
-//        (n_l x R'), S_s^T = sum_j c_j L_j^T (kept for the slot pass), and per lookup
-//        d core_last[l_j] += c_j G_s, psw_grad[j] = scale_b <L_j, G_s>;
-//   slots (parallel over slots, balanced by segment count): dQ_u = sum_s g_b S_s^T as one
-//        register-tiled product over the slot's segments, then back through the chain.
+//   slots (parallel over slots, balanced by segment count), everything that involves a slot's Q_u
+//        while it sits in L1: per segment s of the slot (bag b), G_s^T = g_b^T Q_u (n_l x R'),
+//        S_s^T = sum_j c_j L_j^T, and per lookup d core_last[l_j] += c_j G_s and
+//        psw_grad[j] = scale_b <L_j, G_s>; then dQ_u = sum_s g_b S_s^T as one register-tiled
+//        product over the slot's segments, and back through the chain (dOut_k kept per slot);
+//   slices: middle-core slice gradients, one product per digit value.
+// S_s^T lives only in the worker's scratch for the slot being processed: nothing per segment goes
+// through memory (a bag-major pass that stored S_s^T for a slot-major pass to gather moved
+// 2 x 512 bytes per segment through DRAM on large batches).
 // Core gradients accumulate into each worker's own dense buffers (TT cores are small by design),
 // summed in part order at the end: deterministic for a fixed thread count.
 template <typename scalar_t, typename index_t>
@@ -690,18 +687,11 @@ void backward_grt(
   }
   const int64_t* sorted_lookups = plan.v.sorted_lookup;
   const int64_t* sorted_last = plan.v.sorted_last;
-  const int64_t* seg_start = plan.v.segment_start;
-  const int64_t* seg_bag = plan.v.segment_bag;
-  const int64_t* seg_slot = plan.v.segment_slot;
   const int64_t* slot_group = plan.v.slot_group;
   const int64_t* slot_seg_start = plan.v.slot_segment_start;
-  const int64_t* slot_segs = plan.v.slot_segment;
 
   const TransposedCores<T> cores_t(in.L, in.cores);
   const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
-  // Where the bag pass leaves each segment's S^T within the chunk's buffer (bag-major, so the bag
-  // pass writes sequentially; the slot pass gathers).
-  std::vector<int64_t> seg_store(static_cast<size_t>(S));
 
   // Per-part gradients: cores 0..d-2 as the cores, the last core transposed (m_l, n_l, R').
   int64_t core_offset[kMaxCores + 1] = {};
@@ -712,14 +702,10 @@ void backward_grt(
   const int64_t max_parts = std::max<int64_t>(
       1,
       std::min<int64_t>(
-          available_threads(), kScratchBudgetBytes / static_cast<int64_t>(total * sizeof(T))));
+          available_threads(), scratch_budget_bytes() / static_cast<int64_t>(total * sizeof(T))));
   PartBuffers<T> part_grads(max_parts, 1, total);
 
   T* chains = nullptr;
-  T* s_t = nullptr; // S_s^T (n_l x R') per segment of the chunk, bag-major
-  BagCursor cursor(plan, in.batch_size, /*single_chunk=*/true);
-  std::vector<int64_t> bag_first(static_cast<size_t>(in.batch_size));
-  std::vector<int64_t> bag_base(static_cast<size_t>(in.batch_size + 1));
   // dOut_k (chain_rows(k-1) x n_k R[k+1]) of every slot for the middle cores k = 1..d-2: the slot
   // pass leaves them here and the slice pass turns them into slice gradients digit by digit.
   int64_t dout_offset[kMaxCores] = {};
@@ -732,86 +718,56 @@ void backward_grt(
   std::vector<int64_t> digit_start;
   std::vector<int64_t> digit_slots;
   const int64_t chain_bytes = (in.cl.size + dout_size) * static_cast<int64_t>(sizeof(T));
-  const int64_t seg_bytes = in.last_numel * static_cast<int64_t>(sizeof(T));
-  for_each_slot_chunk(plan, chain_bytes, seg_bytes, [&](int64_t u_lo, int64_t u_hi, bool single) {
-    if (!single && u_lo == 0) {
-      cursor = BagCursor(plan, in.batch_size, false);
-    }
-    // The chunk's segments of every bag, and where their S^T go.
-    bag_base[0] = 0;
-    for (int64_t b = 0; b < in.batch_size; ++b) {
-      const auto [first, last] = cursor.take(plan, b, u_hi);
-      bag_first[b] = first;
-      bag_base[b + 1] = bag_base[b] + (last - first);
-    }
+  for_each_slot_chunk(plan, chain_bytes, [&](int64_t u_lo, int64_t u_hi) {
     chains = arena<T>(Arena::kChains, (u_hi - u_lo) * in.cl.size);
     douts = arena<T>(Arena::kSliceGrads, (u_hi - u_lo) * dout_size);
-    s_t = arena<T>(Arena::kSegmentS, bag_base[in.batch_size] * in.last_numel);
     {
       RECORD_FUNCTION("torchrec_tt::grt_backward::prefixes", std::vector<c10::IValue>());
       chains_of_slots(in, plan, u_lo, u_hi, chains);
     }
     {
-      RECORD_FUNCTION("torchrec_tt::grt_backward::bags", std::vector<c10::IValue>());
-      weighted_parallel_for(
-          in.batch_size,
-          max_parts,
-          [&](int64_t b) { return bag_weight_prefix(in, plan, b); },
-          [&](int64_t part, int64_t b_begin, int64_t b_end) {
-            T* dlast_t = part_grads.part(part) + core_offset[in.L.d - 1];
-            std::vector<T> gT(static_cast<size_t>(in.last_numel)); // G_s^T (n_l x R')
-            std::vector<T> g_bag_t(static_cast<size_t>(in.N)); // g_b^T (n_l x N')
-            for (int64_t b = b_begin; b < b_end; ++b) {
-              const int64_t first = bag_first[b];
-              const int64_t count = bag_base[b + 1] - bag_base[b];
-              if (count == 0) {
-                continue;
-              }
-              const T scale = in.coef.scale(b);
-              transpose(in.np, in.nl, grad_out + b * in.N, g_bag_t.data());
-              for (int64_t i = 0; i < count; ++i) {
-                const int64_t s = first + i;
-                seg_store[s] = bag_base[b] + i;
-                const T* q = chains + (seg_slot[s] - u_lo) * in.cl.size + in.cl.offset[in.L.d - 2];
-                // G^T (n_l x R') = g^T (n_l x N') @ Q (N' x R')
-                gemm</*kAccumulate=*/false>(
-                    in.nl, in.rp, in.np, T(1), g_bag_t.data(), /*a_row=*/in.np, /*a_col=*/1, q,
-                    /*ldb=*/in.rp, gT.data(), /*ldc=*/in.rp);
-                T* st = s_t + (bag_base[b] + i) * in.last_numel;
-                std::fill(st, st + in.last_numel, T(0));
-                for (int64_t k = seg_start[s]; k < seg_start[s + 1]; ++k) {
-                  const int64_t j = sorted_lookups[k];
-                  const T c = scale * in.coef.weight(j);
-                  const T* lt = last_t.data() + sorted_last[k] * in.last_numel;
-                  axpy(in.last_numel, c, lt, st);
-                  axpy(in.last_numel, c, gT.data(), dlast_t + sorted_last[k] * in.last_numel);
-                  if (psw_grad != nullptr) {
-                    psw_grad[j] = scale * dot(in.last_numel, lt, gT.data());
-                  }
-                }
-              }
-            }
-          });
-    }
-    {
       RECORD_FUNCTION("torchrec_tt::grt_backward::slots", std::vector<c10::IValue>());
-      // Cost of a slot ~ its segments (a product each) plus its chain (about 8 segments' worth).
+      // Cost of a slot ~ its segments (two products each) plus its chain (about 8 segments' worth).
       weighted_parallel_for(
           u_hi - u_lo,
           max_parts,
-          [&](int64_t i) { return slot_seg_start[u_lo + i] + 8 * i; },
+          [&](int64_t i) { return 2 * slot_seg_start[u_lo + i] + 8 * i; },
           [&](int64_t part, int64_t i_begin, int64_t i_end) {
             T* dslice0 = part_grads.part(part) + core_offset[0];
+            T* dlast_t = part_grads.part(part) + core_offset[in.L.d - 1];
             std::vector<T> dA0(static_cast<size_t>(in.L.slice_numel(0)));
+            std::vector<T> gT(static_cast<size_t>(in.last_numel)); // G_s^T (n_l x R')
+            Scratch<T> s_t; // S_s^T (n_l x R') per segment of the slot
             std::vector<GemmSegment<T>> operands;
+            std::vector<SlotSegment<T>> segs;
             int64_t digits[kMaxCores];
             for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
               const int64_t first = slot_seg_start[u];
               const int64_t count = slot_seg_start[u + 1] - first;
+              const T* q = chains + (u - u_lo) * in.cl.size + in.cl.offset[in.L.d - 2];
               operands.resize(static_cast<size_t>(count));
+              s_t.resize(count * in.last_numel);
+              gather_slot_segments(in, plan, grad_out, first, count, segs);
               for (int64_t i = 0; i < count; ++i) {
-                const int64_t s = slot_segs[first + i];
-                operands[i] = {grad_out + seg_bag[s] * in.N, s_t + seg_store[s] * in.last_numel, in.nl};
+                const SlotSegment<T>& seg = segs[i];
+                const T* g = grad_out + seg.bag * in.N; // (N' x n_l)
+                // G^T (n_l x R') = g^T (n_l x N') @ Q (N' x R')
+                gemm</*kAccumulate=*/false>(
+                    in.nl, in.rp, in.np, T(1), g, /*a_row=*/1, /*a_col=*/in.nl, q, /*ldb=*/in.rp,
+                    gT.data(), /*ldc=*/in.rp);
+                T* st = s_t.data() + i * in.last_numel;
+                std::fill(st, st + in.last_numel, T(0));
+                for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
+                  const int64_t j = sorted_lookups[k];
+                  const T c = seg.scale * in.coef.weight(j);
+                  const T* lt = last_t.data() + sorted_last[k] * in.last_numel;
+                  axpy(in.last_numel, c, lt, st);
+                  axpy(in.last_numel, c, gT.data(), dlast_t + sorted_last[k] * in.last_numel);
+                  if (psw_grad != nullptr) {
+                    psw_grad[j] = seg.scale * dot(in.last_numel, lt, gT.data());
+                  }
+                }
+                operands[i] = {g, st, in.nl};
               }
               T* dout = douts + (u - u_lo) * dout_size;
               // dQ (N' x R') = sum_s g_s (N' x n_l) @ S_s^T (n_l x R'): one tile pass over the slot's

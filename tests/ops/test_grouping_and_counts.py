@@ -6,6 +6,7 @@ numbers (GRT-GnR Figure 2, DESIGN §1 table).
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torchrec_tt import PoolingMode, TTEmbeddingBagConfig, Variant, chain_flops, count_ops, expected_groups_per_bag
 from torchrec_tt import _python_ops
-from torchrec_tt.grouping import decompose_indices, group_plan_python
-from torchrec_tt.ops import group_plan
+from torchrec_tt.grouping import decompose_indices, group_plan_python, unpack_plan
+from torchrec_tt.ops import group_plan, uses_extension
 from tt_testing import DEVICES, problems, random_cores
 
 PAPER = dict(num_embeddings=23100, embedding_dim=64, tt_p_shapes=[21, 22, 50], tt_q_shapes=[4, 4, 4], tt_ranks=[32, 32])
@@ -84,6 +85,30 @@ def test_group_plan_matches_brute_force(problem, index_dtype, device):
     _check_plan(group_plan_python(indices, offsets, last_rows), problem, last_rows)
     # The public entry point (compiled op trimmed by its counts when the extension is built).
     _check_plan(group_plan(indices, offsets, last_rows), problem, last_rows)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_group_plan_orders_short_long_and_presorted_bags(index_dtype):
+    """Bags on each side of the compiled op's rank-sort / std::sort switch (96 lookups), bags that
+    are already in group order, and empty ones: lookups ordered by (group, position) per bag."""
+    g = torch.Generator().manual_seed(0)
+    last_rows = 7
+    lengths = [0, 1, 2, 45, 95, 96, 97, 300, 1500, 0, 40]
+    bags = [torch.randint(0, 40 * last_rows, (n,), generator=g) for n in lengths]
+    bags[-1] = torch.sort(bags[-1]).values  # already grouped: the early-out path
+    indices = torch.cat(bags).to(index_dtype)
+    offsets = torch.tensor([0] + lengths, dtype=index_dtype).cumsum(0).to(index_dtype)
+    problem = SimpleNamespace(lengths=lengths, indices=indices.tolist())
+    _check_plan(group_plan(indices, offsets, last_rows), problem, last_rows)
+    if uses_extension(indices.device):
+        plan = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows)
+        order = unpack_plan(plan, indices.numel(), len(lengths))["sorted_lookup"].tolist()
+        expected = sorted(range(indices.numel()), key=lambda j: (_bag_of_lookup(offsets, j), int(indices[j]) // last_rows, j))
+        assert order == expected
+
+
+def _bag_of_lookup(offsets: torch.Tensor, j: int) -> int:
+    return int(torch.searchsorted(offsets[1:], torch.tensor(j), right=True))
 
 
 def test_count_ops_figure_2():

@@ -45,16 +45,21 @@ class FastDivmod {
 
 // Per-thread scratch of order_bag_by_group.
 struct BagOrderScratch {
-  std::vector<uint64_t> packed;
+  std::vector<int64_t> key;
   std::vector<int64_t> group;
   std::vector<int64_t> last;
 };
 
+// Bags up to this many lookups are ordered by counting ranks (n^2 compares, branch-free and
+// vectorized; a comparison sort of ~45 keys is dominated by mispredicted branches), larger ones by
+// std::sort.
+constexpr int64_t kRankSortMaxLookups = 96;
+
 // Orders the lookups [lo, hi) of one bag by (group, position), the order of the plan's segments and
 // of the lookups within a segment, writing for each rank k in [lo, hi): perm[k] (the lookup),
-// group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. The sort runs
-// on packed (group << 20 | position) 64-bit keys when the bag and the groups are small enough
-// (always, in practice), else on (group, position) pairs.
+// group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. Keys are
+// (group << 20 | position): distinct, so a key's rank is its place. Bags of 2^20 or more lookups, or
+// groups past 2^43, sort (group, position) pairs instead (never, in practice).
 template <typename index_t>
 inline void order_bag_by_group(
     const index_t* indices,
@@ -82,17 +87,33 @@ inline void order_bag_by_group(
   }
   scratch.group.assign(group + lo, group + hi);
   scratch.last.assign(last + lo, last + hi);
-  if (n < (int64_t{1} << kPositionBits) && num_groups < (int64_t{1} << (63 - kPositionBits))) {
-    scratch.packed.resize(static_cast<size_t>(n));
+  const int64_t* const g = scratch.group.data();
+  const int64_t* const r = scratch.last.data();
+  const auto place = [&](int64_t k, int64_t t) {
+    perm[lo + k] = lo + t;
+    group[lo + k] = g[t];
+    last[lo + k] = r[t];
+  };
+  if (n < (int64_t{1} << kPositionBits) && num_groups < (int64_t{1} << (62 - kPositionBits))) {
+    scratch.key.resize(static_cast<size_t>(n));
+    int64_t* const key = scratch.key.data();
     for (int64_t t = 0; t < n; ++t) {
-      scratch.packed[t] = (static_cast<uint64_t>(scratch.group[t]) << kPositionBits) | static_cast<uint64_t>(t);
+      key[t] = (g[t] << kPositionBits) | t;
     }
-    std::sort(scratch.packed.begin(), scratch.packed.end());
+    if (n <= kRankSortMaxLookups) {
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t mine = key[t];
+        int64_t below = 0;
+        for (int64_t u = 0; u < n; ++u) {
+          below += key[u] < mine ? 1 : 0;
+        }
+        place(below, t);
+      }
+      return;
+    }
+    std::sort(key, key + n);
     for (int64_t k = 0; k < n; ++k) {
-      const int64_t t = static_cast<int64_t>(scratch.packed[k] & ((uint64_t{1} << kPositionBits) - 1));
-      perm[lo + k] = lo + t;
-      group[lo + k] = scratch.group[t];
-      last[lo + k] = scratch.last[t];
+      place(k, key[k] & ((int64_t{1} << kPositionBits) - 1));
     }
     return;
   }
@@ -101,12 +122,10 @@ inline void order_bag_by_group(
     order[t] = t;
   }
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return scratch.group[a] < scratch.group[b] || (scratch.group[a] == scratch.group[b] && a < b);
+    return g[a] < g[b] || (g[a] == g[b] && a < b);
   });
   for (int64_t k = 0; k < n; ++k) {
-    perm[lo + k] = lo + order[k];
-    group[lo + k] = scratch.group[order[k]];
-    last[lo + k] = scratch.last[order[k]];
+    place(k, order[k]);
   }
 }
 
