@@ -128,21 +128,40 @@ void build_group_plan_cpu(
     });
   }
 
-  // Segments bucketed by slot (counting sort: ascending segment id within a slot).
+  // Segments bucketed by slot: a counting sort (ascending segment id within a slot) over contiguous
+  // ranges of segments, each with its own histogram, so that the scatter (random writes, the
+  // costliest step on large batches) runs on every thread.
   int64_t* const slot_start = plan.slot_segment_start;
-  std::fill(slot_start, slot_start + U + 1, int64_t{0});
-  for (int64_t s = 0; s < S; ++s) {
-    ++slot_start[seg_slot[s] + 1];
-  }
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(threads, S / kSegmentGrain));
+  std::vector<int64_t> cursor(static_cast<size_t>(ranges * U), 0); // [range][slot]
+  const auto range_begin = [&](int64_t r) { return S * r / ranges; };
+  at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      int64_t* count = cursor.data() + r * U;
+      for (int64_t s = range_begin(r); s < range_begin(r + 1); ++s) {
+        ++count[seg_slot[s]];
+      }
+    }
+  });
+  int64_t running = 0;
   for (int64_t u = 0; u < U; ++u) {
-    slot_start[u + 1] += slot_start[u];
-  }
-  {
-    std::vector<int64_t> fill(slot_start, slot_start + U);
-    for (int64_t s = 0; s < S; ++s) {
-      plan.slot_segment[fill[seg_slot[s]]++] = s;
+    slot_start[u] = running;
+    for (int64_t r = 0; r < ranges; ++r) {
+      const int64_t count = cursor[r * U + u];
+      cursor[r * U + u] = running;
+      running += count;
     }
   }
+  slot_start[U] = S;
+  at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      int64_t* next = cursor.data() + r * U;
+      for (int64_t s = range_begin(r); s < range_begin(r + 1); ++s) {
+        plan.slot_segment[next[seg_slot[s]]++] = s;
+      }
+    }
+  });
 
   // Deterministic contents past the counts.
   std::fill(seg_start + S + 1, seg_start + nnz + 1, int64_t{nnz});

@@ -135,8 +135,10 @@ struct GemmSegment {
   int64_t K;
 };
 
-// C tile (MR x NV*W at C) (= or +=) alpha * sum over segments of A_s B_s.
-template <int MR, int NV, bool kAccumulate, typename T, typename Segments>
+// C tile (MR x NV*W at C) (= or +=) alpha * sum over segments of A_s B_s. kPrefetchB: prefetch the
+// next segment's B rows while one segment computes (for B gathered from all over memory; pointless
+// overhead when the segments' B sit in a small local buffer).
+template <int MR, int NV, bool kAccumulate, bool kPrefetchB, typename T, typename Segments>
 TORCHREC_TT_ALWAYS_INLINE void tile_multi(
     const Segments& segs,
     int64_t num_segs,
@@ -155,9 +157,7 @@ TORCHREC_TT_ALWAYS_INLINE void tile_multi(
   }
   for (int64_t s = 0; s < num_segs; ++s) {
     const GemmSegment<T> seg = segs(s);
-    if (s + 1 < num_segs) {
-      // The next segment's B rows usually sit elsewhere (another group's prefix): start loading
-      // them while this segment computes.
+    if (kPrefetchB && s + 1 < num_segs) {
       const GemmSegment<T> next = segs(s + 1);
       for (int64_t k = 0; k < next.K; ++k) {
         const char* row = reinterpret_cast<const char*>(next.B + k * ldb);
@@ -206,7 +206,7 @@ inline void tile_multi_scalar(
 }
 
 // Full-width tiles of MR rows (MR known at compile time) over columns [0, N).
-template <int MR, bool kAccumulate, typename T, typename Segments>
+template <int MR, bool kAccumulate, bool kPrefetchB, typename T, typename Segments>
 inline void row_block(
     const Segments& segs,
     int64_t num_segs,
@@ -225,10 +225,10 @@ inline void row_block(
     return seg;
   };
   for (; j + kTileVecs * W <= N; j += kTileVecs * W) {
-    tile_multi<MR, kTileVecs, kAccumulate>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
+    tile_multi<MR, kTileVecs, kAccumulate, kPrefetchB>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
   }
   for (; j + W <= N; j += W) {
-    tile_multi<MR, 1, kAccumulate>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
+    tile_multi<MR, 1, kAccumulate, kPrefetchB>(shifted, num_segs, alpha, a_row, a_col, ldb, C + j, ldc);
   }
   if (j < N) {
     tile_multi_scalar<kAccumulate>(shifted, num_segs, alpha, MR, N - j, a_row, a_col, ldb, C + j, ldc);
@@ -237,7 +237,8 @@ inline void row_block(
 
 // C[M x N] (= or +=) alpha * sum_s A_s(M x K_s) B_s(K_s x N); segs(s) -> GemmSegment<T> with A, B
 // pointing at row 0 / column 0 of segment s. The stride arguments are shared by all segments.
-template <bool kAccumulate, typename T, typename Segments>
+// kPrefetchB: see tile_multi.
+template <bool kAccumulate, bool kPrefetchB = true, typename T, typename Segments>
 inline void multi_gemm(
     int64_t M,
     int64_t N,
@@ -256,20 +257,20 @@ inline void multi_gemm(
     return seg;
   };
   for (; i + kTileRows <= M; i += kTileRows) {
-    row_block<kTileRows, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, C + i * ldc, ldc);
+    row_block<kTileRows, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, C + i * ldc, ldc);
   }
   T* c = C + i * ldc;
   switch (M - i) {
     case 0:
       break;
     case 1:
-      row_block<1, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
+      row_block<1, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
       break;
     case 2:
-      row_block<2, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
+      row_block<2, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
       break;
     default:
-      row_block<3, kAccumulate>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
+      row_block<3, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
       break;
   }
 }

@@ -773,7 +773,7 @@ void backward_grt(
               // dQ (N' x R') = sum_s g_s (N' x n_l) @ S_s^T (n_l x R'): one tile pass over the slot's
               // segments, K = n_l * count. It is dOut of the last middle core (or dA_0 when d = 2).
               T* cur = in.L.d > 2 ? dout + dout_offset[in.L.d - 2] : dA0.data();
-              multi_gemm</*kAccumulate=*/false>(
+              multi_gemm</*kAccumulate=*/false, /*kPrefetchB=*/false>(
                   in.np, in.rp, [&](int64_t i) { return operands[i]; }, count, T(1), /*a_row=*/in.nl,
                   /*a_col=*/1, /*ldb=*/in.rp, cur, /*ldc=*/in.rp);
               group_digits(in.L, slot_group[u], digits);
