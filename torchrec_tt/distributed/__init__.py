@@ -34,6 +34,7 @@ from torchrec_tt.distributed.planner import (  # noqa: F401
     make_tt_planner,
     measure_group_stats,
     table_op_counts,
+    tt_allreduce_ms,
     tt_compute_ms,
     tt_shard_storage,
     tt_table_bytes,
