@@ -441,6 +441,7 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     task = data.task
     emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
     results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "world_size": env.world_size,
+                               "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
                                "backend": env.backend, "device": str(env.device), "args": vars(args),
                                "data": data.stats, "groups": data.groups}
     t0 = time.perf_counter()
