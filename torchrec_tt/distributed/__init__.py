@@ -1,8 +1,9 @@
 """Distributed TT embedding bags: sharder, sharded module, planner estimators, checkpoints.
 
-Tables of a :class:`~torchrec_tt.TTEmbeddingBagCollection` are sharded table-wise under
-TorchRec's ``customized_kernel`` tag, next to regular TorchRec tables, with one planner
-call and ``DistributedModelParallel``::
+Tables of a :class:`~torchrec_tt.TTEmbeddingBagCollection` are sharded table-wise or
+data-parallel (the planner picks per table from cost) under TorchRec's
+``customized_kernel`` tag, next to regular TorchRec tables, with one planner call and
+``DistributedModelParallel``::
 
     sharders = [
         TTEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD,

@@ -16,7 +16,7 @@ collective) runs no callback, so every table and its optimizer state are left ex
 they were; the stash of a failed backward is dropped when the next backward starts. One
 backward at a time per process (no nested, reentrant backward through TT lookups).
 
-**Data-parallel tables** (docs/design.md, section 7). Their optimizers carry a process
+**Data-parallel tables** (docs/design.md, section 9). Their optimizers carry a process
 group (``grad_sync_group``). Before anything is stepped, :meth:`_DeferredSteps._apply`
 averages the stashed gradients of those cores over their group: one flat bucket per
 (group, dtype, device), one ``all_reduce`` each, in the order the optimizers were built

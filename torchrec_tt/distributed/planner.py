@@ -14,7 +14,7 @@ model) to TorchRec's estimators, so one planner call plans both.
   are TorchRec's pooled all-to-all estimate. Data-parallel: each rank computes its own
   bags (``1 / world_size`` of the table-wise work), no forward comms, and the backward
   pays a ring all-reduce of the core bytes (:func:`tt_allreduce_ms`). The planner picks
-  the cheaper per table (docs/design.md, section 7). Storage: data-parallel puts the
+  the cheaper per table (docs/design.md, section 9). Storage: data-parallel puts the
   cores, their optimizer state and a gradient bucket on every rank. The
   pooling factor ``P`` comes from ``ParameterConstraints.pooling_factors``; the distinct
   groups per bag ``P_G`` are measured on a sample batch when one is given, else
