@@ -354,6 +354,8 @@ class TTPerfEstimator(ShardEstimator):
             if _is_data_parallel(option):  # no all-to-all; one all-reduce of the core gradients
                 allreduce = tt_allreduce_ms(config.storage_bytes(), self._topology.world_size, _allreduce_bandwidth(self._topology))
                 comms = {"fwd_comms": 0.0, "bwd_comms": allreduce, "input_dist_comms": 0.0}
+                fields = {f.name for f in dataclasses.fields(option.shards[0].perf)}  # 1.6 has no input_dist_comms
+                comms = {k: v for k, v in comms.items() if k in fields}
             for shard in option.shards:
                 shard.perf = dataclasses.replace(shard.perf, fwd_compute=fwd, bwd_compute=bwd, **comms)
 
