@@ -5,11 +5,13 @@ all-to-alls, ``GroupedPooledEmbeddingsLookup``) and data-parallel parts
 (``DpPooledEmbeddingSharding``: no communication in forward) with the TT kernel plugged in
 under ``EmbeddingComputeKernel.CUSTOMIZED_KERNEL``. Data-parallel cores are replicated;
 their gradients are averaged over the ranks by one bucketed all-reduce per backward,
-before the deferred in-backward optimizer step (:mod:`torchrec_tt.distributed.optimizer`). TorchRec leaves state-dict handling of such
-tables to the module, so this one produces and accepts the unsharded keys
-``embedding_bags.<table>.cores.<k>`` itself: ``state_dict()`` broadcasts every core from
-its owning rank (a collective: call it on all ranks), so every rank holds the whole
-table set and a checkpoint loads at any world size and into the unsharded module.
+before the deferred in-backward optimizer step (:mod:`torchrec_tt.distributed.optimizer`).
+TorchRec leaves state-dict handling of such tables to the module, so this one produces
+and accepts the unsharded keys ``embedding_bags.<table>.cores.<k>`` itself:
+``state_dict()`` broadcasts every table-wise core from its owning rank (a collective:
+call it on all ranks; data-parallel cores are already everywhere), so every rank holds
+the whole table set and a checkpoint loads at any world size, under any mix of
+table-wise and data-parallel tables, and into the unsharded module.
 """
 
 from collections import OrderedDict
