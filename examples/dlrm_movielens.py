@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -211,17 +211,25 @@ def embedding_fused_params(emb_lr: float) -> Dict[str, Any]:
     return {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
 
 
+SHARDINGS = {"tw": ["table_wise"], "dp": ["data_parallel"], "auto": ["table_wise", "data_parallel"]}
+
+
 def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int, env: Dist,
                 tables: Sequence[EmbeddingBagConfig], sample: KeyedJaggedTensor,
-                pooling_factors: Dict[str, float]) -> nn.Module:
-    """``DistributedModelParallel``: tables table-wise over the ranks (their optimizer fused
-    into backward), the rest data parallel."""
+                pooling_factors: Dict[str, float], sharding: str = "auto") -> Tuple[nn.Module, Dict[str, str]]:
+    """``DistributedModelParallel``: TT tables table-wise or data-parallel as ``sharding``
+    says (``auto``: the planner's choice from cost), regular tables table-wise (their
+    optimizer fused into backward), the rest data parallel. Returns the model and each
+    table's sharding type."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-    from torchrec.distributed.types import ShardingEnv, ShardingType
+    from torchrec.distributed.types import ShardingEnv
 
-    topology = Topology(world_size=env.world_size, compute_device=env.device.type, local_world_size=env.world_size)
-    constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value],
+    # Topology of torchrun's launch: nnodes x nproc_per_node (LOCAL_WORLD_SIZE).
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    topology = Topology(world_size=env.world_size, compute_device=env.device.type, local_world_size=local_world_size)
+    types = SHARDINGS[sharding] if embedding != "dense" else SHARDINGS["tw"]
+    constraints = {t.name: ParameterConstraints(sharding_types=types,
                                                 pooling_factors=[pooling_factors[f] for f in t.feature_names])
                    for t in tables}
     if embedding == "dense":
@@ -236,8 +244,67 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
         planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints,
                                   sample_batch=model.renumber(sample) if model.renumber is not None else sample)
     plan = planner.collective_plan(model, sharders, env.pg)
+    chosen = {name: p.sharding_type for name, p in plan.plan["sparse_arch"].items()}
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
-                                    plan=plan, sharders=sharders)
+                                    plan=plan, sharders=sharders), chosen
+
+
+class TTComputeTimer:
+    """Per-rank wall time of the TT lookups' forward and backward during training.
+
+    Forward: around each TT lookup module (the sharded lookups, or the unsharded
+    collection). Backward: from the first gradient reaching a lookup's output to the last
+    core gradient accumulated (the TT backward ops; on CPU they run synchronously). The
+    all-to-alls, the data-parallel all-reduce and the optimizer step are outside both.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from torchrec_tt.distributed.sharded_module import TTGroupedPooledEmbeddingsLookup
+
+        modules = [m for m in model.modules() if isinstance(m, TTGroupedPooledEmbeddingsLookup)]
+        if not modules:
+            modules = [m for m in model.modules() if isinstance(m, TTEmbeddingBagCollection)]
+        self.forward_s = self.backward_s = 0.0
+        self.steps = 0
+        self._t0: float = 0.0
+        self._bwd_start: Optional[float] = None
+        self._bwd_end: float = 0.0
+        for module in modules:
+            module.register_forward_pre_hook(self._forward_start)
+            module.register_forward_hook(self._forward_end)
+            for param in module.parameters():
+                param.register_post_accumulate_grad_hook(self._core_grad)
+
+    def _forward_start(self, module: nn.Module, args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def _forward_end(self, module: nn.Module, args: Any, out: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self.forward_s += time.perf_counter() - self._t0
+        tensor = out if isinstance(out, torch.Tensor) else out.values()
+        if tensor.requires_grad:
+            tensor.register_hook(self._output_grad)
+
+    def _output_grad(self, grad: torch.Tensor) -> None:
+        if self._bwd_start is None:
+            self._bwd_start = time.perf_counter()
+
+    def _core_grad(self, param: torch.Tensor) -> None:
+        self._bwd_end = time.perf_counter()
+
+    def step_done(self) -> None:
+        """Call after each backward."""
+        if self._bwd_start is not None:
+            self.backward_s += self._bwd_end - self._bwd_start
+            self._bwd_start = None
+        self.steps += 1
+
+    def per_rank_ms(self, env: "Dist") -> List[Dict[str, float]]:
+        """``[{"forward": ms/step, "backward": ms/step}]`` of every rank (a collective)."""
+        mine = torch.tensor([self.forward_s, self.backward_s], dtype=torch.float64) * 1e3 / max(self.steps, 1)
+        every = env.all_gather(mine.to(env.device)).cpu().view(-1, 2)
+        return [{"forward": float(f), "backward": float(b)} for f, b in every]
 
 
 class Optimizers:
@@ -297,6 +364,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--renumber", choices=RENUMBERINGS, default="cluster",
                    help="item renumbering: co-occurrence clusters with hot items first in each (cluster), "
                         "by frequency (freq), or none")
+    p.add_argument("--sharding", choices=tuple(SHARDINGS), default="auto",
+                   help="TT tables on several ranks: tw (table-wise), dp (data-parallel) or auto (the planner's "
+                        "choice from cost)")
     p.add_argument("--batch-size", type=int, default=512, help="per rank")
     p.add_argument("--epochs", type=int, default=2, help="passes over the users")
     p.add_argument("--train-positives", type=int, default=4, help="training positives per user and epoch")
@@ -371,6 +441,7 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     task = data.task
     emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
     results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "world_size": env.world_size,
+                               "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
                                "backend": env.backend, "device": str(env.device), "args": vars(args),
                                "data": data.stats, "groups": data.groups}
     t0 = time.perf_counter()
@@ -403,10 +474,12 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     if env.world_size > 1:
         sample = task.make_batch(first_epoch.subset(torch.arange(args.batch_size))).sparse
         pooling = {HISTORY: data.groups["none"]["pooling_factor"], CANDIDATE: 1.0}
-        model = shard_model(model, embedding, emb_lr, args.batch_size, env, tables, sample, pooling)
+        model, results["sharding"] = shard_model(model, embedding, emb_lr, args.batch_size, env, tables, sample,
+                                                 pooling, args.sharding)
     else:
         model = model.to(env.device)
     optimizer = Optimizers(model, args.lr, emb_lr)
+    timer = TTComputeTimer(model) if embedding != "dense" else None
     loss_fn = nn.BCEWithLogitsLoss()
 
     # ---- train
@@ -430,6 +503,8 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
             loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
             optimizer.zero_grad()
             loss.backward()
+            if timer is not None:
+                timer.step_done()
             optimizer.step()
             step += 1
             running += loss.detach()
@@ -443,6 +518,8 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     results["train"] = {"steps": step, "seconds": train_seconds,
                         "examples_per_second": step * args.batch_size * env.world_size / max(train_seconds, 1e-9),
                         "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
+    if timer is not None:
+        results["train"]["tt_compute_ms_per_rank"] = timer.per_rank_ms(env)
 
     # ---- evaluate
     model.eval()
@@ -513,8 +590,16 @@ def format_report(r: Dict[str, Any]) -> str:
     lines.append(f"  forward MFLOP per batch: tt {b['tt_flops'] / 1e6:.4g}; grt {b['grt_flops'] / 1e6:.4g} before, "
                  f"{a['grt_flops'] / 1e6:.4g} after renumbering ({b['tt_flops'] / a['grt_flops']:.1f}x fewer than tt)")
     t, e = r["train"], r["eval"]
+    if r.get("sharding"):
+        lines.append("sharding: " + ", ".join(f"{name} {kind}" for name, kind in r["sharding"].items()))
     lines.append(f"train: {t['steps']} steps in {t['seconds']:.1f} s = {t['examples_per_second']:.0f} examples/s, "
                  f"final loss {t['final_loss']:.4f}")
+    if t.get("tt_compute_ms_per_rank"):
+        per_rank = [c["forward"] + c["backward"] for c in t["tt_compute_ms_per_rank"]]
+        lines.append("TT forward+backward per rank (ms/step): "
+                     + ", ".join(f"rank {i} {c['forward']:.2f}+{c['backward']:.2f}"
+                                 for i, c in enumerate(t["tt_compute_ms_per_rank"]))
+                     + f" (max/min {max(per_rank) / max(min(per_rank), 1e-9):.2f})")
     lines.append(f"eval: AUC = {e['auc']:.4f} on {e['examples']} examples (popularity-only baseline "
                  f"{e['popularity_auc']:.4f})   model built, trained and evaluated in {r['seconds']:.1f} s")
     return "\n".join(lines)

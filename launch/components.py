@@ -6,9 +6,14 @@ Run from the repository root::
     torchx run -s local_cwd launch/components.py:train -j 1x2 --embedding dense
     torchx run -s local_cwd launch/components.py:train -j 1x8 --gpu 8      # 8 GPUs, nccl
     torchx run -s local_cwd launch/components.py:train -j 1x2 --movielens ~/ml-20m/ratings.csv
+    torchx run -s kubernetes launch/components.py:train -j 4x8 --gpu 8   # 4 nodes x 8 GPUs
 
-The script picks gloo on CPU and nccl when CUDA is available; ranks come from
-torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
+``-j NxM`` starts ``N`` nodes (replicas) of ``M`` processes each: torchrun on every node
+meets the others through a c10d rendezvous on the first node (``--rdzv_backend c10d
+--rdzv_endpoint <node 0>:<rdzv_port>``), so ranks are ``node * M + local rank``. The
+script picks gloo on CPU and nccl when CUDA is available; ranks come from torchrun's
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), and the
+planner's topology puts ``M`` ranks on a host (intra-host vs cross-host bandwidth).
 """
 
 import re
@@ -61,15 +66,18 @@ def train(
     name: str = "/torchrec_tt_dlrm",
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    rdzv_port: int = 29500,
 ) -> specs.AppDef:
     """DLRM-style training on MovieLens-20M (or synthetic data) with TT embedding tables.
 
-    Every rank runs ``examples/dlrm_movielens.py``; the tables are sharded table-wise
-    over the ranks with ``DistributedModelParallel`` (gloo on CPU, nccl on GPUs).
+    Every rank runs ``examples/dlrm_movielens.py``; the tables are sharded over the
+    ranks with ``DistributedModelParallel`` (gloo on CPU, nccl on GPUs), each TT table
+    table-wise or data-parallel as the planner chooses (``--sharding`` overrides).
 
     Args:
         script_args: more arguments for the script (see ``python examples/dlrm_movielens.py -h``)
-        j: topology ``[[min_nnodes:]nnodes x]nproc_per_node``, e.g. ``1x2``
+        j: topology ``[[min_nnodes:]nnodes x]nproc_per_node``, e.g. ``1x2`` (one node, two
+            ranks) or ``2x1`` (two nodes, one rank each, c10d rendezvous)
         embedding: ``grt`` (GRT-GnR TT kernel), ``tt`` (TT-Rec kernel) or ``dense`` (TorchRec tables)
         movielens: path of ML-20M ``ratings.csv`` on the workers; synthetic data if omitted
         epochs: passes over the users (script default if omitted)
@@ -82,6 +90,7 @@ def train(
         name: job name, ``{experiment}/{run}``
         env: extra environment variables, e.g. ``OMP_NUM_THREADS=1``
         max_retries: scheduler retries
+        rdzv_port: port of the c10d rendezvous on the first node
 
     Returns:
         specs.AppDef: the job.
@@ -111,4 +120,5 @@ def train(
         j=j,
         env=env,
         max_retries=max_retries,
+        rdzv_port=rdzv_port,
     )

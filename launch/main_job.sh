@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: DLRM-style training (examples/dlrm_movielens.py) on 2 CPU ranks (gloo,
-# DistributedModelParallel, TT tables sharded table-wise) with the synthetic MovieLens-20M twin and
+# DistributedModelParallel, TT tables table-wise or data-parallel as the planner chooses; --sharding tw
+# forces table-wise) with the synthetic MovieLens-20M twin and
 # default settings. Prints per-table memory and compression, P and P_G before/after renumbering,
 # AUC and throughput. Runs launch/setup.sh first if the package is not installed yet.
 #

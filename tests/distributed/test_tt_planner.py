@@ -23,6 +23,7 @@ from torchrec_tt.distributed import (
     make_tt_planner,
     measure_group_stats,
     table_op_counts,
+    tt_allreduce_ms,
     tt_compute_ms,
     tt_shard_storage,
     tt_table_bytes,
@@ -76,11 +77,16 @@ def test_planner_storage_is_cores_optimizer_and_io() -> None:
     sharder = TTEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.ADAM, "learning_rate": 0.01})
     topology = Topology(world_size=2, compute_device="cuda", hbm_cap=64 * MB)
     options = EmbeddingEnumerator(topology, 64, estimator=[TTStorageEstimator(topology)]).enumerate(model, [sharder])
-    (option,) = options
+    by_type = {o.sharding_type: o for o in options}
+    assert sorted(by_type) == ["data_parallel", "table_wise"]
     # 64 bags of one id per rank, both ranks' bags pooled at the owner: int64 ids in, fp32 rows out.
     io = 2 * 64 * 8 + 2 * 64 * 64 * 4
-    assert option.shards[0].storage.hbm == 3 * paper_table().storage_bytes() + io
-    assert option.shards[0].storage.ddr == 0
+    (tw,) = by_type["table_wise"].shards
+    assert tw.storage.hbm == 3 * paper_table().storage_bytes() + io
+    assert tw.storage.ddr == 0
+    # Data-parallel: on every rank, + the gradient bucket, local bags only.
+    dp = by_type["data_parallel"].shards
+    assert [s.storage.hbm for s in dp] == [4 * paper_table().storage_bytes() + 64 * 8 + 64 * 64 * 4] * 2
 
 
 def test_hbm_too_small_for_uncompressed_tables_still_plans() -> None:
@@ -243,8 +249,79 @@ def test_two_feature_table_priced_as_torchrec_inputs() -> None:
 
     topology = Topology(world_size=1, compute_device="cuda")
     perf = TTPerfEstimator(topology, sample_batch=sample)
-    (option,) = EmbeddingEnumerator(topology, 8, estimator=[perf]).enumerate(
-        SparseArch([config]), [TTEmbeddingBagCollectionSharder()]
-    )
+    (option,) = [
+        o
+        for o in EmbeddingEnumerator(topology, 8, estimator=[perf]).enumerate(SparseArch([config]), [TTEmbeddingBagCollectionSharder()])
+        if o.sharding_type == "table_wise"
+    ]
     counts = perf.op_counts(option, config)
     assert option.num_inputs == 1 and (counts.pooling_factor, counts.groups_per_bag) == (10.0, 4.0)
+
+
+# ------------------------------------------------------------------ table-wise or data-parallel
+def small_table(name: str) -> TTEmbeddingBagConfig:
+    """A few KB of cores (the main job's item tables are of this kind)."""
+    return TTEmbeddingBagConfig(
+        name=name, num_embeddings=1000, embedding_dim=16, feature_names=[name],
+        tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 2, 4], tt_ranks=[4, 5],
+    )
+
+
+ADAGRAD = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.1}
+
+
+def _plan(tables, pooling, bandwidth: float, batch_size: int, sharder=None, caplog=None):
+    topology = Topology(world_size=2, compute_device="cpu", intra_host_bw=bandwidth)
+    constraints = {t.name: ParameterConstraints(pooling_factors=[pooling[t.name]]) for t in tables}
+    sharder = sharder or TTEmbeddingBagCollectionSharder(fused_params=ADAGRAD)
+    model = SparseArch(tables)
+    options = EmbeddingEnumerator(
+        topology, batch_size, constraints, estimator=[TTPerfEstimator(topology, constraints)]
+    ).enumerate(model, [sharder])
+    perf = {(o.name, o.sharding_type): o.shards[0].perf for o in options}
+    plan = make_tt_planner(topology, batch_size, constraints, debug=caplog is not None).plan(model, [sharder])
+    return {name: p.sharding_type for name, p in plan.plan["tt"].items()}, perf
+
+
+def test_allreduce_ms_is_ring_traffic_over_bandwidth() -> None:
+    assert tt_allreduce_ms(1000.0, 1, 10.0) == 0.0
+    assert tt_allreduce_ms(1000.0, 2, 10.0) == pytest.approx(100.0)  # 2 * 1/2 * 1000 / 10
+    assert tt_allreduce_ms(1000.0, 4, 10.0) == pytest.approx(150.0)
+
+
+def test_planner_picks_data_parallel_for_a_hot_small_core_table(caplog) -> None:
+    """The main job's shape: a hot history table (P = 44) and a cold candidate table
+    (P = 1). Table-wise, one rank computes all the history bags; data-parallel halves
+    that for an all-reduce of a few KB."""
+    tables = [small_table("hist"), small_table("cand")]
+    with caplog.at_level("INFO", logger="torchrec.distributed.planner.stats"):
+        choice, perf = _plan(tables, {"hist": 44.0, "cand": 1.0}, bandwidth=1e6, batch_size=256, caplog=caplog)
+    assert choice["hist"] == "data_parallel", choice
+    dp, tw = perf[("hist", "data_parallel")], perf[("hist", "table_wise")]
+    assert dp.fwd_compute == pytest.approx(tw.fwd_compute / 2, rel=0.02)  # per rank: its own bags
+    assert dp.fwd_comms == 0 and dp.bwd_comms == pytest.approx(tt_allreduce_ms(tables[0].storage_bytes(), 2, 1e6))
+    assert dp.total < tw.total
+    # The plan stats table shows the choice (TorchRec's abbreviation, per table).
+    rows = [r.getMessage() for r in caplog.records if "tt.hist " in r.getMessage()]
+    assert rows and all(" DP " in r for r in rows), rows
+
+
+def test_planner_keeps_table_wise_when_the_allreduce_costs_more() -> None:
+    """Large cores, few lookups, slow links: the all-reduce of the core gradients costs
+    more than the compute data-parallel saves."""
+    table = paper_table("big", features=("big",))
+    choice, perf = _plan([table], {"big": 1.0}, bandwidth=2e5, batch_size=64)
+    dp, tw = perf[("big", "data_parallel")], perf[("big", "table_wise")]
+    assert tw.total < dp.total, (tw, dp)
+    assert choice == {"big": "table_wise"}
+    # With fast links the same table goes data-parallel.
+    choice, perf = _plan([table], {"big": 1.0}, bandwidth=1e9, batch_size=64)
+    assert perf[("big", "data_parallel")].total < perf[("big", "table_wise")].total
+    assert choice == {"big": "data_parallel"}
+
+
+def test_no_data_parallel_without_a_fused_optimizer() -> None:
+    """Replicated cores stay in sync only through the fused optimizer's all-reduce."""
+    choice, _ = _plan([small_table("hist"), small_table("cand")], {"hist": 44.0, "cand": 1.0}, 1e6, 256,
+                      sharder=TTEmbeddingBagCollectionSharder())
+    assert set(choice.values()) == {"table_wise"}, choice

@@ -37,6 +37,7 @@ from tt_dist_testing import (
     rank_context,
     reference_loss,
     shard,
+    train_step,
     tt_params,
     tt_tables,
 )
@@ -179,12 +180,6 @@ def _tt_model(seed: int) -> SparseArch:
     return model
 
 
-def _train_step(dmp, kjt, weight) -> torch.Tensor:
-    out = dmp(kjt)
-    (out * weight).sum().backward()
-    return out.detach()
-
-
 def _save_worker(rank: int, world_size: int, path: str) -> None:
     """World size 2: train, checkpoint, then record the next step's outputs and weights."""
     with rank_context(rank, world_size) as ctx:
@@ -193,13 +188,13 @@ def _save_worker(rank: int, world_size: int, path: str) -> None:
         dmp = shard(model, ctx.pg, interleaved_plan(model, world_size), sharders, ctx.device)
         for step in range(2):
             batches = rank_batches(model, world_size, seed=70 + step)
-            _train_step(dmp, batches[rank], loss_weights(world_size, 52, seed=70 + step)[rank])
+            train_step(dmp, batches[rank], loss_weights(world_size, 52, seed=70 + step)[rank])
         # state_dict() shares the local cores' storage, like nn.Module's: copy before training on.
         model_state = {k: v.clone() for k, v in dmp.state_dict().items()}
         checkpoint = {"model": model_state, "optimizer": tt_optimizer_state_dict(dmp)}
         assert len(checkpoint["model"]) == 9 and len(checkpoint["optimizer"]) == 9, list(checkpoint["model"])
         batches = rank_batches(model, world_size, seed=99)
-        out = _train_step(dmp, batches[rank], loss_weights(world_size, 52, seed=99)[rank])
+        out = train_step(dmp, batches[rank], loss_weights(world_size, 52, seed=99)[rank])
         outputs = [torch.empty_like(out) for _ in range(world_size)]
         torch.distributed.all_gather(outputs, out, group=ctx.pg)
         after = dmp.state_dict()
@@ -281,7 +276,7 @@ def _errors_worker(rank: int, world_size: int) -> None:
         # Optimizer state of the wrong shape: refused when loaded, naming table, key and shapes.
         adam = _tt_model(seed=0)
         dmp = shard(adam, ctx.pg, interleaved_plan(adam, world_size), sharders, ctx.device)
-        _train_step(dmp, rank_batches(adam, world_size, seed=1)[0], loss_weights(world_size, 52, seed=1)[0])
+        train_step(dmp, rank_batches(adam, world_size, seed=1)[0], loss_weights(world_size, 52, seed=1)[0])
         saved = tt_optimizer_state_dict(dmp)
         saved["tt.embedding_bags.t1.cores.0"]["exp_avg"] = torch.zeros(9, 1, 2)
         try:

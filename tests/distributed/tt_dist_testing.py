@@ -28,7 +28,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, table_wise
 from torchrec.distributed.test_utils.multi_process import MultiProcessContext
 from torchrec.distributed.types import ShardedTensor, ShardingEnv, ShardingPlan
 
@@ -151,17 +151,23 @@ def interleaved_plan(
     tt_ranks: Optional[Dict[str, int]] = None,
 ) -> ShardingPlan:
     """By default t0 -> last rank, t1 -> rank 0, t2 -> last rank (forces rank-major
-    reordering), e0 -> rank 0; ``tt_ranks`` overrides the TT placements."""
+    reordering), e0 -> rank 0; ``tt_ranks`` overrides the TT placements (``"dp"``:
+    data-parallel)."""
     last = world_size - 1
     tt_sharder = tt_sharder or TTEmbeddingBagCollectionSharder()
     tt_ranks = tt_ranks or {"t0": last, "t1": 0, "t2": last}
     plan = {
         "tt": construct_module_sharding_plan(
             model.tt,
-            {name: table_wise(rank=rank, compute_kernel=TT_KERNEL) for name, rank in tt_ranks.items()},
+            {
+                name: data_parallel() if rank == "dp" else table_wise(rank=rank, compute_kernel=TT_KERNEL)
+                for name, rank in tt_ranks.items()
+            },
             sharder=tt_sharder, local_size=world_size, world_size=world_size, device_type=device_type,
         )
     }
+    for sharding in plan["tt"].values():  # TorchRec's data_parallel() picks the dense kernel
+        sharding.compute_kernel = TT_KERNEL
     if model.ebc is not None:
         plan["ebc"] = construct_module_sharding_plan(
             model.ebc, {"e0": table_wise(rank=0, compute_kernel="fused")}, sharder=ebc_sharder or EmbeddingBagCollectionSharder(),
@@ -195,3 +201,10 @@ def local_regular_weight(dmp: DistributedModelParallel, key: str) -> Optional[Tu
 
 def tt_params(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if ".cores." in n}
+
+
+def train_step(dmp: nn.Module, kjt: KeyedJaggedTensor, weight: torch.Tensor) -> torch.Tensor:
+    """Forward, backward of ``(out * weight).sum()`` (the fused optimizers step); the output."""
+    out = dmp(kjt)
+    (out * weight).sum().backward()
+    return out.detach()

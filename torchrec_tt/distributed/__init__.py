@@ -1,8 +1,9 @@
 """Distributed TT embedding bags: sharder, sharded module, planner estimators, checkpoints.
 
-Tables of a :class:`~torchrec_tt.TTEmbeddingBagCollection` are sharded table-wise under
-TorchRec's ``customized_kernel`` tag, next to regular TorchRec tables, with one planner
-call and ``DistributedModelParallel``::
+Tables of a :class:`~torchrec_tt.TTEmbeddingBagCollection` are sharded table-wise or
+data-parallel (the planner picks per table from cost) under TorchRec's
+``customized_kernel`` tag, next to regular TorchRec tables, with one planner call and
+``DistributedModelParallel``::
 
     sharders = [
         TTEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD,
@@ -34,6 +35,7 @@ from torchrec_tt.distributed.planner import (  # noqa: F401
     make_tt_planner,
     measure_group_stats,
     table_op_counts,
+    tt_allreduce_ms,
     tt_compute_ms,
     tt_shard_storage,
     tt_table_bytes,

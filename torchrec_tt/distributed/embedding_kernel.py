@@ -52,9 +52,11 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
         config (GroupedEmbeddingConfig): the group; its ``fused_params`` carry the TT
             layout (``tt_p_shapes``, ``tt_q_shapes``, ``tt_ranks``, ``variant``) and
             optionally the optimizer (see :mod:`torchrec_tt.distributed.optimizer`).
-        pg (Optional[dist.ProcessGroup]): the sharding process group (unused: the
-            kernel computes local tables only).
+        pg (Optional[dist.ProcessGroup]): the sharding process group; the gradients of
+            data-parallel cores are averaged over it.
         device (Optional[torch.device]): where to allocate the cores.
+        data_parallel (bool): the tables are replicated on every rank of ``pg``: core
+            gradients are all-reduced (averaged) before the optimizer steps them.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
         config: GroupedEmbeddingConfig,
         pg: Optional[dist.ProcessGroup] = None,
         device: Optional[torch.device] = None,
+        data_parallel: bool = False,
     ) -> None:
         super().__init__()
         self._config = config
@@ -71,9 +74,16 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
         ]
         self.embedding_bags = nn.ModuleDict({t.name: TTEmbeddingBag(t, device) for t in self._tables})
         self._feature_splits = [len(t.feature_names) for t in self._tables]
-        spec = resolve_optimizer(fused_params, ",".join(t.name for t in self._tables))
+        names = ",".join(t.name for t in self._tables)
+        spec = resolve_optimizer(fused_params, names)
+        if data_parallel and spec is None:
+            raise ValueError(f"tables '{names}': data-parallel TT tables need a fused optimizer, got none")
+        # All the tables' parameters (cores, and whatever else a table holds), not only cores.
+        grad_pg = pg if data_parallel and pg is not None and dist.get_world_size(pg) > 1 else None
         self._optim: KeyedOptimizer = (
-            TTFusedOptimizer(dict(self.named_parameters()), *spec) if spec is not None else EmptyFusedOptimizer()
+            TTFusedOptimizer(dict(self.named_parameters()), *spec, grad_sync_group=grad_pg)
+            if spec is not None
+            else EmptyFusedOptimizer()
         )
 
     @property

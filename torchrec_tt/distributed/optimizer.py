@@ -16,6 +16,14 @@ collective) runs no callback, so every table and its optimizer state are left ex
 they were; the stash of a failed backward is dropped when the next backward starts. One
 backward at a time per process (no nested, reentrant backward through TT lookups).
 
+**Data-parallel tables** (docs/design.md, section 9). Their optimizers carry a process
+group (``grad_sync_group``). Before anything is stepped, :meth:`_DeferredSteps._apply`
+averages the stashed gradients of those cores over their group: one flat bucket per
+(group, dtype, device), one ``all_reduce`` each, in the order the optimizers were built
+(identical on every rank), so every rank steps the same gradient and optimizer states
+stay identical. Every rank's backward must reach the same data-parallel tables (it does
+when their output feeds every rank's loss: an empty batch still yields zero gradients).
+
 The optimizer is configured like TorchRec's: the sharder's ``fused_params``
 (``optimizer``: an ``EmbOptimType`` such as ``EXACT_ADAGRAD``, plus ``learning_rate``,
 ``eps``, ``beta1``, ``beta2``, ``weight_decay``), or
@@ -24,12 +32,14 @@ unsharded module, whose class and kwargs are used verbatim.
 """
 
 import copy
+import itertools
 import re
 import threading
 from enum import Enum
-from typing import Any, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 import torchrec.optim as trec_optim
@@ -202,6 +212,7 @@ class _DeferredSteps:
             pending = list(self._pending.values())
             self._pending.clear()
             self._task = -1
+        pending = _average_data_parallel_grads(pending)
         # Check everything first: a step either happens for every core or for none.
         for optimizer, key, param, grad in pending:
             check_state_shapes(key, param, optimizer._optimizers[key].state.get(optimizer._shadows.get(key, param), {}))
@@ -215,6 +226,34 @@ class _DeferredSteps:
 
 
 _DEFERRED = _DeferredSteps()
+_OPTIMIZER_SEQUENCE = itertools.count()  # build order: the same on every rank
+
+_Pending = Tuple["TTFusedOptimizer", str, torch.Tensor, torch.Tensor]
+
+
+def _average_data_parallel_grads(pending: List[_Pending]) -> List[_Pending]:
+    """Stashed gradients with those of data-parallel optimizers averaged over their group.
+
+    One bucket (flat tensor) and one ``all_reduce`` per (process group, dtype, device),
+    entries in build order and parameter-name order, so every rank packs the same layout.
+    """
+    buckets: Dict[Tuple[int, torch.dtype, torch.device], List[int]] = {}
+    for i, (optimizer, _, _, grad) in enumerate(pending):
+        if optimizer.grad_sync_group is not None:
+            buckets.setdefault((id(optimizer.grad_sync_group), grad.dtype, grad.device), []).append(i)
+    if not buckets:
+        return pending
+    pending = list(pending)
+    for positions in buckets.values():
+        positions.sort(key=lambda i: (pending[i][0]._sequence, pending[i][1]))
+        group = pending[positions[0]][0].grad_sync_group
+        flat = torch.cat([pending[i][3].reshape(-1) for i in positions])
+        dist.all_reduce(flat, group=group)
+        flat.div_(dist.get_world_size(group))
+        for i, part in zip(positions, flat.split([pending[i][3].numel() for i in positions])):
+            optimizer, key, param, grad = pending[i]
+            pending[i] = (optimizer, key, param, part.view_as(grad))
+    return pending
 
 
 class TTFusedOptimizer(FusedOptimizer):
@@ -237,6 +276,9 @@ class TTFusedOptimizer(FusedOptimizer):
         params (Mapping[str, nn.Parameter]): the cores, by parameter name.
         optimizer_class (Type[torch.optim.Optimizer]): e.g. ``torch.optim.Adagrad``.
         optimizer_kwargs (Dict[str, Any]): constructor kwargs, e.g. ``{"lr": 0.1}``.
+        grad_sync_group (Optional[dist.ProcessGroup]): data-parallel parameters: their
+            gradients are averaged over this group (one bucketed all-reduce per
+            backward) before they are stepped.
     """
 
     def __init__(
@@ -244,7 +286,10 @@ class TTFusedOptimizer(FusedOptimizer):
         params: Mapping[str, nn.Parameter],
         optimizer_class: Type[torch.optim.Optimizer],
         optimizer_kwargs: Dict[str, Any],
+        grad_sync_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
+        self.grad_sync_group = grad_sync_group
+        self._sequence = next(_OPTIMIZER_SEQUENCE)
         self._optimizers: Dict[str, torch.optim.Optimizer] = {}
         # fp16/bf16 cores: the torch optimizer steps an fp32 stand-in (filled from the core for
         # the step, emptied after), so its state (Adagrad's sum, Adam's moments) is fp32 and the

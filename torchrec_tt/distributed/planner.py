@@ -10,7 +10,12 @@ model) to TorchRec's estimators, so one planner call plans both.
   ``cuda`` and on DDR when it is ``cpu``.
 * Perf: forward and backward FLOPs of the table's variant from
   :func:`torchrec_tt.op_counts.op_counts_from_stats` (the one source of op counts),
-  divided by a FLOP rate; the all-to-all comms are TorchRec's table-wise estimate. The
+  divided by a FLOP rate. Table-wise: the owner computes every rank's bags and the comms
+  are TorchRec's pooled all-to-all estimate. Data-parallel: each rank computes its own
+  bags (``1 / world_size`` of the table-wise work), no forward comms, and the backward
+  pays a ring all-reduce of the core bytes (:func:`tt_allreduce_ms`). The planner picks
+  the cheaper per table (docs/design.md, section 9). Storage: data-parallel puts the
+  cores, their optimizer state and a gradient bucket on every rank. The
   pooling factor ``P`` comes from ``ParameterConstraints.pooling_factors``; the distinct
   groups per bag ``P_G`` are measured on a sample batch when one is given, else
   modelled as uniform draws (:func:`torchrec_tt.op_counts.expected_groups_per_bag`).
@@ -25,6 +30,8 @@ import inspect
 import math
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from torch import nn
+
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import (
@@ -35,7 +42,7 @@ from torchrec.distributed.planner.shard_estimators import (
     get_num_poolings,
 )
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Storage, Topology
-from torchrec.distributed.types import ModuleSharder, PipelineType
+from torchrec.distributed.types import ModuleSharder, PipelineType, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_tt.configs import TTEmbeddingBagConfig
@@ -139,6 +146,17 @@ def tt_table_bytes(config: TTEmbeddingBagConfig, optimizer_multiplier: float) ->
     return math.ceil(config.storage_bytes() * (1.0 + optimizer_multiplier))
 
 
+def tt_allreduce_ms(num_bytes: float, world_size: int, bandwidth: float) -> float:
+    """Milliseconds of a ring all-reduce of ``num_bytes`` over ``world_size`` ranks.
+
+    Each rank sends and receives ``2 (W - 1) / W`` of the buffer; ``bandwidth`` in bytes
+    per millisecond (TorchRec's unit). ``0`` on one rank.
+    """
+    if world_size <= 1:
+        return 0.0
+    return 2.0 * (world_size - 1) / world_size * num_bytes / bandwidth
+
+
 def tt_shard_storage(
     config: TTEmbeddingBagConfig,
     compute_device: str,
@@ -146,13 +164,15 @@ def tt_shard_storage(
     input_bytes: int,
     output_bytes: int,
     pipeline_type: PipelineType = PipelineType.NONE,
+    data_parallel: bool = False,
 ) -> Storage:
-    """Storage of a table-wise TT shard: cores + optimizer state + IO buffers.
+    """Storage of a TT shard: cores + optimizer state + IO buffers.
 
-    As TorchRec prices its own tables: on ``cuda`` everything is HBM (IO through
-    TorchRec's pipeline model), on ``cpu`` everything is DDR.
+    A data-parallel shard (one per rank) also holds the flat gradient bucket of its
+    all-reduce (the cores' bytes). As TorchRec prices its own tables: on ``cuda``
+    everything is HBM (IO through TorchRec's pipeline model), on ``cpu`` everything is DDR.
     """
-    table = tt_table_bytes(config, optimizer_multiplier)
+    table = tt_table_bytes(config, optimizer_multiplier) + (config.storage_bytes() if data_parallel else 0)
     if compute_device in ("cuda", "mtia"):
         io = calculate_pipeline_io_cost(
             input_size=input_bytes,
@@ -170,6 +190,18 @@ def _tt_config(option: ShardingOption) -> Optional[TTEmbeddingBagConfig]:
     if option.compute_kernel != TT_COMPUTE_KERNEL.value:
         return None
     return getattr(option.tensor, TT_CONFIG_ATTR, None)
+
+
+def _is_data_parallel(option: ShardingOption) -> bool:
+    return option.sharding_type == ShardingType.DATA_PARALLEL.value
+
+
+def _allreduce_bandwidth(topology: Topology) -> float:
+    """Bytes per ms of the all-reduce: intra-host when all ranks share a host (TorchRec
+    1.8 keeps bandwidths in ``comms_bandwidths``, 1.6 on the topology)."""
+    bandwidths = getattr(topology, "comms_bandwidths", topology)
+    single_host = topology.world_size <= topology.local_world_size
+    return bandwidths.intra_host_bw if single_host else bandwidths.inter_host_bw
 
 
 def _sharder_data(sharder_map: Optional[Mapping[str, Any]], sharder_data_map: Optional[Mapping[str, Any]]) -> Any:
@@ -271,6 +303,7 @@ class TTStorageEstimator(ShardEstimator):
                     input_bytes,
                     output_bytes,
                     self._pipeline_type,
+                    data_parallel=_is_data_parallel(option),
                 )
 
 
@@ -317,11 +350,18 @@ class TTPerfEstimator(ShardEstimator):
         for option in tt_options:
             config = _tt_config(option)
             fwd, bwd = tt_compute_ms(self.op_counts(option, config), config.variant, self._flops_per_ms)
+            comms = {}
+            if _is_data_parallel(option):  # no all-to-all; one all-reduce of the core gradients
+                allreduce = tt_allreduce_ms(config.storage_bytes(), self._topology.world_size, _allreduce_bandwidth(self._topology))
+                comms = {"fwd_comms": 0.0, "bwd_comms": allreduce, "input_dist_comms": 0.0}
+                fields = {f.name for f in dataclasses.fields(option.shards[0].perf)}  # 1.6 has no input_dist_comms
+                comms = {k: v for k, v in comms.items() if k in fields}
             for shard in option.shards:
-                shard.perf = dataclasses.replace(shard.perf, fwd_compute=fwd, bwd_compute=bwd)
+                shard.perf = dataclasses.replace(shard.perf, fwd_compute=fwd, bwd_compute=bwd, **comms)
 
     def op_counts(self, option: ShardingOption, config: TTEmbeddingBagConfig) -> OpCounts:
-        """Modelled or measured op counts of one iteration of the shard (the whole table)."""
+        """Modelled or measured op counts of one iteration of one shard: every rank's bags
+        (table-wise) or this rank's (data-parallel)."""
         constraint = self._constraints.get(option.name)
         has_pooling_factors = bool(constraint and constraint.pooling_factors)
         measured = self._group_stats(config)
@@ -335,8 +375,9 @@ class TTPerfEstimator(ShardEstimator):
             input_stats = [pooled] * option.num_inputs
         bags, pooling_factors, groups_per_bag = [], [], []
         for stats, length, pools, batch in zip(input_stats, option.input_lengths, num_poolings, batch_sizes):
-            # Table-wise: the owner pools every rank's bags of the input.
-            bags.append(batch * pools * self._topology.world_size)
+            # Table-wise: the owner pools every rank's bags of the input; data-parallel: its own.
+            ranks = 1 if _is_data_parallel(option) else self._topology.world_size
+            bags.append(batch * pools * ranks)
             if stats is None:
                 pooling_factors.append(length)
                 groups_per_bag.append(None)
@@ -354,6 +395,19 @@ class TTPerfEstimator(ShardEstimator):
         return self._measured[config.name]
 
 
+class TTEmbeddingEnumerator(EmbeddingEnumerator):
+    """TorchRec's enumerator without data-parallel options for TT tables that have no fused
+    optimizer (their replicated cores could not be kept in sync)."""
+
+    def enumerate(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[ShardingOption]:
+        options = super().enumerate(module, sharders)
+        return [
+            o
+            for o in options
+            if not (_tt_config(o) is not None and _is_data_parallel(o) and not getattr(o.tensor, "_optimizer_classes", None))
+        ]
+
+
 def make_tt_planner(
     topology: Topology,
     batch_size: int,
@@ -366,7 +420,9 @@ def make_tt_planner(
     """An ``EmbeddingShardingPlanner`` that prices TT tables with the TT estimators.
 
     Plans TT and regular TorchRec tables of a model in one call (``plan`` or
-    ``collective_plan`` with both sharders).
+    ``collective_plan`` with both sharders), choosing ``table_wise`` or
+    ``data_parallel`` for each TT table (data-parallel only for tables with a fused
+    optimizer); the plan stats table (``debug=True``) shows the choice.
 
     Args:
         topology (Topology): device topology (``compute_device``, ``hbm_cap``, ...).
@@ -377,7 +433,7 @@ def make_tt_planner(
         pipeline_type (PipelineType): training pipeline, for the IO buffer model.
         **planner_kwargs: more ``EmbeddingShardingPlanner`` arguments.
     """
-    enumerator = EmbeddingEnumerator(
+    enumerator = TTEmbeddingEnumerator(
         topology=topology,
         batch_size=batch_size,
         constraints=constraints,

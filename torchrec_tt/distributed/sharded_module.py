@@ -1,12 +1,17 @@
-"""Table-wise sharded :class:`~torchrec_tt.modules.TTEmbeddingBagCollection`.
+"""Sharded :class:`~torchrec_tt.modules.TTEmbeddingBagCollection`: table-wise and data-parallel.
 
 Built on TorchRec's table-wise parts (``TwPooledEmbeddingSharding``, its KJT and pooled
-all-to-alls, ``GroupedPooledEmbeddingsLookup``) with the TT kernel plugged in under
-``EmbeddingComputeKernel.CUSTOMIZED_KERNEL``. TorchRec leaves state-dict handling of such
-tables to the module, so this one produces and accepts the unsharded keys
-``embedding_bags.<table>.cores.<k>`` itself: ``state_dict()`` broadcasts every core from
-its owning rank (a collective: call it on all ranks), so every rank holds the whole
-table set and a checkpoint loads at any world size and into the unsharded module.
+all-to-alls, ``GroupedPooledEmbeddingsLookup``) and data-parallel parts
+(``DpPooledEmbeddingSharding``: no communication in forward) with the TT kernel plugged in
+under ``EmbeddingComputeKernel.CUSTOMIZED_KERNEL``. Data-parallel cores are replicated;
+their gradients are averaged over the ranks by one bucketed all-reduce per backward,
+before the deferred in-backward optimizer step (:mod:`torchrec_tt.distributed.optimizer`).
+TorchRec leaves state-dict handling of such tables to the module, so this one produces
+and accepts the unsharded keys ``embedding_bags.<table>.cores.<k>`` itself:
+``state_dict()`` broadcasts every table-wise core from its owning rank (a collective:
+call it on all ranks; data-parallel cores are already everywhere), so every rank holds
+the whole table set and a checkpoint loads at any world size, under any mix of
+table-wise and data-parallel tables, and into the unsharded module.
 """
 
 from collections import OrderedDict
@@ -31,6 +36,8 @@ from torchrec.distributed.embedding_types import (
     ShardedEmbeddingModule,
 )
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionAwaitable, EmbeddingBagCollectionContext
+from torchrec.distributed.embedding_sharding import EmbeddingSharding
+from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
 from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
 from torchrec.distributed.types import (
     Awaitable,
@@ -52,6 +59,8 @@ from torchrec_tt.distributed.optimizer import optimizer_fused_params
 from torchrec_tt.modules import TTEmbeddingBag, TTEmbeddingBagCollection
 
 TT_COMPUTE_KERNEL = EmbeddingComputeKernel.CUSTOMIZED_KERNEL
+# Sharding types of TT tables, in the order their features and outputs are laid out.
+TT_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.DATA_PARALLEL.value)
 
 
 class TTGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
@@ -70,11 +79,14 @@ class TTGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
                 f"tables {config.table_names()}: compute kernel {config.compute_kernel.value!r} is not "
                 f"supported for TT tables, expected {TT_COMPUTE_KERNEL.value!r}"
             )
-        return TTEmbeddingBagKernel(config, pg=pg, device=device)
+        data_parallel = sharding_type == ShardingType.DATA_PARALLEL
+        return TTEmbeddingBagKernel(config, pg=pg, device=device, data_parallel=data_parallel)
 
 
-class TTTwPooledEmbeddingSharding(TwPooledEmbeddingSharding):
-    """Table-wise sharding of TT tables: TorchRec's, with the TT lookup."""
+class _TTLookupSharding:
+    """``create_lookup`` of a TorchRec sharding, with the TT lookup (mixed in first)."""
+
+    tt_sharding_type: ShardingType
 
     def create_lookup(
         self,
@@ -83,13 +95,32 @@ class TTTwPooledEmbeddingSharding(TwPooledEmbeddingSharding):
         feature_processor: Optional[BaseGroupedFeatureProcessor] = None,
     ) -> BaseEmbeddingLookup:
         return TTGroupedPooledEmbeddingsLookup(
-            grouped_configs=self._grouped_embedding_configs,
-            device=device if device is not None else self._device,
-            pg=self._pg,
+            grouped_configs=self._grouped_embedding_configs,  # pyre-ignore[16]
+            device=device if device is not None else self._device,  # pyre-ignore[16]
+            pg=self._env.process_group,  # pyre-ignore[16]
             feature_processor=feature_processor,
-            sharding_type=ShardingType.TABLE_WISE,
-            env=self._env,
+            sharding_type=self.tt_sharding_type,
+            env=self._env,  # pyre-ignore[16]
         )
+
+
+class TTTwPooledEmbeddingSharding(_TTLookupSharding, TwPooledEmbeddingSharding):
+    """Table-wise sharding of TT tables: TorchRec's, with the TT lookup."""
+
+    tt_sharding_type = ShardingType.TABLE_WISE
+
+
+class TTDpPooledEmbeddingSharding(_TTLookupSharding, DpPooledEmbeddingSharding):
+    """Data-parallel TT tables: TorchRec's (no forward communication), with the TT lookup,
+    whose kernels all-reduce the core gradients before the optimizer step."""
+
+    tt_sharding_type = ShardingType.DATA_PARALLEL
+
+
+_SHARDING_CLASSES: Dict[str, Type[EmbeddingSharding]] = {
+    ShardingType.TABLE_WISE.value: TTTwPooledEmbeddingSharding,
+    ShardingType.DATA_PARALLEL.value: TTDpPooledEmbeddingSharding,
+}
 
 
 def _in_backward_optimizer(bag: TTEmbeddingBag) -> Dict[str, Any]:
@@ -118,9 +149,14 @@ class ShardedTTEmbeddingBagCollection(
     ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext],
     FusedOptimizerModule,
 ):
-    """Table-wise sharded :class:`~torchrec_tt.modules.TTEmbeddingBagCollection`.
+    """Sharded :class:`~torchrec_tt.modules.TTEmbeddingBagCollection`, table-wise and data-parallel.
 
-    Each table lives on one rank (``ParameterSharding.ranks[0]``). Inputs are
+    A ``table_wise`` table lives on one rank (``ParameterSharding.ranks[0]``); a
+    ``data_parallel`` table on every rank, which computes its own batch's lookups (no
+    all-to-all) and averages the core gradients with the other ranks in one bucketed
+    all-reduce per backward before its in-backward optimizer steps, so cores and
+    optimizer state stay identical on every rank (data-parallel tables need a fused
+    optimizer: ``fused_params`` or ``apply_optimizer_in_backward``). Inputs are
     data-parallel KJTs, outputs data-parallel ``KeyedTensor``s keyed in the unsharded
     module's order. The local cores appear under their unsharded names
     (``embedding_bags.<table>.cores.<k>``) in ``named_parameters()`` and in
@@ -164,19 +200,28 @@ class ShardedTTEmbeddingBagCollection(
         self._feature_table: Dict[str, TTEmbeddingBagConfig] = {
             f: t for t in self._table_configs for f in t.feature_names
         }
-        self._owner: Dict[str, int] = {}
-        infos = []
+        self._owner: Dict[str, int] = {}  # table-wise tables only
+        self._sharding_type: Dict[str, str] = {}
+        infos: Dict[str, List[EmbeddingShardingInfo]] = {t: [] for t in TT_SHARDING_TYPES}
         for table in self._table_configs:
             sharding = table_name_to_parameter_sharding.get(table.name)
             if sharding is None:
                 raise ValueError(f"table '{table.name}' has no entry in the sharding plan")
-            if sharding.sharding_type != ShardingType.TABLE_WISE.value or sharding.compute_kernel != TT_COMPUTE_KERNEL.value:
+            if sharding.sharding_type not in TT_SHARDING_TYPES or sharding.compute_kernel != TT_COMPUTE_KERNEL.value:
                 raise ValueError(
                     f"table '{table.name}': sharding ({sharding.sharding_type!r}, {sharding.compute_kernel!r}) is not "
-                    f"supported, TT tables take ({ShardingType.TABLE_WISE.value!r}, {TT_COMPUTE_KERNEL.value!r})"
+                    f"supported, TT tables take sharding types {list(TT_SHARDING_TYPES)} with {TT_COMPUTE_KERNEL.value!r}"
                 )
-            self._owner[table.name] = sharding.ranks[0]
-            infos.append(
+            table_params = table_fused_params(module.embedding_bags[table.name], fused_params)
+            if sharding.sharding_type == ShardingType.DATA_PARALLEL.value and "optimizer" not in table_params:
+                raise ValueError(
+                    f"table '{table.name}': a data_parallel TT table needs a fused optimizer (the sharder's "
+                    f"fused_params['optimizer'] or apply_optimizer_in_backward on its cores), got none"
+                )
+            self._sharding_type[table.name] = sharding.sharding_type
+            if sharding.sharding_type == ShardingType.TABLE_WISE.value:
+                self._owner[table.name] = sharding.ranks[0]
+            infos[sharding.sharding_type].append(
                 EmbeddingShardingInfo(
                     embedding_config=EmbeddingTableConfig(
                         num_embeddings=table.num_embeddings,
@@ -192,26 +237,32 @@ class ShardedTTEmbeddingBagCollection(
                     ),
                     param_sharding=sharding,
                     param=torch.empty(table.num_embeddings, table.embedding_dim, device="meta"),
-                    fused_params=table_fused_params(module.embedding_bags[table.name], fused_params),
+                    fused_params=table_params,
                 )
             )
-        self._sharding = TTTwPooledEmbeddingSharding(infos, env, device, qcomm_codecs_registry=self.qcomm_codecs_registry)
-        lookup = self._sharding.create_lookup(device=device)
-        kernels: List[TTEmbeddingBagKernel] = list(lookup._emb_modules)
-        # Registered before the lookup so that the local cores are named
+        # One TorchRec sharding per sharding type present: table-wise, then data-parallel.
+        self._shardings: List[EmbeddingSharding] = []
+        for sharding_type in TT_SHARDING_TYPES:
+            if infos[sharding_type]:
+                sharding_class = _SHARDING_CLASSES[sharding_type]
+                kwargs = {"qcomm_codecs_registry": self.qcomm_codecs_registry} if sharding_type == ShardingType.TABLE_WISE.value else {}
+                self._shardings.append(sharding_class(infos[sharding_type], env, device, **kwargs))
+        lookups = [sharding.create_lookup(device=device) for sharding in self._shardings]
+        kernels: List[TTEmbeddingBagKernel] = [k for lookup in lookups for k in lookup._emb_modules]
+        # Registered before the lookups so that the local cores are named
         # "embedding_bags.<table>.cores.<k>" (module traversal keeps the first path).
         self.embedding_bags = nn.ModuleDict({n: b for k in kernels for n, b in k.embedding_bags.items()})
-        self._lookup = lookup
-        self._lookups = [lookup]
-        self._input_dist = self._sharding.create_input_dist()
-        self._output_dist = self._sharding.create_output_dist(device=device)
+        self._lookups = nn.ModuleList(lookups)
+        self._input_dists = [sharding.create_input_dist() for sharding in self._shardings]
+        self._output_dists = [sharding.create_output_dist(device=device) for sharding in self._shardings]
         self._optim: KeyedOptimizer = CombinedOptimizer([k.fused_optimizer for k in kernels])
 
-        # Features arrive rank-major (the order of the sharding); outputs go back in the
-        # unsharded module's order.
-        self._sharded_feature_names: List[str] = self._sharding.feature_names()
-        self._sharded_names: List[str] = self._sharding.embedding_names()
-        self._sharded_dims: List[int] = self._sharding.embedding_dims()
+        # Features arrive sharding after sharding, rank-major within table-wise; outputs go
+        # back in the unsharded module's order.
+        self._feature_splits: List[int] = [len(sharding.feature_names()) for sharding in self._shardings]
+        self._sharded_feature_names: List[str] = [f for sharding in self._shardings for f in sharding.feature_names()]
+        self._sharded_names: List[str] = [n for sharding in self._shardings for n in sharding.embedding_names()]
+        self._sharded_dims: List[int] = [d for sharding in self._shardings for d in sharding.embedding_dims()]
         self._embedding_names: List[str] = [f for t in self._table_configs for f in t.feature_names]
         self._embedding_dims: List[int] = [t.embedding_dim for t in self._table_configs for _ in t.feature_names]
         self._output_order: List[int] = [self._sharded_names.index(n) for n in self._embedding_names]
@@ -241,13 +292,17 @@ class ShardedTTEmbeddingBagCollection(
                 features = features.permute(self._input_order)
             if self._validate_inputs:
                 self._validate(features)
-            ctx.sharding_contexts.append(
-                EmbeddingShardingContext(
-                    batch_size_per_feature_pre_a2a=features.stride_per_key(),
-                    variable_batch_per_feature=False,
+            parts = features.split(self._feature_splits) if len(self._shardings) > 1 else [features]
+            awaitables = []
+            for input_dist, part in zip(self._input_dists, parts):
+                ctx.sharding_contexts.append(
+                    EmbeddingShardingContext(
+                        batch_size_per_feature_pre_a2a=part.stride_per_key(),
+                        variable_batch_per_feature=False,
+                    )
                 )
-            )
-            return KJTListSplitsAwaitable([self._input_dist(features)], ctx)
+                awaitables.append(input_dist(part))
+            return KJTListSplitsAwaitable(awaitables, ctx)
 
     def _validate(self, features: KeyedJaggedTensor) -> None:
         """Check the ids this rank sends (the TT features, in sharding order) before the
@@ -256,11 +311,13 @@ class ShardedTTEmbeddingBagCollection(
             tt_modules.validate_lookups(self._feature_table[name], name, jt.values(), jt.lengths(), jt.weights_or_none())
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
-        return [self._lookup(dist_input[0])]
+        return [lookup(features) for lookup, features in zip(self._lookups, dist_input)]
 
     def output_dist(self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         awaitable = EmbeddingBagCollectionAwaitable(
-            awaitables=[self._output_dist(output[0], ctx.sharding_contexts[0])],
+            awaitables=[
+                dist(out, sharding_ctx) for dist, out, sharding_ctx in zip(self._output_dists, output, ctx.sharding_contexts)
+            ],
             embedding_dims=self._sharded_dims,
             embedding_names=self._sharded_names,
         )
@@ -290,8 +347,12 @@ class ShardedTTEmbeddingBagCollection(
         return self._is_weighted
 
     def owner(self, table_name: str) -> int:
-        """Rank (in the sharding process group) that holds ``table_name``."""
+        """Rank (in the sharding process group) that holds the table-wise table ``table_name``."""
         return self._owner[table_name]
+
+    def sharding_type(self, table_name: str) -> str:
+        """``"table_wise"`` or ``"data_parallel"``: how ``table_name`` is sharded."""
+        return self._sharding_type[table_name]
 
     def _core_keys(self, table: TTEmbeddingBagConfig) -> List[str]:
         return [f"embedding_bags.{table.name}.cores.{k}" for k in range(table.num_cores)]
@@ -327,7 +388,7 @@ class ShardedTTEmbeddingBagCollection(
         if self._is_local(table.name):
             cores = list(self.embedding_bags[table.name].cores)
             local = cores if keep_vars else [c.detach() for c in cores]
-            if self._env.world_size == 1:
+            if self._env.world_size == 1 or table.name not in self._owner:  # data-parallel: same everywhere
                 return local
             flat = torch.cat([c.detach().reshape(-1) for c in cores])
         else:
@@ -399,6 +460,6 @@ class ShardedTTEmbeddingBagCollection(
             optimizer.load_state_dict({"state": {key: state[key] for key in optimizer.params if key in state}})
 
     def _kernel_optimizers(self) -> Iterator[KeyedOptimizer]:
-        for kernel in self._lookup._emb_modules:
+        for kernel in (k for lookup in self._lookups for k in lookup._emb_modules):
             if len(kernel.fused_optimizer.params) > 0:
                 yield kernel.fused_optimizer

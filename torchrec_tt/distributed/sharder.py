@@ -1,4 +1,4 @@
-"""Sharder of :class:`~torchrec_tt.modules.TTEmbeddingBagCollection` (table-wise, TT kernel)."""
+"""Sharder of :class:`~torchrec_tt.modules.TTEmbeddingBagCollection` (table-wise or data-parallel, TT kernel)."""
 
 import math
 from typing import Dict, List, Optional, Type
@@ -6,11 +6,12 @@ from typing import Dict, List, Optional, Type
 import torch
 from torch import nn
 from torchrec.distributed.embedding_types import BaseEmbeddingSharder
-from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
+from torchrec.distributed.types import ParameterSharding, ShardingEnv
 
 from torchrec_tt.distributed.optimizer import resolve_optimizer
 from torchrec_tt.distributed.sharded_module import (
     TT_COMPUTE_KERNEL,
+    TT_SHARDING_TYPES,
     ShardedTTEmbeddingBagCollection,
     table_fused_params,
 )
@@ -22,7 +23,11 @@ TT_CONFIG_ATTR = "_tt_config"
 
 
 class TTEmbeddingBagCollectionSharder(BaseEmbeddingSharder[TTEmbeddingBagCollection]):
-    """Shards the tables of a :class:`~torchrec_tt.modules.TTEmbeddingBagCollection` table-wise.
+    """Shards the tables of a :class:`~torchrec_tt.modules.TTEmbeddingBagCollection`.
+
+    Each table is ``table_wise`` (on one rank, lookups through the all-to-alls) or
+    ``data_parallel`` (replicated; each rank computes its own batch; needs a fused
+    optimizer); :func:`~torchrec_tt.distributed.make_tt_planner` picks per table from cost.
 
     Tables run the TT kernel under TorchRec's ``customized_kernel`` tag; plan them with
     :func:`torchrec_tt.distributed.make_tt_planner` (TorchRec's default estimators do
@@ -78,7 +83,7 @@ class TTEmbeddingBagCollectionSharder(BaseEmbeddingSharder[TTEmbeddingBagCollect
         return params
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [ShardingType.TABLE_WISE.value]
+        return list(TT_SHARDING_TYPES)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         return [TT_COMPUTE_KERNEL.value]
