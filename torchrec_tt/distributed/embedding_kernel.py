@@ -37,6 +37,7 @@ def tt_config_from_sharded_table(table: ShardedEmbeddingTable, fused_params: Map
         tt_q_shapes=list(fused_params["tt_q_shapes"]),
         tt_ranks=list(fused_params["tt_ranks"]),
         variant=fused_params["variant"],
+        cache_rows=int(fused_params.get("cache_rows", 0)),
     )
 
 

@@ -1,0 +1,194 @@
+"""Hot-row cache of a TT table: the lookup split and the population arithmetic (one place).
+
+A table with ``cache_rows = K > 0`` keeps ``K`` rows uncompressed in a ``(K, N)`` block
+(``cache_weight``) with their sorted ids (``cache_ids``); lookups of those rows read the
+block, the others run the TT op. See docs/design.md, section 9.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from torchrec_tt import _python_ops
+from torchrec_tt._python_ops import prefix_products
+from torchrec_tt.enums import PoolingMode, Variant
+from torchrec_tt.grouping import bag_ids, decompose_indices
+from torchrec_tt.ops import tt_embedding_bag
+
+EVICTION_POLICIES = ("write_back", "drop", "raise")
+
+
+def empty_cache_ids(num_embeddings: int, cache_rows: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``(K,)`` sentinel ids ``num_embeddings + s`` of an empty cache (sorted, never looked up)."""
+    return torch.arange(num_embeddings, num_embeddings + cache_rows, dtype=torch.int64, device=device)
+
+
+def cache_hits(cache_ids: torch.Tensor, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(hit, slot)``: ``(L,)`` bool, whether each id is cached, and its ``(L,)`` cache slot
+    (clamped to ``K - 1`` for misses). No host sync."""
+    ids = indices.to(torch.int64)
+    slot = torch.searchsorted(cache_ids, ids).clamp_(max=cache_ids.numel() - 1)
+    return cache_ids[slot] == ids, slot
+
+
+def split_misses(
+    hit: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    compact: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The TT part of a batch: ``(ids, offsets, weights)`` of the misses, bags in order.
+
+    Misses come first (stable, so in bag order); with ``compact=False`` the hits follow as one
+    trailing bag of row-0 lookups (``B + 2`` offsets, the caller drops that bag's output row),
+    so every size depends only on ``L`` and ``B`` (no host sync). ``compact=True`` reads the
+    miss count on the host and returns only the misses (``B + 1`` offsets).
+    """
+    num_lookups, batch = indices.numel(), offsets.numel() - 1
+    miss = ~hit
+    per_bag = torch.zeros(batch, dtype=torch.int64, device=indices.device)
+    per_bag.index_add_(0, bag_ids(offsets, num_lookups), miss.to(torch.int64))
+    order = torch.argsort(hit.to(torch.int8), stable=True)
+    ids = torch.where(hit, torch.zeros_like(indices), indices)[order]
+    weights = per_sample_weights[order] if per_sample_weights is not None else None
+    bounds = [per_bag.new_zeros(1), torch.cumsum(per_bag, 0)]
+    if compact:
+        num_misses = int(bounds[1][-1]) if batch else 0
+        ids = ids[:num_misses]
+        weights = weights[:num_misses] if weights is not None else None
+    else:
+        bounds.append(per_bag.new_full((1,), num_lookups))
+    return ids, torch.cat(bounds).to(indices.dtype), weights
+
+
+def cached_tt_embedding_bag(
+    cores: Sequence[torch.Tensor],
+    cache_weight: torch.Tensor,
+    cache_ids: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    pooling: PoolingMode,
+    variant: Variant,
+    compact: Optional[bool] = None,
+) -> torch.Tensor:
+    """Pooled lookups of a TT table with a hot-row cache (differentiable).
+
+    Args:
+        cores (Sequence[Tensor]): the TT cores (compute dtype).
+        cache_weight (Tensor): ``(K, N)`` cached rows (compute dtype).
+        cache_ids (Tensor): ``(K,)`` sorted int64 ids of the cached rows.
+        indices (Tensor): ``(L,)`` ids; offsets (Tensor): ``(B + 1,)``.
+        per_sample_weights (Optional[Tensor]): ``(L,)``.
+        pooling (PoolingMode): sum or mean (the bag's full length divides).
+        variant (Variant): the TT part's variant.
+        compact (Optional[bool]): give the op only the misses (reads a count on the host).
+            Default: only ``tt`` on CPU, uncompiled (there a row-0 lookup is a full chain).
+
+    Returns:
+        Tensor: ``(B, N)``.
+    """
+    if offsets.dtype != indices.dtype:
+        offsets = offsets.to(indices.dtype)
+    batch = offsets.numel() - 1
+    if compact is None:
+        compact = variant == Variant.TT and indices.device.type == "cpu" and not _python_ops.is_tracing(indices)
+    hit, slot = cache_hits(cache_ids, indices)
+    ids, tt_offsets, tt_weights = split_misses(hit, indices, offsets, per_sample_weights, compact)
+    tt_part = tt_embedding_bag(cores, ids, tt_offsets, tt_weights, pooling=PoolingMode.SUM, variant=variant)
+    if not compact:
+        tt_part = tt_part[:batch]
+    hit_weights = hit.to(cache_weight.dtype)
+    if per_sample_weights is not None:
+        hit_weights = torch.where(hit, per_sample_weights, torch.zeros_like(per_sample_weights))
+    cached_part = F.embedding_bag(
+        slot, cache_weight, offsets.to(torch.int64), mode="sum",
+        per_sample_weights=hit_weights, include_last_offset=True,
+    )
+    pooled = tt_part + cached_part
+    if pooling == PoolingMode.MEAN:
+        lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(pooled.dtype)
+        pooled = pooled / lengths.unsqueeze(1)
+    return pooled
+
+
+def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor, p_shapes: Sequence[int]) -> torch.Tensor:
+    """``(E, N)`` TT rows ``ids`` (no grad)."""
+    with torch.no_grad():
+        if ids.numel() == 0:
+            return cores[0].new_zeros(0, int(torch.Size([c.shape[2] for c in cores]).numel()))
+        return prefix_products(list(cores), decompose_indices(ids, p_shapes)).reshape(ids.numel(), -1)
+
+
+def top_rows(counts: torch.Tensor, cache_rows: int) -> torch.Tensor:
+    """Sorted ids of the ``cache_rows`` most counted rows among those counted at least once."""
+    k = min(cache_rows, counts.numel())
+    values, ids = torch.topk(counts, k)
+    return torch.sort(ids[values > 0]).values
+
+
+@dataclass
+class CacheUpdate:
+    """What :meth:`~torchrec_tt.TTEmbeddingBag.populate_cache` changed in one table.
+
+    Attributes:
+        admitted (Tensor): ``(A,)`` ids newly cached (start at their TT value).
+        evicted (Tensor): ``(E,)`` ids that left the cache.
+        evicted_values (Tensor): ``(E, N)`` their cached values when they left.
+        residual (Optional[Tensor]): ``(E,)`` relative error of their TT rows after write-back
+            (``on_evict="write_back"``), else ``None``.
+        policy (str): the eviction policy applied.
+    """
+
+    admitted: torch.Tensor
+    evicted: torch.Tensor
+    evicted_values: torch.Tensor
+    residual: Optional[torch.Tensor]
+    policy: str
+
+
+def write_back_last_core(
+    cores: List[torch.Tensor],
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    p_shapes: Sequence[int],
+    q_shapes: Sequence[int],
+    damping: float = 1e-3,
+) -> torch.Tensor:
+    """Refit the last core's slices used by rows ``ids`` so those rows approach ``values``.
+
+    Row ``i`` is ``reshape(P(i) @ G_d[i_d])`` with the prefix product ``P(i)``, ``(n_pre, R)``
+    (fixed here), and the slice ``G_d[i_d]``, ``(R, n_d)``. Each touched slice ``j`` is set to
+    the damped least-squares solution over the evicted rows with last digit ``j``:
+    ``argmin sum_i |P(i) G - V_i|^2 + damping * |P|^2/R * |G - G_j|^2`` (the damping keeps the
+    slice near its value when few rows constrain it). Modifies ``cores[-1]`` in place.
+
+    Args:
+        cores (List[Tensor]): the cores, core ``k`` ``(m_k, R[k], n_k, R[k+1])``.
+        ids (Tensor): ``(E,)`` rows; values (Tensor): ``(E, N)`` their target values.
+
+    Returns:
+        Tensor: ``(E,)`` relative residual ``|TT row - value| / |value|`` after the fit.
+    """
+    digits = decompose_indices(ids, p_shapes)
+    last = cores[-1]  # (m_d, R, n_d, 1)
+    rank, n_last = last.shape[1], last.shape[2]
+    with torch.no_grad():
+        prefix = prefix_products(cores[:-1], digits[:-1])  # (E, n_pre, R)
+    values = values.to(prefix.dtype)
+    target = values.reshape(ids.numel(), -1, n_last)  # (E, n_pre, n_d)
+    with torch.no_grad():
+        for j in torch.unique(digits[-1]).tolist():
+            sel = digits[-1] == j
+            p = prefix[sel].reshape(-1, rank)  # rows of every evicted row with this digit
+            v = target[sel].reshape(-1, n_last)
+            g0 = last[j, :, :, 0].to(p.dtype)
+            lam = damping * float((p * p).sum()) / max(rank, 1) + 1e-12
+            gram = p.T @ p + lam * torch.eye(rank, dtype=p.dtype, device=p.device)
+            g = torch.linalg.solve(gram, p.T @ v + lam * g0)
+            last[j, :, :, 0] = g.to(last.dtype)
+        rows = torch.einsum("epr,ern->epn", prefix, last[digits[-1], :, :, 0].to(prefix.dtype)).reshape(ids.numel(), -1)
+    return (rows - values).norm(dim=1) / values.norm(dim=1).clamp(min=1e-12)
