@@ -15,6 +15,12 @@ similar items share TT core slices; ``freq``: by frequency only); the mapping is
 of the model (``renumber.mapping``). The run prints per-table memory and compression, P and
 P_G before/after renumbering, eval AUC and throughput.
 
+Hot-row cache (``--cache-fraction``, TT only; docs/design.md, section 9): each TT table keeps
+that share of its rows uncompressed; accesses are counted for ``--cache-warmup-steps``, then the
+most accessed rows are cached. The run prints the cache hit rate in training and evaluation,
+the TT lookups and work removed, and the history table's forward+backward time with and
+without the cache on the same batches. A comma list (``0,0.001,0.01,0.05``) compares sizes.
+
 Single process::
 
     python examples/dlrm_movielens.py --embedding grt            # synthetic ML-20M twin
@@ -108,7 +114,8 @@ class DLRMLike(nn.Module):
         return self.over_arch(x).squeeze(1)
 
 
-def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> List[EmbeddingBagConfig]:
+def make_tables(args: argparse.Namespace, embedding: str, num_items: int,
+                cache_fraction: float = 0.0) -> List[EmbeddingBagConfig]:
     """Item tables (TT configs unless ``embedding == "dense"``): one per feature
     (``--tables separate``) or one for both (``shared``; mean pooling, the candidate bag
     has one id)."""
@@ -131,6 +138,7 @@ def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> Lis
                 tt_num_cores=args.tt_cores,
                 variant=embedding,
                 data_type=DataType[args.tt_data_type.upper()],
+                cache_rows=int(round(cache_fraction * num_items)),
             ))
     return tables
 
@@ -140,9 +148,10 @@ def table_memory(tables: Sequence[EmbeddingBagConfig]) -> List[Dict[str, Any]]:
     rows = []
     for t in tables:
         dense = t.num_embeddings * t.embedding_dim * 4
-        stored = t.storage_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
+        stored = t.storage_bytes() + t.cache_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
         rows.append({"table": t.name, "rows": t.num_embeddings, "dim": t.embedding_dim,
                      "shape": getattr(t, "tt_p_shapes", None), "ranks": getattr(t, "tt_ranks", None),
+                     "cache_rows": getattr(t, "cache_rows", 0),
                      "bytes": stored, "dense_bytes": dense, "compression": dense / stored})
     return rows
 
@@ -240,6 +249,76 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
                                     plan=plan, sharders=sharders)
 
 
+# ----------------------------------------------------------------------------- hot-row cache
+def cache_modules(model: nn.Module) -> List[nn.Module]:
+    """The (sharded or unsharded) TT collections of ``model`` that hold a cached table."""
+    from torchrec_tt.modules import CachePopulationMixin
+
+    return [m for m in model.modules() if isinstance(m, CachePopulationMixin)
+            and any(t.cache_rows > 0 for t in m.embedding_bag_configs())]
+
+
+def cache_hit_counts(modules: Sequence[nn.Module], tables: Sequence[EmbeddingBagConfig], env: "Dist") -> Dict[str, Dict[str, int]]:
+    """Stop counting; per cached table, lookups served by the cache and all lookups (summed over ranks)."""
+    names = [t.name for t in tables if getattr(t, "cache_rows", 0) > 0]
+    totals = torch.zeros(len(names), 2, dtype=torch.int64)
+    for module in modules:
+        for name, counts in module.stop_cache_warmup().items():
+            rows = module.embedding_bags[name].cached_rows()
+            totals[names.index(name)] = torch.stack([counts[rows].sum(), counts.sum()]).cpu()
+    if env.world_size > 1:
+        totals = totals.to(env.device)
+        dist.all_reduce(totals)
+    return {n: {"hits": int(h), "lookups": int(l)} for n, (h, l) in zip(names, totals.cpu().tolist())}
+
+
+def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 5) -> Dict[str, float]:
+    """Forward+backward seconds per batch of one table with its cache and without it (all
+    lookups through the TT op, same cores), on the same batches, alternating; the fastest of
+    ``repeats`` (on a shared machine, noise only adds time)."""
+    from torchrec_tt.ops import tt_embedding_bag
+
+    def run(cached: bool) -> float:
+        t0 = time.perf_counter()
+        for ids, offsets in batches:
+            out = bag._pool(ids, offsets, None) if cached else tt_embedding_bag(
+                bag.compute_cores(), ids, offsets, None, pooling=bag._pooling, variant=bag.config.variant)
+            out.sum().backward()
+        bag.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t0) / len(batches)
+
+    run(True), run(False)  # warm-up
+    times = [(run(True), run(False)) for _ in range(repeats)]
+    return {"with_cache_s": min(t[0] for t in times), "without_cache_s": min(t[1] for t in times)}
+
+
+def cache_report(args: argparse.Namespace, model: nn.Module, tables: Sequence[EmbeddingBagConfig], data: "Prepared",
+                 embedding: str, env: "Dist") -> Dict[str, Any]:
+    """History table: TT lookups and work removed by its cache (count_ops on 40 batches), and
+    (one rank) its forward+backward time with and without the cache on 10 of them."""
+    import itertools
+
+    from torchrec_tt.data.renumber import group_stats
+
+    table = tables[0]
+    key = f"embedding_bags.{table.name}.cache_ids"
+    cache_ids = next(v for k, v in model.state_dict().items() if k.endswith(key)).cpu()  # collective when sharded
+    mapping = data.mappings[args.renumber]
+    batches = list(itertools.islice(data.task.history_batches(args.batch_size), 40))
+    without = group_stats(table, batches, mapping)
+    with_cache = group_stats(table, batches, mapping, cache_ids=cache_ids)
+    work = {"grt": ("grt_flops", "grt_backward_flops"), "tt": ("tt_flops", "tt_backward_flops")}[embedding]
+    flops = [sum(getattr(s, f) for f in work) for s in (without, with_cache)]
+    out = {"table": table.name, "cache_rows": table.cache_rows,
+           "history_hit_rate": with_cache.cache_hit_rate, "history_P_G_tt_part": with_cache.groups_per_bag,
+           "history_P_G_no_cache": without.groups_per_bag, "tt_work_removed": 1.0 - flops[1] / flops[0]}
+    if env.world_size == 1:
+        bag = model.sparse_arch.embedding_bags[table.name]
+        sample = [(mapping[i] if mapping is not None else i, o) for i, o in batches[:10]]
+        out.update(time_cache_split(bag, sample))
+    return out
+
+
 class Optimizers:
     """Adagrad for the tables (unless a sharder fused it into backward), Adam for the rest."""
 
@@ -270,6 +349,10 @@ class Optimizers:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+
+    def holding(self, param: torch.Tensor) -> Optional[torch.optim.Optimizer]:
+        """The optimizer that steps ``param`` (its per-row state moves with cached rows)."""
+        return next((o for o in self.optimizers for g in o.param_groups if any(p is param for p in g["params"])), None)
 
 
 # ----------------------------------------------------------------------------- run
@@ -315,6 +398,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save", default=None,
                    help="save the trained model's state_dict here, '{embedding}' is replaced (world size 1)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--cache-fraction", type=_fractions, default=[0.0],
+                   help="share of each TT table's rows in its hot-row cache; a comma list (e.g. "
+                        "0,0.001,0.01,0.05) trains each on the same data and seed")
+    p.add_argument("--cache-warmup-steps", type=int, default=20,
+                   help="steps whose accesses are counted before the cache is populated")
     p.add_argument("--init-from-dense", default=None,
                    help="state_dict of a trained --embedding dense model (--save): its tables are converted "
                         "to TT (torchrec_tt.convert_ebc_to_tt) and fine-tuned (--max-steps; 0: evaluate only)")
@@ -329,6 +417,16 @@ def _embeddings(text: str) -> List[str]:
     if not names or bad:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {EMBEDDINGS}")
     return names
+
+
+def _fractions(text: str) -> List[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of fractions in [0, 1]")
+    return values
 
 
 def load_data(args: argparse.Namespace):
@@ -366,7 +464,8 @@ class Prepared:
         self.groups["seconds"] = time.perf_counter() - t0
 
 
-def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data: Prepared, say) -> Dict[str, Any]:
+def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data: Prepared, say,
+                       cache_fraction: float = 0.0) -> Dict[str, Any]:
     """Build, (shard,) train and evaluate one model; returns its results."""
     task = data.task
     emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
@@ -375,8 +474,10 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                                "data": data.stats, "groups": data.groups}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # same initial MLPs whatever ran before
-    tables = make_tables(args, embedding, task.num_items)
+    cache_fraction = cache_fraction if embedding != "dense" else 0.0
+    tables = make_tables(args, embedding, task.num_items, cache_fraction)
     results["tables"] = table_memory(tables)
+    results["cache_fraction"] = cache_fraction
     renumber = FeatureRenumbering(task.num_items, [HISTORY, CANDIDATE], data.mappings[args.renumber])
     if embedding == "dense":
         ebc: nn.Module = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
@@ -408,6 +509,9 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         model = model.to(env.device)
     optimizer = Optimizers(model, args.lr, emb_lr)
     loss_fn = nn.BCEWithLogitsLoss()
+    caches = cache_modules(model)
+    if caches and args.init_from_dense:
+        raise ValueError("--cache-fraction > 0 does not combine with --init-from-dense (converted tables have no cache)")
 
     # ---- train
     total_steps = task.num_batches(first_epoch, args.batch_size, env.world_size) * args.epochs
@@ -415,6 +519,9 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         total_steps = min(total_steps, args.max_steps)
     say(f"train {embedding}: {total_steps} steps of {env.world_size} x {args.batch_size} examples "
         f"({env.world_size} rank(s), {env.backend}, {torch.get_num_threads()} thread(s) per rank)")
+    warmup = min(args.cache_warmup_steps, max(1, total_steps // 4)) if caches else 0
+    for module in caches:
+        module.start_cache_warmup()
     model.train()
     step, losses = 0, []  # losses: mean of every 10 steps (read every 10 steps: few host syncs)
     running = torch.zeros((), device=env.device)
@@ -433,6 +540,12 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
             optimizer.step()
             step += 1
             running += loss.detach()
+            if caches and step == warmup:  # cache the most accessed rows, then count hits
+                for module in caches:
+                    for name, bag in module.embedding_bags.items():
+                        if bag.config.cache_rows > 0:
+                            module.populate_cache(name, counts=bag.cache_counts, optimizer=optimizer.holding(bag.cache_weight))
+                    module.start_cache_warmup()
             bar.update(1)
             if step % 10 == 0 or step == total_steps:
                 losses.append(float(running) / (step - 10 * len(losses)))
@@ -443,6 +556,11 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     results["train"] = {"steps": step, "seconds": train_seconds,
                         "examples_per_second": step * args.batch_size * env.world_size / max(train_seconds, 1e-9),
                         "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
+
+    if caches:
+        results["cache"] = {"warmup_steps": warmup, "train": cache_hit_counts(caches, tables, env)}
+        for module in caches:
+            module.start_cache_warmup()
 
     # ---- evaluate
     model.eval()
@@ -461,6 +579,9 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     results["eval"] = {"examples": int(valid_all.sum()), "seconds": time.perf_counter() - t_eval,
                        "auc": auc_score(scores_all[valid_all], labels_all[valid_all]),
                        "popularity_auc": auc_score(task.item_counts[test.candidates].double(), test.labels)}
+    if caches:
+        results["cache"]["eval"] = cache_hit_counts(caches, tables, env)
+        results["cache"].update(cache_report(args, model, tables, data, embedding, env))
     results["seconds"] = time.perf_counter() - t0
     if args.save:
         if env.world_size == 1:
@@ -481,8 +602,10 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     data = Prepared(args, say)
     results = {}
     for embedding in args.embedding:
-        results[embedding] = train_and_evaluate(args, embedding, env, data, say)
-        say(format_report(results[embedding]))
+        for fraction in args.cache_fraction if embedding != "dense" else [0.0]:
+            name = embedding if len(args.cache_fraction) == 1 or embedding == "dense" else f"{embedding}+cache{fraction:g}"
+            results[name] = train_and_evaluate(args, embedding, env, data, say, fraction)
+            say(format_report(results[name]))
     if len(results) > 1:
         say(format_comparison(results))
     say(f"total {time.perf_counter() - t0:.1f} s")
@@ -517,17 +640,38 @@ def format_report(r: Dict[str, Any]) -> str:
                  f"final loss {t['final_loss']:.4f}")
     lines.append(f"eval: AUC = {e['auc']:.4f} on {e['examples']} examples (popularity-only baseline "
                  f"{e['popularity_auc']:.4f})   model built, trained and evaluated in {r['seconds']:.1f} s")
+    c = r.get("cache")
+    if c:
+        rate = {phase: {n: v["hits"] / max(v["lookups"], 1) for n, v in c[phase].items()} for phase in ("train", "eval")}
+        lines.append(f"cache: {r['cache_fraction']:.3%} of the rows, populated after {c['warmup_steps']} warm-up steps; "
+                     f"hit rate train {fmt_rates(rate['train'])}, eval {fmt_rates(rate['eval'])}")
+        lines.append(f"  {c['table']} table, 40 batches: {c['history_hit_rate']:.1%} of the history lookups served by the "
+                     f"cache (TT lookups removed), P_G of the TT part {c['history_P_G_tt_part']:.2f} (no cache "
+                     f"{c['history_P_G_no_cache']:.2f}), TT work removed {c['tt_work_removed']:.1%}")
+        if "with_cache_s" in c:
+            lines.append(f"  {c['table']} forward+backward per batch: {1e3 * c['with_cache_s']:.2f} ms with the cache, "
+                         f"{1e3 * c['without_cache_s']:.2f} ms without "
+                         f"({1 - c['with_cache_s'] / c['without_cache_s']:.1%} less)")
     return "\n".join(lines)
 
 
+def fmt_rates(rates: Dict[str, float]) -> str:
+    return ", ".join(f"{n} {v:.1%}" for n, v in rates.items())
+
+
 def format_comparison(results: Dict[str, Dict[str, Any]]) -> str:
-    """One line per embedding kind: same data, seed and steps."""
-    lines = ["", f"{'embedding':<10} {'tables MiB':>10} {'compression':>11} {'steps':>6} {'examples/s':>11} {'AUC':>7}"]
+    """One line per embedding kind (and cache size): same data, seed and steps."""
+    lines = ["", f"{'embedding':<18} {'tables MiB':>10} {'compression':>11} {'steps':>6} {'s/step':>7} "
+                 f"{'examples/s':>11} {'AUC':>7} {'hist. hits':>10} {'TT work -':>9}"]
     for name, r in results.items():
         stored = sum(t["bytes"] for t in r["tables"])
         dense = sum(t["dense_bytes"] for t in r["tables"])
-        lines.append(f"{name:<10} {stored / 2**20:>10.3f} {dense / stored:>10.1f}x {r['train']['steps']:>6} "
-                     f"{r['train']['examples_per_second']:>11.0f} {r['eval']['auc']:>7.4f}")
+        c = r.get("cache") or {}
+        hits = f"{c['history_hit_rate']:.1%}" if c else "-"
+        removed = f"{c['tt_work_removed']:.1%}" if c else "-"
+        lines.append(f"{name:<18} {stored / 2**20:>10.3f} {dense / stored:>10.1f}x {r['train']['steps']:>6} "
+                     f"{r['train']['seconds'] / max(r['train']['steps'], 1):>7.3f} "
+                     f"{r['train']['examples_per_second']:>11.0f} {r['eval']['auc']:>7.4f} {hits:>10} {removed:>9}")
     return "\n".join(lines)
 
 

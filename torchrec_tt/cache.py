@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torchrec_tt import _python_ops
 from torchrec_tt._python_ops import prefix_products
 from torchrec_tt.enums import PoolingMode, Variant
-from torchrec_tt.grouping import bag_ids, decompose_indices
+from torchrec_tt.grouping import decompose_indices
 from torchrec_tt.ops import tt_embedding_bag
 
 EVICTION_POLICIES = ("write_back", "drop", "raise")
@@ -40,28 +40,32 @@ def split_misses(
     per_sample_weights: Optional[torch.Tensor],
     compact: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """The TT part of a batch: ``(ids, offsets, weights)`` of the misses, bags in order.
+    """The TT part of a batch: ``(ids, offsets, weights)`` of the misses, in bag order.
 
-    Misses come first (stable, so in bag order); with ``compact=False`` the hits follow as one
-    trailing bag of row-0 lookups (``B + 2`` offsets, the caller drops that bag's output row),
-    so every size depends only on ``L`` and ``B`` (no host sync). ``compact=True`` reads the
-    miss count on the host and returns only the misses (``B + 1`` offsets).
+    ``compact=True``: only the misses (``B + 1`` offsets); boolean masks, whose sizes the host
+    reads. ``compact=False``: a stable misses-first permutation of all ``L`` lookups, the hits
+    forming one trailing bag of row-0 lookups (``B + 2`` offsets; the caller drops that bag's
+    output row), so every size depends only on ``L`` and ``B`` (no host sync).
     """
-    num_lookups, batch = indices.numel(), offsets.numel() - 1
-    miss = ~hit
-    per_bag = torch.zeros(batch, dtype=torch.int64, device=indices.device)
-    per_bag.index_add_(0, bag_ids(offsets, num_lookups), miss.to(torch.int64))
-    order = torch.argsort(hit.to(torch.int8), stable=True)
+    num_lookups = indices.numel()
+    miss = (~hit).to(torch.int64)
+    misses_through = torch.cumsum(miss, 0)
+    # Misses per bag: the running count at the bag boundaries (offsets are non-decreasing).
+    bounds = torch.cat([miss.new_zeros(1), misses_through])[offsets.to(torch.int64)]
+    if compact:
+        keep = ~hit
+        weights = per_sample_weights[keep] if per_sample_weights is not None else None
+        return indices[keep], bounds.to(indices.dtype), weights
+    # A miss goes to (misses before it), a hit to (all misses + hits before it); ``order``
+    # is the inverse of that placement.
+    num_misses = misses_through[-1:] if num_lookups else miss.new_zeros(1)
+    arange = torch.arange(num_lookups, device=hit.device)
+    position = torch.where(hit, num_misses + arange - misses_through, misses_through - 1)
+    order = torch.empty_like(position).scatter_(0, position, arange)
     ids = torch.where(hit, torch.zeros_like(indices), indices)[order]
     weights = per_sample_weights[order] if per_sample_weights is not None else None
-    bounds = [per_bag.new_zeros(1), torch.cumsum(per_bag, 0)]
-    if compact:
-        num_misses = int(bounds[1][-1]) if batch else 0
-        ids = ids[:num_misses]
-        weights = weights[:num_misses] if weights is not None else None
-    else:
-        bounds.append(per_bag.new_full((1,), num_lookups))
-    return ids, torch.cat(bounds).to(indices.dtype), weights
+    bounds = torch.cat([bounds, bounds.new_full((1,), num_lookups)])
+    return ids, bounds.to(indices.dtype), weights
 
 
 def cached_tt_embedding_bag(
@@ -85,29 +89,35 @@ def cached_tt_embedding_bag(
         per_sample_weights (Optional[Tensor]): ``(L,)``.
         pooling (PoolingMode): sum or mean (the bag's full length divides).
         variant (Variant): the TT part's variant.
-        compact (Optional[bool]): give the op only the misses (reads a count on the host).
-            Default: only ``tt`` on CPU, uncompiled (there a row-0 lookup is a full chain).
+        compact (Optional[bool]): the TT op sees only the misses and the cache only the hits
+            (reads the miss count on the host). Default: on CPU, uncompiled (a read is free
+            there); CUDA and traced graphs use the trailing bag and a zero row (sync-free).
 
     Returns:
         Tensor: ``(B, N)``.
     """
     if offsets.dtype != indices.dtype:
         offsets = offsets.to(indices.dtype)
-    batch = offsets.numel() - 1
+    batch, num_rows = offsets.numel() - 1, cache_weight.shape[0]
     if compact is None:
-        compact = variant == Variant.TT and indices.device.type == "cpu" and not _python_ops.is_tracing(indices)
+        compact = indices.device.type == "cpu" and not _python_ops.is_tracing(indices)
     hit, slot = cache_hits(cache_ids, indices)
     ids, tt_offsets, tt_weights = split_misses(hit, indices, offsets, per_sample_weights, compact)
     tt_part = tt_embedding_bag(cores, ids, tt_offsets, tt_weights, pooling=PoolingMode.SUM, variant=variant)
-    if not compact:
+    if compact:  # the cache reads only the hits (in bag order)
+        cached_part = F.embedding_bag(
+            slot[hit], cache_weight, (offsets - tt_offsets).to(torch.int64), mode="sum",
+            per_sample_weights=per_sample_weights[hit] if per_sample_weights is not None else None,
+            include_last_offset=True,
+        )
+    else:
         tt_part = tt_part[:batch]
-    hit_weights = hit.to(cache_weight.dtype)
-    if per_sample_weights is not None:
-        hit_weights = torch.where(hit, per_sample_weights, torch.zeros_like(per_sample_weights))
-    cached_part = F.embedding_bag(
-        slot, cache_weight, offsets.to(torch.int64), mode="sum",
-        per_sample_weights=hit_weights, include_last_offset=True,
-    )
+        # Misses read an appended zero row: no per-lookup mask (and no weights when none are given).
+        rows = torch.cat([cache_weight, cache_weight.new_zeros(1, cache_weight.shape[1])])
+        cached_part = F.embedding_bag(
+            torch.where(hit, slot, torch.full_like(slot, num_rows)), rows, offsets.to(torch.int64), mode="sum",
+            per_sample_weights=per_sample_weights, include_last_offset=True,
+        )
     pooled = tt_part + cached_part
     if pooling == PoolingMode.MEAN:
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(pooled.dtype)

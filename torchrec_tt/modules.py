@@ -467,6 +467,11 @@ class TTEmbeddingBag(nn.Module):
         self._check_cached("start_cache_warmup")
         self._cache_counts = torch.zeros(self.config.num_embeddings, dtype=torch.int64, device=self.cache_ids.device)
 
+    def stop_cache_warmup(self) -> Optional[torch.Tensor]:
+        """Stop counting without populating; returns the counts (``None`` if not counting)."""
+        counts, self._cache_counts = self._cache_counts, None
+        return counts
+
     @property
     def cache_counts(self) -> Optional[torch.Tensor]:
         """``(num_embeddings,)`` warm-up access counts, or ``None`` outside a warm-up."""
@@ -601,6 +606,12 @@ class CachePopulationMixin:
         for bag in self.embedding_bags.values():
             if bag.config.cache_rows > 0:
                 bag.start_cache_warmup()
+
+    def stop_cache_warmup(self) -> Dict[str, torch.Tensor]:
+        """Stop counting without populating: the ``(num_embeddings,)`` counts of every table
+        that was counting (e.g. to measure hit rates: ``counts[cached_rows()].sum() / counts.sum()``)."""
+        stopped = {name: bag.stop_cache_warmup() for name, bag in self.embedding_bags.items() if bag.config.cache_rows > 0}
+        return {name: counts for name, counts in stopped.items() if counts is not None}
 
     def populate_cache(
         self,
