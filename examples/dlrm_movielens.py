@@ -212,17 +212,18 @@ class Dist:
             dist.destroy_process_group()
 
 
-def embedding_fused_params(emb_lr: float) -> Dict[str, Any]:
+def embedding_fused_params(emb_lr: float, cache_lr: Optional[float] = None) -> Dict[str, Any]:
     """The tables' optimizer, in TorchRec's ``fused_params`` form (CPU TBE kernels offer
     only SGD and Adagrad variants; exact Adagrad is used for every kind of table)."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-    return {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
+    params = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
+    return params if cache_lr is None else {**params, "cache_learning_rate": cache_lr}
 
 
 def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int, env: Dist,
                 tables: Sequence[EmbeddingBagConfig], sample: KeyedJaggedTensor,
-                pooling_factors: Dict[str, float]) -> nn.Module:
+                pooling_factors: Dict[str, float], cache_lr: Optional[float] = None) -> nn.Module:
     """``DistributedModelParallel``: tables table-wise over the ranks (their optimizer fused
     into backward), the rest data parallel."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -241,7 +242,7 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
     else:
         from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder, make_tt_planner
 
-        sharders = [TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr))]
+        sharders = [TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr, cache_lr))]
         planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints,
                                   sample_batch=model.renumber(sample) if model.renumber is not None else sample)
     plan = planner.collective_plan(model, sharders, env.pg)
@@ -322,25 +323,32 @@ def cache_report(args: argparse.Namespace, model: nn.Module, tables: Sequence[Em
 class Optimizers:
     """Adagrad for the tables (unless a sharder fused it into backward), Adam for the rest."""
 
-    def __init__(self, model: nn.Module, lr: float, emb_lr: float) -> None:
-        tables, dense = [], []
+    def __init__(self, model: nn.Module, lr: float, emb_lr: float, cache_lr: Optional[float] = None) -> None:
+        tables, dense, cached = [], [], []
         for name, param in model.named_parameters():
             if not param.requires_grad or getattr(param, "_in_backward_optimizers", None):
                 continue  # stepped in backward by the sharded module's fused optimizer
+            if name.endswith(".cache_weight") and cache_lr is not None:
+                cached.append(param)  # uncompressed rows: a dense table's learning rate
+                continue
             (tables if "sparse_arch." in name else dense).append(param)
         self.optimizers = [torch.optim.Adam(dense, lr=lr)]
         low = {n: p for n, p in model.named_parameters()
-               if any(p is t for t in tables) and p.dtype in (torch.float16, torch.bfloat16)}
+               if any(p is t for t in tables + cached) and p.dtype in (torch.float16, torch.bfloat16)}
         if low:
             # fp16/bf16 TT cores: fp32 Adagrad state and update, stochastic rounding (stepped in
             # backward, as when sharded); a plain torch Adagrad would keep bf16 state and lose
             # most small updates to rounding.
             from torchrec_tt import TTFusedOptimizer
 
-            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS})
+            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS},
+                                                  {n: {"lr": cache_lr} for n in low if n.endswith(".cache_weight")})
             tables = [t for t in tables if not any(t is p for p in low.values())]
-        if tables:
-            self.optimizers.append(torch.optim.Adagrad(tables, lr=emb_lr, eps=ADAGRAD_EPS))
+            cached = [t for t in cached if not any(t is p for p in low.values())]
+        groups = [{"params": tables, "lr": emb_lr}] if tables else []
+        groups += [{"params": cached, "lr": cache_lr}] if cached else []
+        if groups:
+            self.optimizers.append(torch.optim.Adagrad(groups, eps=ADAGRAD_EPS))
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -401,6 +409,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cache-fraction", type=_fractions, default=[0.0],
                    help="share of each TT table's rows in its hot-row cache; a comma list (e.g. "
                         "0,0.001,0.01,0.05) trains each on the same data and seed")
+    p.add_argument("--cache-lr", type=float, default=None,
+                   help="Adagrad learning rate of the cached rows (default: the dense tables' 1.0; they are "
+                        "uncompressed rows)")
     p.add_argument("--cache-warmup-steps", type=int, default=20,
                    help="steps whose accesses are counted before the cache is populated")
     p.add_argument("--init-from-dense", default=None,
@@ -501,13 +512,14 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         for name, r in report.items():
             say(f"converted {name}: ranks {r['tt_ranks']}, {r['compression']:.1f}x, relative error {r['rel_error']:.3f}")
     first_epoch = task.train_examples(0)
+    cache_lr = args.cache_lr if args.cache_lr is not None else DEFAULT_EMB_LR["dense"]
     if env.world_size > 1:
         sample = task.make_batch(first_epoch.subset(torch.arange(args.batch_size))).sparse
         pooling = {HISTORY: data.groups["none"]["pooling_factor"], CANDIDATE: 1.0}
-        model = shard_model(model, embedding, emb_lr, args.batch_size, env, tables, sample, pooling)
+        model = shard_model(model, embedding, emb_lr, args.batch_size, env, tables, sample, pooling, cache_lr)
     else:
         model = model.to(env.device)
-    optimizer = Optimizers(model, args.lr, emb_lr)
+    optimizer = Optimizers(model, args.lr, emb_lr, cache_lr)
     loss_fn = nn.BCEWithLogitsLoss()
     caches = cache_modules(model)
     if caches and args.init_from_dense:

@@ -32,7 +32,7 @@ from tt_dist_testing import (
 from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder
 
 CACHE_ROWS = {"t0": 40, "t1": 8}
-LR = 0.3
+LR, CACHE_LR = 0.3, 0.7
 
 
 def _cached_model(seed: int) -> SparseArch:
@@ -47,7 +47,8 @@ def _cached_model(seed: int) -> SparseArch:
 
 
 def _sharded(model: SparseArch, ctx):
-    sharders = [TTEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})]
+    fused_params = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR, "cache_learning_rate": CACHE_LR}
+    sharders = [TTEmbeddingBagCollectionSharder(fused_params=fused_params)]
     dmp = shard(model, ctx.pg, interleaved_plan(model, ctx.world_size, *sharders), sharders, ctx.device)
     return dmp, get_unwrapped_module(dmp).tt
 
@@ -57,7 +58,12 @@ def _train_worker(rank: int, world_size: int, path: str) -> None:
         ref = _cached_model(seed=3)
         dmp, sharded = _sharded(copy.deepcopy(ref), ctx)
         assert any(k.endswith("cache_weight") for k in dmp.fused_optimizer.params), list(dmp.fused_optimizer.params)
-        optimizer = torch.optim.SGD(ref.parameters(), lr=LR)
+        params = dict(ref.named_parameters())
+        cache = [p for n, p in params.items() if n.endswith("cache_weight")]
+        optimizer = torch.optim.SGD(
+            [{"params": [p for n, p in params.items() if not n.endswith("cache_weight")], "lr": LR},
+             {"params": cache, "lr": CACHE_LR}]
+        )
         for step in range(2):
             batches = rank_batches(ref, world_size, seed=30 + step)
             weights = loss_weights(world_size, 52, seed=30 + step)

@@ -327,3 +327,18 @@ def test_planner_prices_the_cache():
     measured = table_op_counts(cached, [100], [10.0], [None], hit_rates=[0.5])
     assert measured.num_lookups == 500 and measured.grt_flops < modelled.grt_flops < full.grt_flops
     assert math.isclose(cached.compression_ratio(), cached.dense_bytes() / (cached.storage_bytes() + cached.cache_bytes()))
+
+
+def test_compiled_fullgraph_uses_the_sync_free_split():
+    """``torch.compile(fullgraph=True)`` fails on a host read or a data-dependent size: the
+    trailing-bag split (the CUDA path) has neither."""
+    torch.manual_seed(0)
+    ebc = TTEmbeddingBagCollection([TTEmbeddingBagConfig(
+        name="t", num_embeddings=ROWS, embedding_dim=8, feature_names=["f", "g"], tt_p_shapes=[4, 5, 5],
+        tt_q_shapes=[2, 2, 2], tt_ranks=[3, 3], cache_rows=4)])
+    ebc.populate_cache("t", ids=torch.tensor([2, 4, 6]))
+    with torch.no_grad():
+        ebc.embedding_bags["t"].cache_weight.mul_(3)
+    kjt = KeyedJaggedTensor(keys=["f", "g"], values=torch.tensor([2, 3, 4, 6, 6, 9]), lengths=torch.tensor([2, 3, 0, 1]))
+    compiled = torch.compile(ebc, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(kjt).values(), ebc(kjt).values())

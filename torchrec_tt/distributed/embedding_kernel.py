@@ -51,8 +51,9 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
 
     Args:
         config (GroupedEmbeddingConfig): the group; its ``fused_params`` carry the TT
-            layout (``tt_p_shapes``, ``tt_q_shapes``, ``tt_ranks``, ``variant``) and
-            optionally the optimizer (see :mod:`torchrec_tt.distributed.optimizer`).
+            layout (``tt_p_shapes``, ``tt_q_shapes``, ``tt_ranks``, ``variant``, ``cache_rows``) and
+            optionally the optimizer (see :mod:`torchrec_tt.distributed.optimizer`) and
+            ``cache_learning_rate``, the lr of cached rows (default: the cores').
         pg (Optional[dist.ProcessGroup]): the sharding process group (unused: the
             kernel computes local tables only).
         device (Optional[torch.device]): where to allocate the cores.
@@ -73,8 +74,13 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
         self.embedding_bags = nn.ModuleDict({t.name: TTEmbeddingBag(t, device) for t in self._tables})
         self._feature_splits = [len(t.feature_names) for t in self._tables]
         spec = resolve_optimizer(fused_params, ",".join(t.name for t in self._tables))
+        # The cached rows are uncompressed: "cache_learning_rate" gives them their own lr.
+        cache_lr = fused_params.get("cache_learning_rate")
+        overrides = {
+            name: {"lr": cache_lr} for name, _ in self.named_parameters() if cache_lr is not None and name.endswith(".cache_weight")
+        }
         self._optim: KeyedOptimizer = (
-            TTFusedOptimizer(dict(self.named_parameters()), *spec) if spec is not None else EmptyFusedOptimizer()
+            TTFusedOptimizer(dict(self.named_parameters()), *spec, overrides) if spec is not None else EmptyFusedOptimizer()
         )
 
     @property
