@@ -342,3 +342,45 @@ def test_compiled_fullgraph_uses_the_sync_free_split():
     kjt = KeyedJaggedTensor(keys=["f", "g"], values=torch.tensor([2, 3, 4, 6, 6, 9]), lengths=torch.tensor([2, 3, 0, 1]))
     compiled = torch.compile(ebc, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(kjt).values(), ebc(kjt).values())
+
+
+def test_planner_measures_the_hit_rate_and_the_sharder_sizes_the_cache():
+    from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder, measure_group_stats
+    from torchrec_tt.tt_shapes import tt_num_params
+
+    cfg = _config(cache_rows=2)
+    # Ids 7 (x3) and 9 (x2) are the sample's 2 most frequent: 5 of 8 lookups hit.
+    sample = _kjt([7, 9, 7, 1, 9, 7, 2, 60], [3, 5])
+    stats = measure_group_stats(cfg, sample)["f"]
+    assert stats.hit_rate == pytest.approx(5 / 8) and stats.pooling_factor == 4.0
+    expected = count_ops(cfg, torch.tensor([1, 2, 60]), torch.tensor([0, 0, 3]))
+    assert stats.groups_per_bag == expected.groups_per_bag
+    ebc = TTEmbeddingBagCollection([_config(cache_rows=30)])
+    rows = TTEmbeddingBagCollectionSharder().shardable_parameters(ebc)["t"].shape[0]
+    assert rows == math.ceil((tt_num_params([4, 5, 5], [2, 2, 2], [3, 3]) + 30 * 8) / 8)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "trash_bag"])
+def test_hits_skip_the_tt_op(compact, monkeypatch):
+    """The TT op sees only the misses (compact), or the misses plus one trailing bag of row 0."""
+    import torchrec_tt.cache as cache_module
+
+    seen = []
+
+    def recording(cores, ids, offsets, weights, pooling, variant):
+        seen.append((ids.clone(), offsets.clone()))
+        return real(cores, ids, offsets, weights, pooling=pooling, variant=variant)
+
+    real = cache_module.tt_embedding_bag
+    monkeypatch.setattr(cache_module, "tt_embedding_bag", recording)
+    bag = _bag()
+    cached_tt_embedding_bag(
+        bag.compute_cores(), bag.cache_weight, bag.cache_ids, torch.tensor(IDS), torch.tensor(OFFSETS), None,
+        bag._pooling, bag.config.variant, compact,
+    )
+    (ids, offsets), = seen
+    misses, miss_offsets = [2, 60, 0, 51], [0, 1, 1, 2, 3, 4]  # IDS without 1, 3, 50, 7, 7, 99
+    if compact:
+        assert ids.tolist() == misses and offsets.tolist() == miss_offsets
+    else:
+        assert ids.tolist() == misses + [0] * 6 and offsets.tolist() == miss_offsets + [len(IDS)]

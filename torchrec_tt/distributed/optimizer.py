@@ -139,11 +139,11 @@ def optimizer_state_multiplier(
     return 1.0
 
 
-_CORE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.cores\.\d+$")
+_CORE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.(?:cores\.\d+|cache_weight)$")
 
 
 def _table_of(key: str) -> str:
-    """Table name in a core's parameter name (``...embedding_bags.<table>.cores.<k>``)."""
+    """Table name in a core's or cache's parameter name (``...embedding_bags.<table>.cores.<k>``)."""
     match = _CORE_KEY.search(key)
     return match.group(1) if match else key
 
