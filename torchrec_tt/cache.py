@@ -20,9 +20,14 @@ from torchrec_tt.ops import tt_embedding_bag
 EVICTION_POLICIES = ("write_back", "drop", "raise")
 
 
-def empty_cache_ids(num_embeddings: int, cache_rows: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """``(K,)`` sentinel ids ``num_embeddings + s`` of an empty cache (sorted, never looked up)."""
-    return torch.arange(num_embeddings, num_embeddings + cache_rows, dtype=torch.int64, device=device)
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def empty_cache_ids(cache_rows: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``(K,)`` sentinel ids of empty slots: the ``K`` largest int64 values (sorted after every
+    row id and never equal to a looked-up id, valid or not: a bad id still reaches the TT op's
+    checks)."""
+    return torch.arange(cache_rows, dtype=torch.int64, device=device) + (_INT64_MAX - cache_rows + 1)
 
 
 def cache_hits(cache_ids: torch.Tensor, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

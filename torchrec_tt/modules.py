@@ -288,7 +288,7 @@ class TTEmbeddingBag(nn.Module):
         cache_weight (nn.Parameter): ``(K, embedding_dim)`` cached rows, only when
             ``config.cache_rows = K > 0`` (docs/design.md, section 9).
         cache_ids (Tensor): ``(K,)`` sorted int64 buffer, the row of every cache slot
-            (``num_embeddings + s`` for an empty slot), only when ``K > 0``.
+            (one of the largest int64 values for an empty slot), only when ``K > 0``.
     """
 
     def __init__(
@@ -314,7 +314,7 @@ class TTEmbeddingBag(nn.Module):
         self._cache_counts: Optional[torch.Tensor] = None
         if config.cache_rows > 0:
             self.cache_weight = nn.Parameter(torch.zeros(config.cache_rows, config.embedding_dim, dtype=dtype, device=device))
-            self.register_buffer("cache_ids", empty_cache_ids(config.num_embeddings, config.cache_rows, device))
+            self.register_buffer("cache_ids", empty_cache_ids(config.cache_rows, device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -540,7 +540,7 @@ class TTEmbeddingBag(nn.Module):
         new_ids = self._rows_to_cache(ids, counts)
         rows, k, old_ids = self.config.num_embeddings, self.config.cache_rows, self.cache_ids
         valid_old = old_ids < rows
-        in_new, _ = cache_hits(torch.cat([new_ids, empty_cache_ids(rows, 1, new_ids.device)]), old_ids)
+        in_new, _ = cache_hits(torch.cat([new_ids, empty_cache_ids(1, new_ids.device)]), old_ids)
         evicted_slots = torch.nonzero(valid_old & ~in_new).flatten()
         evicted = old_ids[evicted_slots]
         evicted_values = self.cache_weight[evicted_slots].detach().clone()
@@ -574,7 +574,7 @@ class TTEmbeddingBag(nn.Module):
             moved[new_slots[kept]] = state[old_slot[kept]]
             state.copy_(moved)
         self.cache_weight.copy_(weight)
-        self.cache_ids.copy_(torch.cat([new_ids, empty_cache_ids(rows, k, new_ids.device)[new_ids.numel():]]))
+        self.cache_ids.copy_(torch.cat([new_ids, empty_cache_ids(k, new_ids.device)[new_ids.numel():]]))
         self._cache_counts = None
         return CacheUpdate(
             admitted=new_ids[~kept], evicted=evicted, evicted_values=evicted_values, residual=residual, policy=on_evict

@@ -135,8 +135,8 @@ def test_no_cache_adds_nothing():
     assert list(plain.state_dict()) == ["cores.0", "cores.1", "cores.2"]
     cached = TTEmbeddingBag(_config(cache_rows=4))
     assert sorted(cached.state_dict()) == ["cache_ids", "cache_weight", "cores.0", "cores.1", "cores.2"]
-    # A fresh cache is empty: sentinel ids past the table, no hits.
-    assert cached.cache_ids.tolist() == [ROWS, ROWS + 1, ROWS + 2, ROWS + 3]
+    # A fresh cache is empty: sentinel ids (the largest int64 values), no hits.
+    assert cached.cache_ids.tolist() == [2**63 - 4, 2**63 - 3, 2**63 - 2, 2**63 - 1]
     cached.load_state_dict({**plain.state_dict(), "cache_ids": cached.cache_ids, "cache_weight": cached.cache_weight})
     ids, offsets = torch.tensor([0, 5, 99]), torch.tensor([0, 1, 3])
     torch.testing.assert_close(cached(ids, offsets), plain(ids, offsets))
@@ -169,7 +169,7 @@ def test_population_from_ids_and_counts_and_storage():
     torch.manual_seed(0)
     ebc = TTEmbeddingBagCollection([_config(cache_rows=4)])
     ebc.populate_cache("t", ids=torch.tensor([8, 3], dtype=torch.int32))
-    assert ebc.embedding_bags["t"].cache_ids.tolist() == [3, 8, ROWS + 2, ROWS + 3]
+    assert ebc.embedding_bags["t"].cache_ids.tolist() == [3, 8, 2**63 - 2, 2**63 - 1]
     counts = torch.zeros(ROWS, dtype=torch.int64)
     counts[[10, 20, 30, 40, 50]] = torch.tensor([5, 1, 9, 7, 3])
     ebc.populate_cache("t", counts=counts, on_evict="drop")
@@ -384,3 +384,14 @@ def test_hits_skip_the_tt_op(compact, monkeypatch):
         assert ids.tolist() == misses and offsets.tolist() == miss_offsets
     else:
         assert ids.tolist() == misses + [0] * 6 and offsets.tolist() == miss_offsets + [len(IDS)]
+
+
+def test_bad_ids_still_reach_the_op_checks():
+    """Empty slots never match a looked-up id: with validation off, an id past the table still
+    fails in the op (it is not read from an empty slot)."""
+    torch.manual_seed(0)
+    bag = TTEmbeddingBag(_config(cache_rows=10), validate_inputs=False)
+    bag.populate_cache(ids=torch.tensor([1, 2]))
+    for bad in (ROWS, ROWS + 5, -1):
+        with pytest.raises(ValueError):
+            bag(torch.tensor([1, bad]), torch.tensor([0, 2]))
