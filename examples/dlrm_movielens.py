@@ -15,6 +15,12 @@ similar items share TT core slices; ``freq``: by frequency only); the mapping is
 of the model (``renumber.mapping``). The run prints per-table memory and compression, P and
 P_G before/after renumbering, eval AUC and throughput.
 
+Hot-row cache (``--cache-fraction``, TT only; docs/design.md, section 9): each TT table keeps
+that share of its rows uncompressed; accesses are counted for ``--cache-warmup-steps``, then the
+most accessed rows are cached. The run prints the cache hit rate in training and evaluation,
+the TT lookups and work removed, and the history table's forward+backward time with and
+without the cache on the same batches. A comma list (``0,0.001,0.01,0.05``) compares sizes.
+
 Single process::
 
     python examples/dlrm_movielens.py --embedding grt            # synthetic ML-20M twin
@@ -108,7 +114,8 @@ class DLRMLike(nn.Module):
         return self.over_arch(x).squeeze(1)
 
 
-def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> List[EmbeddingBagConfig]:
+def make_tables(args: argparse.Namespace, embedding: str, num_items: int,
+                cache_fraction: float = 0.0) -> List[EmbeddingBagConfig]:
     """Item tables (TT configs unless ``embedding == "dense"``): one per feature
     (``--tables separate``) or one for both (``shared``; mean pooling, the candidate bag
     has one id)."""
@@ -131,6 +138,7 @@ def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> Lis
                 tt_num_cores=args.tt_cores,
                 variant=embedding,
                 data_type=DataType[args.tt_data_type.upper()],
+                cache_rows=int(round(cache_fraction * num_items)),
             ))
     return tables
 
@@ -140,9 +148,10 @@ def table_memory(tables: Sequence[EmbeddingBagConfig]) -> List[Dict[str, Any]]:
     rows = []
     for t in tables:
         dense = t.num_embeddings * t.embedding_dim * 4
-        stored = t.storage_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
+        stored = t.storage_bytes() + t.cache_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
         rows.append({"table": t.name, "rows": t.num_embeddings, "dim": t.embedding_dim,
                      "shape": getattr(t, "tt_p_shapes", None), "ranks": getattr(t, "tt_ranks", None),
+                     "cache_rows": getattr(t, "cache_rows", 0),
                      "bytes": stored, "dense_bytes": dense, "compression": dense / stored})
     return rows
 
@@ -203,12 +212,13 @@ class Dist:
             dist.destroy_process_group()
 
 
-def embedding_fused_params(emb_lr: float) -> Dict[str, Any]:
+def embedding_fused_params(emb_lr: float, cache_lr: Optional[float] = None) -> Dict[str, Any]:
     """The tables' optimizer, in TorchRec's ``fused_params`` form (CPU TBE kernels offer
     only SGD and Adagrad variants; exact Adagrad is used for every kind of table)."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-    return {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
+    params = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
+    return params if cache_lr is None else {**params, "cache_learning_rate": cache_lr}
 
 
 SHARDINGS = {"tw": ["table_wise"], "dp": ["data_parallel"], "auto": ["table_wise", "data_parallel"]}
@@ -216,7 +226,8 @@ SHARDINGS = {"tw": ["table_wise"], "dp": ["data_parallel"], "auto": ["table_wise
 
 def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int, env: Dist,
                 tables: Sequence[EmbeddingBagConfig], sample: KeyedJaggedTensor,
-                pooling_factors: Dict[str, float], sharding: str = "auto") -> Tuple[nn.Module, Dict[str, str]]:
+                pooling_factors: Dict[str, float], sharding: str = "auto",
+                cache_lr: Optional[float] = None) -> Tuple[nn.Module, Dict[str, str]]:
     """``DistributedModelParallel``: TT tables table-wise or data-parallel as ``sharding``
     says (``auto``: the planner's choice from cost), regular tables table-wise (their
     optimizer fused into backward), the rest data parallel. Returns the model and each
@@ -240,7 +251,7 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
     else:
         from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder, make_tt_planner
 
-        sharders = [TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr))]
+        sharders = [TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr, cache_lr))]
         planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints,
                                   sample_batch=model.renumber(sample) if model.renumber is not None else sample)
     plan = planner.collective_plan(model, sharders, env.pg)
@@ -307,28 +318,105 @@ class TTComputeTimer:
         return [{"forward": float(f), "backward": float(b)} for f, b in every]
 
 
+# ----------------------------------------------------------------------------- hot-row cache
+def cache_modules(model: nn.Module) -> List[nn.Module]:
+    """The (sharded or unsharded) TT collections of ``model`` that hold a cached table."""
+    from torchrec_tt.modules import CachePopulationMixin
+
+    return [m for m in model.modules() if isinstance(m, CachePopulationMixin)
+            and any(t.cache_rows > 0 for t in m.embedding_bag_configs())]
+
+
+def cache_hit_counts(modules: Sequence[nn.Module], tables: Sequence[EmbeddingBagConfig], env: "Dist") -> Dict[str, Dict[str, int]]:
+    """Stop counting; per cached table, lookups served by the cache and all lookups (summed over ranks)."""
+    names = [t.name for t in tables if getattr(t, "cache_rows", 0) > 0]
+    totals = torch.zeros(len(names), 2, dtype=torch.int64)
+    for module in modules:
+        for name, counts in module.stop_cache_warmup().items():
+            rows = module.embedding_bags[name].cached_rows()
+            totals[names.index(name)] = torch.stack([counts[rows].sum(), counts.sum()]).cpu()
+    if env.world_size > 1:
+        totals = totals.to(env.device)
+        dist.all_reduce(totals)
+    return {n: {"hits": int(h), "lookups": int(l)} for n, (h, l) in zip(names, totals.cpu().tolist())}
+
+
+def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 5) -> Dict[str, float]:
+    """Forward+backward seconds per batch of one table with its cache and without it (all
+    lookups through the TT op, same cores), on the same batches, alternating; the fastest of
+    ``repeats`` (on a shared machine, noise only adds time)."""
+    from torchrec_tt.ops import tt_embedding_bag
+
+    def run(cached: bool) -> float:
+        t0 = time.perf_counter()
+        for ids, offsets in batches:
+            out = bag._pool(ids, offsets, None) if cached else tt_embedding_bag(
+                bag.compute_cores(), ids, offsets, None, pooling=bag._pooling, variant=bag.config.variant)
+            out.sum().backward()
+        bag.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t0) / len(batches)
+
+    run(True), run(False)  # warm-up
+    times = [(run(True), run(False)) for _ in range(repeats)]
+    return {"with_cache_s": min(t[0] for t in times), "without_cache_s": min(t[1] for t in times)}
+
+
+def cache_report(args: argparse.Namespace, model: nn.Module, tables: Sequence[EmbeddingBagConfig], data: "Prepared",
+                 embedding: str, env: "Dist") -> Dict[str, Any]:
+    """History table: TT lookups and work removed by its cache (count_ops on 40 batches), and
+    (one rank) its forward+backward time with and without the cache on 10 of them."""
+    import itertools
+
+    from torchrec_tt.data.renumber import group_stats
+
+    table = tables[0]
+    key = f"embedding_bags.{table.name}.cache_ids"
+    cache_ids = next(v for k, v in model.state_dict().items() if k.endswith(key)).cpu()  # collective when sharded
+    mapping = data.mappings[args.renumber]
+    batches = list(itertools.islice(data.task.history_batches(args.batch_size), 40))
+    without = group_stats(table, batches, mapping)
+    with_cache = group_stats(table, batches, mapping, cache_ids=cache_ids)
+    work = {"grt": ("grt_flops", "grt_backward_flops"), "tt": ("tt_flops", "tt_backward_flops")}[embedding]
+    flops = [sum(getattr(s, f) for f in work) for s in (without, with_cache)]
+    out = {"table": table.name, "cache_rows": table.cache_rows,
+           "history_hit_rate": with_cache.cache_hit_rate, "history_P_G_tt_part": with_cache.groups_per_bag,
+           "history_P_G_no_cache": without.groups_per_bag, "tt_work_removed": 1.0 - flops[1] / flops[0]}
+    if env.world_size == 1:
+        bag = model.sparse_arch.embedding_bags[table.name]
+        sample = [(mapping[i] if mapping is not None else i, o) for i, o in batches[:10]]
+        out.update(time_cache_split(bag, sample))
+    return out
+
+
 class Optimizers:
     """Adagrad for the tables (unless a sharder fused it into backward), Adam for the rest."""
 
-    def __init__(self, model: nn.Module, lr: float, emb_lr: float) -> None:
-        tables, dense = [], []
+    def __init__(self, model: nn.Module, lr: float, emb_lr: float, cache_lr: Optional[float] = None) -> None:
+        tables, dense, cached = [], [], []
         for name, param in model.named_parameters():
             if not param.requires_grad or getattr(param, "_in_backward_optimizers", None):
                 continue  # stepped in backward by the sharded module's fused optimizer
+            if name.endswith(".cache_weight") and cache_lr is not None:
+                cached.append(param)  # uncompressed rows: a dense table's learning rate
+                continue
             (tables if "sparse_arch." in name else dense).append(param)
         self.optimizers = [torch.optim.Adam(dense, lr=lr)]
         low = {n: p for n, p in model.named_parameters()
-               if any(p is t for t in tables) and p.dtype in (torch.float16, torch.bfloat16)}
+               if any(p is t for t in tables + cached) and p.dtype in (torch.float16, torch.bfloat16)}
         if low:
             # fp16/bf16 TT cores: fp32 Adagrad state and update, stochastic rounding (stepped in
             # backward, as when sharded); a plain torch Adagrad would keep bf16 state and lose
             # most small updates to rounding.
             from torchrec_tt import TTFusedOptimizer
 
-            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS})
+            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS},
+                                                  {n: {"lr": cache_lr} for n in low if n.endswith(".cache_weight")})
             tables = [t for t in tables if not any(t is p for p in low.values())]
-        if tables:
-            self.optimizers.append(torch.optim.Adagrad(tables, lr=emb_lr, eps=ADAGRAD_EPS))
+            cached = [t for t in cached if not any(t is p for p in low.values())]
+        groups = [{"params": tables, "lr": emb_lr}] if tables else []
+        groups += [{"params": cached, "lr": cache_lr}] if cached else []
+        if groups:
+            self.optimizers.append(torch.optim.Adagrad(groups, eps=ADAGRAD_EPS))
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -337,6 +425,10 @@ class Optimizers:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+
+    def holding(self, param: torch.Tensor) -> Optional[torch.optim.Optimizer]:
+        """The optimizer that steps ``param`` (its per-row state moves with cached rows)."""
+        return next((o for o in self.optimizers for g in o.param_groups if any(p is param for p in g["params"])), None)
 
 
 # ----------------------------------------------------------------------------- run
@@ -385,6 +477,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save", default=None,
                    help="save the trained model's state_dict here, '{embedding}' is replaced (world size 1)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--cache-fraction", type=_fractions, default=[0.0],
+                   help="share of each TT table's rows in its hot-row cache; a comma list (e.g. "
+                        "0,0.001,0.01,0.05) trains each on the same data and seed")
+    p.add_argument("--cache-lr", type=float, default=None,
+                   help="Adagrad learning rate of the cached rows (default: the dense tables' 1.0; they are "
+                        "uncompressed rows)")
+    p.add_argument("--cache-warmup-steps", type=int, default=20,
+                   help="steps whose accesses are counted before the cache is populated")
     p.add_argument("--init-from-dense", default=None,
                    help="state_dict of a trained --embedding dense model (--save): its tables are converted "
                         "to TT (torchrec_tt.convert_ebc_to_tt) and fine-tuned (--max-steps; 0: evaluate only)")
@@ -399,6 +499,16 @@ def _embeddings(text: str) -> List[str]:
     if not names or bad:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {EMBEDDINGS}")
     return names
+
+
+def _fractions(text: str) -> List[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of fractions in [0, 1]")
+    return values
 
 
 def load_data(args: argparse.Namespace):
@@ -436,7 +546,8 @@ class Prepared:
         self.groups["seconds"] = time.perf_counter() - t0
 
 
-def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data: Prepared, say) -> Dict[str, Any]:
+def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data: Prepared, say,
+                       cache_fraction: float = 0.0) -> Dict[str, Any]:
     """Build, (shard,) train and evaluate one model; returns its results."""
     task = data.task
     emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
@@ -446,8 +557,10 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                                "data": data.stats, "groups": data.groups}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # same initial MLPs whatever ran before
-    tables = make_tables(args, embedding, task.num_items)
+    cache_fraction = cache_fraction if embedding != "dense" else 0.0
+    tables = make_tables(args, embedding, task.num_items, cache_fraction)
     results["tables"] = table_memory(tables)
+    results["cache_fraction"] = cache_fraction
     renumber = FeatureRenumbering(task.num_items, [HISTORY, CANDIDATE], data.mappings[args.renumber])
     if embedding == "dense":
         ebc: nn.Module = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
@@ -471,16 +584,20 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         for name, r in report.items():
             say(f"converted {name}: ranks {r['tt_ranks']}, {r['compression']:.1f}x, relative error {r['rel_error']:.3f}")
     first_epoch = task.train_examples(0)
+    cache_lr = args.cache_lr if args.cache_lr is not None else DEFAULT_EMB_LR["dense"]
     if env.world_size > 1:
         sample = task.make_batch(first_epoch.subset(torch.arange(args.batch_size))).sparse
         pooling = {HISTORY: data.groups["none"]["pooling_factor"], CANDIDATE: 1.0}
         model, results["sharding"] = shard_model(model, embedding, emb_lr, args.batch_size, env, tables, sample,
-                                                 pooling, args.sharding)
+                                                 pooling, args.sharding, cache_lr)
     else:
         model = model.to(env.device)
-    optimizer = Optimizers(model, args.lr, emb_lr)
+    optimizer = Optimizers(model, args.lr, emb_lr, cache_lr)
     timer = TTComputeTimer(model) if embedding != "dense" else None
     loss_fn = nn.BCEWithLogitsLoss()
+    caches = cache_modules(model)
+    if caches and args.init_from_dense:
+        raise ValueError("--cache-fraction > 0 does not combine with --init-from-dense (converted tables have no cache)")
 
     # ---- train
     total_steps = task.num_batches(first_epoch, args.batch_size, env.world_size) * args.epochs
@@ -488,6 +605,9 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         total_steps = min(total_steps, args.max_steps)
     say(f"train {embedding}: {total_steps} steps of {env.world_size} x {args.batch_size} examples "
         f"({env.world_size} rank(s), {env.backend}, {torch.get_num_threads()} thread(s) per rank)")
+    warmup = min(args.cache_warmup_steps, max(1, total_steps // 4)) if caches else 0
+    for module in caches:
+        module.start_cache_warmup()
     model.train()
     step, losses = 0, []  # losses: mean of every 10 steps (read every 10 steps: few host syncs)
     running = torch.zeros((), device=env.device)
@@ -508,6 +628,12 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
             optimizer.step()
             step += 1
             running += loss.detach()
+            if caches and step == warmup:  # cache the most accessed rows, then count hits
+                for module in caches:
+                    for name, bag in module.embedding_bags.items():
+                        if bag.config.cache_rows > 0:
+                            module.populate_cache(name, counts=bag.cache_counts, optimizer=optimizer.holding(bag.cache_weight))
+                    module.start_cache_warmup()
             bar.update(1)
             if step % 10 == 0 or step == total_steps:
                 losses.append(float(running) / (step - 10 * len(losses)))
@@ -520,6 +646,11 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                         "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
     if timer is not None:
         results["train"]["tt_compute_ms_per_rank"] = timer.per_rank_ms(env)
+
+    if caches:
+        results["cache"] = {"warmup_steps": warmup, "train": cache_hit_counts(caches, tables, env)}
+        for module in caches:
+            module.start_cache_warmup()
 
     # ---- evaluate
     model.eval()
@@ -538,6 +669,9 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     results["eval"] = {"examples": int(valid_all.sum()), "seconds": time.perf_counter() - t_eval,
                        "auc": auc_score(scores_all[valid_all], labels_all[valid_all]),
                        "popularity_auc": auc_score(task.item_counts[test.candidates].double(), test.labels)}
+    if caches:
+        results["cache"]["eval"] = cache_hit_counts(caches, tables, env)
+        results["cache"].update(cache_report(args, model, tables, data, embedding, env))
     results["seconds"] = time.perf_counter() - t0
     if args.save:
         if env.world_size == 1:
@@ -558,8 +692,10 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     data = Prepared(args, say)
     results = {}
     for embedding in args.embedding:
-        results[embedding] = train_and_evaluate(args, embedding, env, data, say)
-        say(format_report(results[embedding]))
+        for fraction in args.cache_fraction if embedding != "dense" else [0.0]:
+            name = embedding if len(args.cache_fraction) == 1 or embedding == "dense" else f"{embedding}+cache{fraction:g}"
+            results[name] = train_and_evaluate(args, embedding, env, data, say, fraction)
+            say(format_report(results[name]))
     if len(results) > 1:
         say(format_comparison(results))
     say(f"total {time.perf_counter() - t0:.1f} s")
@@ -602,17 +738,38 @@ def format_report(r: Dict[str, Any]) -> str:
                      + f" (max/min {max(per_rank) / max(min(per_rank), 1e-9):.2f})")
     lines.append(f"eval: AUC = {e['auc']:.4f} on {e['examples']} examples (popularity-only baseline "
                  f"{e['popularity_auc']:.4f})   model built, trained and evaluated in {r['seconds']:.1f} s")
+    c = r.get("cache")
+    if c:
+        rate = {phase: {n: v["hits"] / max(v["lookups"], 1) for n, v in c[phase].items()} for phase in ("train", "eval")}
+        lines.append(f"cache: {r['cache_fraction']:.3%} of the rows, populated after {c['warmup_steps']} warm-up steps; "
+                     f"hit rate train {fmt_rates(rate['train'])}, eval {fmt_rates(rate['eval'])}")
+        lines.append(f"  {c['table']} table, 40 batches: {c['history_hit_rate']:.1%} of the history lookups served by the "
+                     f"cache (TT lookups removed), P_G of the TT part {c['history_P_G_tt_part']:.2f} (no cache "
+                     f"{c['history_P_G_no_cache']:.2f}), TT work removed {c['tt_work_removed']:.1%}")
+        if "with_cache_s" in c:
+            lines.append(f"  {c['table']} forward+backward per batch: {1e3 * c['with_cache_s']:.2f} ms with the cache, "
+                         f"{1e3 * c['without_cache_s']:.2f} ms without "
+                         f"({1 - c['with_cache_s'] / c['without_cache_s']:.1%} less)")
     return "\n".join(lines)
 
 
+def fmt_rates(rates: Dict[str, float]) -> str:
+    return ", ".join(f"{n} {v:.1%}" for n, v in rates.items())
+
+
 def format_comparison(results: Dict[str, Dict[str, Any]]) -> str:
-    """One line per embedding kind: same data, seed and steps."""
-    lines = ["", f"{'embedding':<10} {'tables MiB':>10} {'compression':>11} {'steps':>6} {'examples/s':>11} {'AUC':>7}"]
+    """One line per embedding kind (and cache size): same data, seed and steps."""
+    lines = ["", f"{'embedding':<18} {'tables MiB':>10} {'compression':>11} {'steps':>6} {'s/step':>7} "
+                 f"{'examples/s':>11} {'AUC':>7} {'hist. hits':>10} {'TT work -':>9}"]
     for name, r in results.items():
         stored = sum(t["bytes"] for t in r["tables"])
         dense = sum(t["dense_bytes"] for t in r["tables"])
-        lines.append(f"{name:<10} {stored / 2**20:>10.3f} {dense / stored:>10.1f}x {r['train']['steps']:>6} "
-                     f"{r['train']['examples_per_second']:>11.0f} {r['eval']['auc']:>7.4f}")
+        c = r.get("cache") or {}
+        hits = f"{c['history_hit_rate']:.1%}" if c else "-"
+        removed = f"{c['tt_work_removed']:.1%}" if c else "-"
+        lines.append(f"{name:<18} {stored / 2**20:>10.3f} {dense / stored:>10.1f}x {r['train']['steps']:>6} "
+                     f"{r['train']['seconds'] / max(r['train']['steps'], 1):>7.3f} "
+                     f"{r['train']['examples_per_second']:>11.0f} {r['eval']['auc']:>7.4f} {hits:>10} {removed:>9}")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """torchrec_tt: Tensor-Train compressed embedding bags for TorchRec (TT-Rec and GRT-GnR)."""
 
+from torchrec_tt.cache import CacheUpdate  # noqa: F401
 from torchrec_tt.configs import TTEmbeddingBagConfig  # noqa: F401
 from torchrec_tt.convert import MixedEmbeddingBagCollection, convert_ebc_to_tt  # noqa: F401
 from torchrec_tt.enums import PoolingMode, Variant  # noqa: F401

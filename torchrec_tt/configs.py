@@ -57,6 +57,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             ``Variant.TT``/``"tt"`` (one chain per lookup, the TT-Rec baseline). Both compute
             the same values. Stored as a :class:`~torchrec_tt.Variant`.
         tt_num_cores (int): number of cores used when the shapes are left empty.
+        cache_rows (int): ``K``, rows kept uncompressed in a hot-row cache (a ``(K,
+            embedding_dim)`` block trained with the cores; docs/design.md, section 10).
+            ``0`` (default): no cache.
 
     Example::
 
@@ -71,6 +74,7 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     tt_ranks: List[int] = field(default_factory=list)
     variant: Union[Variant, str] = Variant.GRT
     tt_num_cores: int = 3
+    cache_rows: int = 0
 
     def __post_init__(self) -> None:
         self._check(isinstance(self.name, str) and bool(self.name), "name", self.name, "must be a non-empty str")
@@ -102,6 +106,12 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         for name in ("tt_p_shapes", "tt_q_shapes", "tt_ranks"):
             value = getattr(self, name)
             self._check(isinstance(value, (list, tuple)), name, value, "must be a list of ints")
+        self._check(
+            _is_int(self.cache_rows) and 0 <= self.cache_rows <= self.num_embeddings,
+            "cache_rows",
+            self.cache_rows,
+            f"must be an int in [0, num_embeddings={self.num_embeddings}]",
+        )
         self._check(
             self.pooling in _SUPPORTED_POOLING,
             "pooling",
@@ -242,13 +252,17 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         """Bytes of all cores."""
         return tt_num_params(self.tt_p_shapes, self.tt_q_shapes, self.tt_ranks) * _bytes_per_element(self)
 
+    def cache_bytes(self) -> int:
+        """Bytes of the hot-row cache: the ``(K, embedding_dim)`` rows plus ``K`` int64 ids."""
+        return self.cache_rows * (self.embedding_dim * _bytes_per_element(self) + 8)
+
     def dense_bytes(self) -> int:
         """Bytes of the equivalent uncompressed ``(num_embeddings, embedding_dim)`` table."""
         return self.num_embeddings * self.embedding_dim * _bytes_per_element(self)
 
     def compression_ratio(self) -> float:
-        """``dense_bytes() / storage_bytes()``."""
-        return self.dense_bytes() / self.storage_bytes()
+        """``dense_bytes() / (storage_bytes() + cache_bytes())``: the cache counted."""
+        return self.dense_bytes() / (self.storage_bytes() + self.cache_bytes())
 
     def tt_fused_params(self) -> Tuple[Tuple[str, object], ...]:
         """Hashable description of the TT layout (TorchRec groups tables by ``fused_params``)."""
@@ -257,6 +271,7 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             ("tt_q_shapes", tuple(self.tt_q_shapes)),
             ("tt_ranks", tuple(self.tt_ranks)),
             ("variant", str(self.variant)),  # a plain str: fused_params travel through TorchRec
+            ("cache_rows", int(self.cache_rows)),
         )
 
 

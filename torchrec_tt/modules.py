@@ -1,6 +1,6 @@
 """TT-compressed embedding-bag modules with TorchRec ``EmbeddingBagCollection`` semantics."""
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -9,6 +9,16 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt import _python_ops
+from torchrec_tt.cache import (
+    EVICTION_POLICIES,
+    CacheUpdate,
+    cache_hits,
+    cached_tt_embedding_bag,
+    empty_cache_ids,
+    top_rows,
+    tt_rows,
+    write_back_last_core,
+)
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.enums import PoolingMode
 from torchrec_tt.init import from_dense, tt_to_dense, uniform_like_init_
@@ -21,6 +31,7 @@ _STORAGE_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, D
 # Calls recorded as single nodes by ``torch.fx.symbolic_trace`` / ``torchrec.fx.symbolic_trace``
 # (their bodies branch on values and keys); Dynamo and ``torch.export`` trace through them.
 torch.fx.wrap("tt_embedding_bag")
+torch.fx.wrap("cached_tt_embedding_bag")
 
 
 class _TableInfo(NamedTuple):
@@ -274,6 +285,10 @@ class TTEmbeddingBag(nn.Module):
 
     Attributes:
         cores (nn.ParameterList): core ``k`` of shape ``(m_k, R[k], n_k, R[k+1])``.
+        cache_weight (nn.Parameter): ``(K, embedding_dim)`` cached rows, only when
+            ``config.cache_rows = K > 0`` (docs/design.md, section 10).
+        cache_ids (Tensor): ``(K,)`` sorted int64 buffer, the row of every cache slot
+            (one of the largest int64 values for an empty slot), only when ``K > 0``.
     """
 
     def __init__(
@@ -294,6 +309,12 @@ class TTEmbeddingBag(nn.Module):
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for shape in config.core_shapes]
         )
+        # Warm-up access counts ((num_embeddings,) int64), only between start_cache_warmup()
+        # and populate_cache(): temporary, never in the state dict.
+        self._cache_counts: Optional[torch.Tensor] = None
+        if config.cache_rows > 0:
+            self.cache_weight = nn.Parameter(torch.zeros(config.cache_rows, config.embedding_dim, dtype=dtype, device=device))
+            self.register_buffer("cache_ids", empty_cache_ids(config.cache_rows, device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -308,8 +329,20 @@ class TTEmbeddingBag(nn.Module):
             with torch.no_grad():
                 for core, value in zip(self.cores, full):
                     core.copy_(value)
+        else:
+            uniform_like_init_(list(self.cores), lo, hi)
+        self._refresh_cache()
+
+    @torch.no_grad()
+    def _refresh_cache(self, dense: Optional[torch.Tensor] = None) -> None:
+        """Cached rows set to their TT value (or to ``dense``'s rows); empty slots to 0."""
+        if self.config.cache_rows == 0:
             return
-        uniform_like_init_(list(self.cores), lo, hi)
+        valid = self.cache_ids < self.config.num_embeddings
+        ids = self.cache_ids[valid]
+        rows = dense[ids] if dense is not None else tt_rows(self.compute_cores(), ids, self.config.tt_p_shapes)
+        self.cache_weight.zero_()
+        self.cache_weight[valid] = rows.to(self.cache_weight.dtype)
 
     def compute_cores(self) -> List[torch.Tensor]:
         """The cores the op runs on: fp16/bf16 cores upcast to fp32 (small; gradients flow back
@@ -345,6 +378,20 @@ class TTEmbeddingBag(nn.Module):
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor],
     ) -> torch.Tensor:
+        if self.config.cache_rows > 0:
+            if self._cache_counts is not None and not _python_ops.is_tracing(indices):
+                self._cache_counts.index_add_(0, indices.to(torch.int64), torch.ones_like(indices, dtype=torch.int64))
+            weight = self.cache_weight
+            return cached_tt_embedding_bag(
+                self.compute_cores(),
+                weight.float() if self._storage_dtype() in _LOW_PRECISION else weight,  # the cores' dtype
+                self.cache_ids,
+                indices,
+                offsets,
+                per_sample_weights,
+                self._pooling,
+                self.config.variant,
+            )
         return tt_embedding_bag(
             self.compute_cores(),
             indices,
@@ -389,9 +436,14 @@ class TTEmbeddingBag(nn.Module):
         return _side_by_side(self._pool(values, offsets, weights), len(features.keys()), features.stride(), self.config.embedding_dim)
 
     def full_weight(self) -> torch.Tensor:
-        """The materialized ``(num_embeddings, embedding_dim)`` table (no grad)."""
+        """The materialized ``(num_embeddings, embedding_dim)`` table (no grad): the TT rows,
+        with the cached rows read from the cache."""
         with torch.no_grad():
-            return tt_to_dense(self.compute_cores(), self.config.num_embeddings)
+            dense = tt_to_dense(self.compute_cores(), self.config.num_embeddings)
+            if self.config.cache_rows > 0:
+                valid = self.cache_ids < self.config.num_embeddings
+                dense[self.cache_ids[valid]] = self.cache_weight[valid].to(dense.dtype)
+            return dense
 
     @torch.no_grad()
     def copy_from_dense(self, weight: torch.Tensor) -> None:
@@ -402,9 +454,195 @@ class TTEmbeddingBag(nn.Module):
         cores = from_dense(weight, self.config.tt_p_shapes, self.config.tt_q_shapes, self.config.tt_ranks)
         for param, core in zip(self.cores, cores):
             param.copy_(core)
+        self._refresh_cache(weight)  # cached rows hold the given rows exactly
+
+    # ---------------------------------------------------------------- hot-row cache
+    def _check_cached(self, what: str) -> None:
+        if self.config.cache_rows == 0:
+            raise ValueError(f"table '{self.config.name}': {what} needs a cache, but cache_rows=0")
+
+    def start_cache_warmup(self) -> None:
+        """Count every looked-up id from now until :meth:`populate_cache` (a temporary
+        ``(num_embeddings,)`` int64 counter, on the table's device)."""
+        self._check_cached("start_cache_warmup")
+        self._cache_counts = torch.zeros(self.config.num_embeddings, dtype=torch.int64, device=self.cache_ids.device)
+
+    def stop_cache_warmup(self) -> Optional[torch.Tensor]:
+        """Stop counting without populating; returns the counts (``None`` if not counting)."""
+        counts, self._cache_counts = self._cache_counts, None
+        return counts
+
+    @property
+    def cache_counts(self) -> Optional[torch.Tensor]:
+        """``(num_embeddings,)`` warm-up access counts, or ``None`` outside a warm-up."""
+        return self._cache_counts
+
+    def cached_rows(self) -> torch.Tensor:
+        """Sorted ids of the rows now in the cache (empty slots left out)."""
+        self._check_cached("cached_rows")
+        return self.cache_ids[self.cache_ids < self.config.num_embeddings]
+
+    def _rows_to_cache(self, ids: Optional[torch.Tensor], counts: Optional[torch.Tensor]) -> torch.Tensor:
+        where, rows, k = f"table '{self.config.name}'", self.config.num_embeddings, self.config.cache_rows
+        if ids is not None and counts is not None:
+            raise ValueError(f"{where}: populate_cache takes ids or counts, not both")
+        if ids is None:
+            if counts is None:
+                counts = self._cache_counts
+                if counts is None:
+                    raise ValueError(f"{where}: no access counts: call start_cache_warmup() first, or pass ids= or counts=")
+            if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (rows,):
+                shape = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+                raise ValueError(f"{where}: counts must be a tensor of shape ({rows},), got {shape}")
+            return top_rows(counts.to(self.cache_ids.device), k)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in _INDEX_DTYPES:
+            got = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{where}: ids must be a 1-D int32 or int64 tensor, got {got}")
+        if ids.numel() > k:
+            raise ValueError(f"{where}: at most cache_rows={k} ids can be cached, got {ids.numel()}")
+        bad = _python_ops.first_out_of_range(ids, 0, rows)
+        if bad is not None:
+            raise ValueError(f"{where}: ids must be in [0, {rows}), got {bad[1]} at position {bad[0]}")
+        unique = torch.unique(ids.to(torch.int64))
+        if unique.numel() != ids.numel():
+            sorted_ids = torch.sort(ids.to(torch.int64)).values
+            repeated = int(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0])
+            raise ValueError(f"{where}: ids must be distinct, got {repeated} more than once")
+        return unique.to(self.cache_ids.device)
+
+    @torch.no_grad()
+    def populate_cache(
+        self,
+        ids: Optional[torch.Tensor] = None,
+        counts: Optional[torch.Tensor] = None,
+        on_evict: str = "write_back",
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ) -> CacheUpdate:
+        """Fill the cache with the given rows, the top ``K`` of ``counts``, or the top ``K`` of
+        the warm-up counts (which are then freed). docs/design.md, section 10.
+
+        Args:
+            ids (Optional[Tensor]): ``(<= K,)`` distinct rows to cache.
+            counts (Optional[Tensor]): ``(num_embeddings,)`` access counts.
+            on_evict (str): ``"write_back"`` (refit the cores to evicted rows), ``"drop"``
+                (they revert to their TT value; values in the report) or ``"raise"``.
+            optimizer (Optional[Optimizer]): a user optimizer holding ``cache_weight`` whose
+                per-row state moves with the rows (in-backward/fused optimizers are found
+                on the parameter).
+
+        Returns:
+            CacheUpdate: admitted and evicted ids, evicted values, write-back residuals.
+        """
+        where = f"table '{self.config.name}'"
+        self._check_cached("populate_cache")
+        if on_evict not in EVICTION_POLICIES:
+            raise ValueError(f"{where}: on_evict must be one of {list(EVICTION_POLICIES)}, got {on_evict!r}")
+        new_ids = self._rows_to_cache(ids, counts)
+        rows, k, old_ids = self.config.num_embeddings, self.config.cache_rows, self.cache_ids
+        valid_old = old_ids < rows
+        in_new, _ = cache_hits(torch.cat([new_ids, empty_cache_ids(1, new_ids.device)]), old_ids)
+        evicted_slots = torch.nonzero(valid_old & ~in_new).flatten()
+        evicted = old_ids[evicted_slots]
+        evicted_values = self.cache_weight[evicted_slots].detach().clone()
+        residual = None
+        if evicted.numel() and on_evict == "raise":
+            tt_values = tt_rows(self.compute_cores(), evicted, self.config.tt_p_shapes)
+            changed = ~torch.isclose(evicted_values.to(tt_values.dtype), tt_values, rtol=1e-4, atol=1e-6).all(dim=1)
+            if bool(changed.any()):
+                first = int(evicted[changed][0])
+                raise ValueError(
+                    f"{where}: populate_cache would evict row {first}, whose cached value differs from its TT value; "
+                    "pass on_evict='write_back' or 'drop'"
+                )
+        if evicted.numel() and on_evict == "write_back":
+            cores = list(self.cores)
+            work = [c.detach().to(self.compute_dtype()) for c in cores]
+            residual = write_back_last_core(work, evicted, evicted_values, self.config.tt_p_shapes, self.config.tt_q_shapes)
+            cores[-1].copy_(work[-1].to(cores[-1].dtype))
+        # New slots: kept rows keep their value (and optimizer state); admitted rows start at their TT value.
+        kept, old_slot = cache_hits(old_ids, new_ids)
+        kept = kept & (new_ids < rows)
+        new_slots = torch.arange(new_ids.numel(), device=new_ids.device)
+        weight = torch.zeros_like(self.cache_weight)
+        weight[new_slots] = torch.where(
+            kept[:, None],
+            self.cache_weight[old_slot],
+            tt_rows(self.compute_cores(), new_ids, self.config.tt_p_shapes).to(weight.dtype),
+        )
+        for state in self._cache_optimizer_states(optimizer):
+            moved = torch.zeros_like(state)
+            moved[new_slots[kept]] = state[old_slot[kept]]
+            state.copy_(moved)
+        self.cache_weight.copy_(weight)
+        self.cache_ids.copy_(torch.cat([new_ids, empty_cache_ids(k, new_ids.device)[new_ids.numel():]]))
+        self._cache_counts = None
+        return CacheUpdate(
+            admitted=new_ids[~kept], evicted=evicted, evicted_values=evicted_values, residual=residual, policy=on_evict
+        )
+
+    def _cache_optimizer_states(self, optimizer: Optional[torch.optim.Optimizer]) -> List[torch.Tensor]:
+        """Per-row optimizer state tensors of ``cache_weight`` (shape ``(K, N)``)."""
+        param, shape = self.cache_weight, tuple(self.cache_weight.shape)
+        states = []
+        if optimizer is not None:
+            states.append(optimizer.state.get(param, {}))
+        for inner in getattr(param, "_in_backward_optimizers", []):
+            states.extend(inner.state.values())  # one entry: the parameter, or its fp32 stand-in
+        return [v for st in states for v in st.values() if isinstance(v, torch.Tensor) and tuple(v.shape) == shape]
 
 
-class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class CachePopulationMixin:
+    """``start_cache_warmup``/``populate_cache`` over the tables in ``self.embedding_bags``
+    (the unsharded collection, and the sharded one's local tables). docs/design.md, section 10."""
+
+    embedding_bags: nn.ModuleDict
+
+    def _known_table(self, table: str) -> bool:
+        return table in self.embedding_bags
+
+    def start_cache_warmup(self) -> None:
+        """Count accesses in every cached table until :meth:`populate_cache` (a temporary
+        ``(num_embeddings,)`` int64 counter per table)."""
+        for bag in self.embedding_bags.values():
+            if bag.config.cache_rows > 0:
+                bag.start_cache_warmup()
+
+    def stop_cache_warmup(self) -> Dict[str, torch.Tensor]:
+        """Stop counting without populating: the ``(num_embeddings,)`` counts of every table
+        that was counting (e.g. to measure hit rates: ``counts[cached_rows()].sum() / counts.sum()``)."""
+        stopped = {name: bag.stop_cache_warmup() for name, bag in self.embedding_bags.items() if bag.config.cache_rows > 0}
+        return {name: counts for name, counts in stopped.items() if counts is not None}
+
+    def populate_cache(
+        self,
+        table: Optional[str] = None,
+        ids: Optional[torch.Tensor] = None,
+        counts: Optional[torch.Tensor] = None,
+        on_evict: str = "write_back",
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ) -> Dict[str, CacheUpdate]:
+        """Fill caches: every cached table from its warm-up counts (``table=None``), or table
+        ``table`` from ``ids`` or ``counts`` (see :meth:`TTEmbeddingBag.populate_cache`).
+
+        Returns:
+            Dict[str, CacheUpdate]: per table, admitted/evicted ids and the evicted values.
+        """
+        if table is None:
+            if ids is not None or counts is not None:
+                raise ValueError("populate_cache: ids= and counts= need table=")
+            return {
+                name: bag.populate_cache(on_evict=on_evict, optimizer=optimizer)
+                for name, bag in self.embedding_bags.items()
+                if bag.config.cache_rows > 0
+            }
+        if not self._known_table(table):
+            raise ValueError(f"populate_cache: unknown table '{table}', tables: {list(self.embedding_bags)}")
+        if table not in self.embedding_bags:
+            return {}  # another rank's table
+        return {table: self.embedding_bags[table].populate_cache(ids=ids, counts=counts, on_evict=on_evict, optimizer=optimizer)}
+
+
+class TTEmbeddingBagCollection(CachePopulationMixin, EmbeddingBagCollectionInterface):
     """A collection of TT-compressed embedding bags (``EmbeddingBagCollection`` semantics).
 
     Input: a ``KeyedJaggedTensor`` of shape ``(F, B, L[f][i])`` (``F`` features,
@@ -530,10 +768,11 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self.embedding_bags[table_name]
 
     def storage_report(self) -> Dict[str, Dict[str, float]]:
-        """Per table: core bytes, dense bytes and compression ratio."""
+        """Per table: core bytes, cache bytes, dense bytes and compression ratio (cache counted)."""
         return {
             t.name: {
                 "tt_bytes": t.storage_bytes(),
+                "cache_bytes": t.cache_bytes(),
                 "dense_bytes": t.dense_bytes(),
                 "compression": t.compression_ratio(),
             }

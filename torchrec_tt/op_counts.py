@@ -5,12 +5,13 @@ Used by the tests, the benchmarks and the planner's cost estimates.
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt._python_ops import first_out_of_range
+from torchrec_tt.cache import cache_hits, split_misses
 from torchrec_tt.ops import group_plan
 
 
@@ -55,6 +56,8 @@ class OpCounts:
             ``U C_pre + S C_last`` + intra- and inter-group reduces.
         grt_no_reuse_flops: ``grt`` without prefix reuse: ``S (C_pre + C_last)`` + reduces.
         tt_backward_flops / grt_backward_flops: backward FLOPs of the two variants.
+        num_cache_hits: lookups served by the hot-row cache (not in ``num_lookups``: every
+            other field counts the TT part only).
     """
 
     batch_size: int
@@ -68,6 +71,12 @@ class OpCounts:
     grt_no_reuse_flops: int
     tt_backward_flops: int
     grt_backward_flops: int
+    num_cache_hits: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of all lookups served by the cache."""
+        return self.num_cache_hits / max(self.num_cache_hits + self.num_lookups, 1)
 
 
 def op_counts_from_stats(
@@ -76,6 +85,7 @@ def op_counts_from_stats(
     num_lookups: float,
     num_segments: float,
     num_distinct_groups: float,
+    num_cache_hits: int = 0,
 ) -> OpCounts:
     """FLOPs from batch statistics (measured by :func:`count_ops` or modelled by the planner)."""
     c_pre, c_last = chain_flops(config.tt_q_shapes, config.full_ranks)
@@ -100,16 +110,25 @@ def op_counts_from_stats(
         grt_no_reuse_flops=int(num_segments * (c_pre + c_last) + intra + inter),
         tt_backward_flops=int(tt_bwd),
         grt_backward_flops=int(grt_bwd),
+        num_cache_hits=int(num_cache_hits),
     )
 
 
-def count_ops(config: TTEmbeddingBagConfig, indices: torch.Tensor, offsets: torch.Tensor) -> OpCounts:
+def count_ops(
+    config: TTEmbeddingBagConfig,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    cache_ids: Optional[torch.Tensor] = None,
+) -> OpCounts:
     """P, P_G, distinct groups and forward/backward FLOPs of a batch in one table.
 
     Args:
         config (TTEmbeddingBagConfig): the table.
         indices (Tensor): ``(L,)`` row ids.
         offsets (Tensor): ``(B + 1,)`` bag boundaries.
+        cache_ids (Optional[Tensor]): ``(K,)`` sorted ids of cached rows (a table's
+            ``cache_ids``): hits are counted in ``num_cache_hits`` and every other field
+            describes the TT part (the misses) only.
 
     Example::
 
@@ -137,10 +156,17 @@ def count_ops(config: TTEmbeddingBagConfig, indices: torch.Tensor, offsets: torc
         plan = group_plan(indices, offsets, config.tt_p_shapes[-1])
     except ValueError as err:  # offsets: the op names the argument and the value
         raise ValueError(f"{where}: {err}") from None
+    hits = 0
+    if cache_ids is not None and cache_ids.numel() > 0:
+        hit, _ = cache_hits(cache_ids.to(indices.device), indices)
+        hits = int(hit.sum())
+        indices, offsets, _ = split_misses(hit, indices, offsets.to(indices.dtype), None, compact=True)
+        plan = group_plan(indices, offsets, config.tt_p_shapes[-1])
     return op_counts_from_stats(
         config,
         batch_size=offsets.numel() - 1,
         num_lookups=indices.numel(),
         num_segments=plan.num_segments,
         num_distinct_groups=plan.num_slots,
+        num_cache_hits=hits,
     )

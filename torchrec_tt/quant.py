@@ -37,6 +37,11 @@ class QuantTTEmbeddingBag(TTEmbeddingBag):
 
     @classmethod
     def from_float(cls, bag: TTEmbeddingBag, dtype: torch.dtype) -> "QuantTTEmbeddingBag":
+        if bag.config.cache_rows > 0:
+            raise ValueError(
+                f"table '{bag.config.name}': quantized TT tables do not support a hot-row cache "
+                f"(cache_rows={bag.config.cache_rows}); quantize a table with cache_rows=0"
+            )
         if dtype not in _INT8 + _FLOAT:
             raise ValueError(
                 f"table '{bag.config.name}': quantized TT cores support weight dtypes "

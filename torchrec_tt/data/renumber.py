@@ -187,6 +187,9 @@ class LookupStats:
         groups_per_bag: P_G, distinct TT groups per bag.
         distinct_groups: U, distinct groups per batch.
         tt_flops / grt_flops: forward FLOPs per batch of the two variants.
+        tt_backward_flops / grt_backward_flops: backward FLOPs per batch.
+        cache_hit_rate: share of the lookups served by a hot-row cache (``cache_ids``); the
+            other fields then describe the TT part only (P counts the misses).
     """
 
     pooling_factor: float
@@ -194,12 +197,16 @@ class LookupStats:
     distinct_groups: float
     tt_flops: float
     grt_flops: float
+    tt_backward_flops: float = 0.0
+    grt_backward_flops: float = 0.0
+    cache_hit_rate: float = 0.0
 
 
 def group_stats(
     config: TTEmbeddingBagConfig,
     batches: Iterable[torch.Tensor],
     mapping: Optional[torch.Tensor] = None,
+    cache_ids: Optional[torch.Tensor] = None,
 ) -> LookupStats:
     """P, P_G and FLOPs of a table over batches, optionally after renumbering.
 
@@ -207,15 +214,18 @@ def group_stats(
         config (TTEmbeddingBagConfig): the table (its ``tt_p_shapes[-1]`` sets the groups).
         batches (Iterable[Tuple[Tensor, Tensor]]): ``(indices, offsets)`` pairs of raw ids.
         mapping (Optional[Tensor]): old -> new ids applied before counting.
+        cache_ids (Optional[Tensor]): sorted (new) ids of cached rows: hits leave the TT part.
     """
-    totals = [0.0] * 5
+    totals = [0.0] * 8
     bags = 0
     num_batches = 0
     for indices, offsets in batches:
         if mapping is not None:
             indices = mapping[indices]
-        c = count_ops(config, indices, offsets)
-        for k, v in enumerate((c.num_lookups, c.num_segments, c.num_distinct_groups, c.tt_flops, c.grt_flops)):
+        c = count_ops(config, indices, offsets, cache_ids=cache_ids)
+        fields = (c.num_lookups, c.num_segments, c.num_distinct_groups, c.tt_flops, c.grt_flops,
+                  c.tt_backward_flops, c.grt_backward_flops, c.num_cache_hits)
+        for k, v in enumerate(fields):
             totals[k] += v
         bags += c.batch_size
         num_batches += 1
@@ -227,4 +237,7 @@ def group_stats(
         distinct_groups=totals[2] / num_batches,
         tt_flops=totals[3] / num_batches,
         grt_flops=totals[4] / num_batches,
+        tt_backward_flops=totals[5] / num_batches,
+        grt_backward_flops=totals[6] / num_batches,
+        cache_hit_rate=totals[7] / max(totals[0] + totals[7], 1.0),
     )

@@ -37,6 +37,7 @@ def tt_config_from_sharded_table(table: ShardedEmbeddingTable, fused_params: Map
         tt_q_shapes=list(fused_params["tt_q_shapes"]),
         tt_ranks=list(fused_params["tt_ranks"]),
         variant=fused_params["variant"],
+        cache_rows=int(fused_params.get("cache_rows", 0)),
     )
 
 
@@ -50,8 +51,9 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
 
     Args:
         config (GroupedEmbeddingConfig): the group; its ``fused_params`` carry the TT
-            layout (``tt_p_shapes``, ``tt_q_shapes``, ``tt_ranks``, ``variant``) and
-            optionally the optimizer (see :mod:`torchrec_tt.distributed.optimizer`).
+            layout (``tt_p_shapes``, ``tt_q_shapes``, ``tt_ranks``, ``variant``, ``cache_rows``) and
+            optionally the optimizer (see :mod:`torchrec_tt.distributed.optimizer`) and
+            ``cache_learning_rate``, the lr of cached rows (default: the cores').
         pg (Optional[dist.ProcessGroup]): the sharding process group; the gradients of
             data-parallel cores are averaged over it.
         device (Optional[torch.device]): where to allocate the cores.
@@ -78,10 +80,15 @@ class TTEmbeddingBagKernel(BaseEmbedding, FusedOptimizerModule):
         spec = resolve_optimizer(fused_params, names)
         if data_parallel and spec is None:
             raise ValueError(f"tables '{names}': data-parallel TT tables need a fused optimizer, got none")
-        # All the tables' parameters (cores, and whatever else a table holds), not only cores.
+        # The cached rows are uncompressed: "cache_learning_rate" gives them their own lr.
+        cache_lr = fused_params.get("cache_learning_rate")
+        overrides = {
+            name: {"lr": cache_lr} for name, _ in self.named_parameters() if cache_lr is not None and name.endswith(".cache_weight")
+        }
+        # All the tables' parameters (cores, and the cached rows), not only cores.
         grad_pg = pg if data_parallel and pg is not None and dist.get_world_size(pg) > 1 else None
         self._optim: KeyedOptimizer = (
-            TTFusedOptimizer(dict(self.named_parameters()), *spec, grad_sync_group=grad_pg)
+            TTFusedOptimizer(dict(self.named_parameters()), *spec, overrides, grad_sync_group=grad_pg)
             if spec is not None
             else EmptyFusedOptimizer()
         )

@@ -149,11 +149,11 @@ def optimizer_state_multiplier(
     return 1.0
 
 
-_CORE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.cores\.\d+$")
+_CORE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.(?:cores\.\d+|cache_weight)$")
 
 
 def _table_of(key: str) -> str:
-    """Table name in a core's parameter name (``...embedding_bags.<table>.cores.<k>``)."""
+    """Table name in a core's or cache's parameter name (``...embedding_bags.<table>.cores.<k>``)."""
     match = _CORE_KEY.search(key)
     return match.group(1) if match else key
 
@@ -276,6 +276,8 @@ class TTFusedOptimizer(FusedOptimizer):
         params (Mapping[str, nn.Parameter]): the cores, by parameter name.
         optimizer_class (Type[torch.optim.Optimizer]): e.g. ``torch.optim.Adagrad``.
         optimizer_kwargs (Dict[str, Any]): constructor kwargs, e.g. ``{"lr": 0.1}``.
+        kwargs_overrides (Optional[Mapping[str, Dict[str, Any]]]): per parameter name, kwargs
+            that replace some of ``optimizer_kwargs`` (e.g. a hot-row cache's own ``lr``).
         grad_sync_group (Optional[dist.ProcessGroup]): data-parallel parameters: their
             gradients are averaged over this group (one bucketed all-reduce per
             backward) before they are stepped.
@@ -286,11 +288,13 @@ class TTFusedOptimizer(FusedOptimizer):
         params: Mapping[str, nn.Parameter],
         optimizer_class: Type[torch.optim.Optimizer],
         optimizer_kwargs: Dict[str, Any],
+        kwargs_overrides: Optional[Mapping[str, Dict[str, Any]]] = None,
         grad_sync_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
         self.grad_sync_group = grad_sync_group
         self._sequence = next(_OPTIMIZER_SEQUENCE)
         self._optimizers: Dict[str, torch.optim.Optimizer] = {}
+        overrides = kwargs_overrides or {}
         # fp16/bf16 cores: the torch optimizer steps an fp32 stand-in (filled from the core for
         # the step, emptied after), so its state (Adagrad's sum, Adam's moments) is fp32 and the
         # update is computed in fp32; the result is written back rounded stochastically (bf16)
@@ -301,17 +305,18 @@ class TTFusedOptimizer(FusedOptimizer):
             if param.dtype in (torch.float16, torch.bfloat16)
         }
         for key, param in params.items():
+            kwargs = {**optimizer_kwargs, **overrides.get(key, {})}
             try:
-                optimizer = optimizer_class([self._shadows.get(key, param)], **optimizer_kwargs)
+                optimizer = optimizer_class([self._shadows.get(key, param)], **kwargs)
             except TypeError as e:
-                raise ValueError(f"parameter '{key}': cannot build {optimizer_class.__name__}(**{optimizer_kwargs}): {e}") from e
+                raise ValueError(f"parameter '{key}': cannot build {optimizer_class.__name__}(**{kwargs}): {e}") from e
             self._optimizers[key] = optimizer
             if key in self._shadows:
                 self._shadows[key].data = torch.empty(0, dtype=torch.float32, device=param.device)
                 optimizer.param_groups[0]["params"] = [param]  # the stand-in only inside a step
             param._in_backward_optimizers = [optimizer]  # pyre-ignore[16]
             param._optimizer_classes = [optimizer_class]  # pyre-ignore[16]
-            param._optimizer_kwargs = [dict(optimizer_kwargs)]  # pyre-ignore[16]
+            param._optimizer_kwargs = [dict(kwargs)]  # pyre-ignore[16]
             param.register_post_accumulate_grad_hook(self._stash_hook(key))
         super().__init__(dict(params), self._collect_state(params), self._collect_param_groups())
 

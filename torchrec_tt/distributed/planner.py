@@ -19,6 +19,10 @@ model) to TorchRec's estimators, so one planner call plans both.
   pooling factor ``P`` comes from ``ParameterConstraints.pooling_factors``; the distinct
   groups per bag ``P_G`` are measured on a sample batch when one is given, else
   modelled as uniform draws (:func:`torchrec_tt.op_counts.expected_groups_per_bag`).
+* Hot-row cache (docs/design.md, section 10): storage adds the cached rows (with their
+  optimizer state) and their ids; perf prices the TT part at ``(1 - h)`` of the lookups,
+  with the hit rate ``h`` measured on the sample batch (its ``K`` most frequent ids taken as
+  the cache) or modelled as ``K / num_embeddings`` (uniform access, a lower bound).
 
 The ``estimate()`` signature changed between TorchRec 1.6 (``sharder_map``, positional)
 and 1.8 (``sharder_data_map=``); both are accepted.
@@ -45,6 +49,9 @@ from torchrec.distributed.planner.types import ParameterConstraints, ShardEstima
 from torchrec.distributed.types import ModuleSharder, PipelineType, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+import torch
+
+from torchrec_tt.cache import top_rows
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.distributed.optimizer import optimizer_state_multiplier
 from torchrec_tt.distributed.sharded_module import TT_COMPUTE_KERNEL
@@ -73,34 +80,50 @@ class GroupStats:
         pooling_factor (float): ``P``, ids per bag.
         groups_per_bag (float): ``P_G``, distinct groups per bag (``<= P``).
         num_bags (int): bags the statistics were measured on.
+        hit_rate (float): share of the lookups served by the hot-row cache; then
+            ``groups_per_bag`` is that of the TT part (the misses).
     """
 
     pooling_factor: float
     groups_per_bag: float
     num_bags: int = 1
+    hit_rate: float = 0.0
 
     @staticmethod
     def pooled(stats: Sequence["GroupStats"]) -> "GroupStats":
         """Statistics of the union of the bags of ``stats``."""
         bags = sum(s.num_bags for s in stats)
+        lookups = sum(s.pooling_factor * s.num_bags for s in stats)
         return GroupStats(
-            pooling_factor=sum(s.pooling_factor * s.num_bags for s in stats) / max(bags, 1),
+            pooling_factor=lookups / max(bags, 1),
             groups_per_bag=sum(s.groups_per_bag * s.num_bags for s in stats) / max(bags, 1),
             num_bags=bags,
+            hit_rate=sum(s.hit_rate * s.pooling_factor * s.num_bags for s in stats) / max(lookups, 1e-30),
         )
 
 
 def measure_group_stats(
     config: TTEmbeddingBagConfig, sample_batch: KeyedJaggedTensor
 ) -> Dict[str, GroupStats]:
-    """``P`` and ``P_G`` of each of the table's features present in a sample batch."""
+    """``P`` and ``P_G`` of each of the table's features present in a sample batch.
+
+    With a cache, its ``K`` rows are taken to be the batch's most frequent ids (as a warm-up
+    would choose them); ``P_G`` is then that of the TT part and ``hit_rate`` is measured.
+    """
     jagged = sample_batch.to_dict()
+    features = [f for f in config.feature_names if f in jagged]
+    cache_ids = None
+    if config.cache_rows > 0 and features:
+        ids = torch.cat([jagged[f].values().to(torch.int64) for f in features])
+        cache_ids = top_rows(torch.bincount(ids, minlength=config.num_embeddings), config.cache_rows)
     stats = {}
-    for feature in config.feature_names:
-        if feature in jagged:
-            jt = jagged[feature]
-            counts = count_ops(config, jt.values(), jt.offsets())
-            stats[feature] = GroupStats(counts.pooling_factor, counts.groups_per_bag, counts.batch_size)
+    for feature in features:
+        jt = jagged[feature]
+        counts = count_ops(config, jt.values(), jt.offsets(), cache_ids=cache_ids)
+        bags = max(counts.batch_size, 1)
+        stats[feature] = GroupStats(
+            (counts.num_lookups + counts.num_cache_hits) / bags, counts.groups_per_bag, counts.batch_size, counts.cache_hit_rate
+        )
     return stats
 
 
@@ -109,16 +132,23 @@ def table_op_counts(
     bags: Sequence[float],
     pooling_factors: Sequence[float],
     groups_per_bag: Sequence[Optional[float]],
+    hit_rates: Optional[Sequence[Optional[float]]] = None,
 ) -> OpCounts:
     """Op counts of one iteration of a table whose features contribute ``bags[f]`` bags.
 
-    ``groups_per_bag[f]`` is the measured ``P_G`` of feature ``f`` or ``None`` to model it
-    as distinct groups among ``P`` uniform draws. The distinct groups of the whole call
-    (whose prefixes GRT computes once) are modelled the same way over all its ids,
-    capped by the number of (bag, group) segments.
+    ``groups_per_bag[f]`` is the measured ``P_G`` of feature ``f`` (of its TT part, with a
+    cache) or ``None`` to model it as distinct groups among ``P`` uniform draws. The distinct
+    groups of the whole call (whose prefixes GRT computes once) are modelled the same way over
+    all its ids, capped by the number of (bag, group) segments. With a cache, ``hit_rates[f]``
+    (``None``: modelled as ``cache_rows / num_embeddings``) of the ``P`` lookups skip the TT
+    part.
     """
     groups = config.num_groups
     num_bags = sum(bags)
+    modelled = config.cache_rows / config.num_embeddings
+    rates = [modelled if h is None else h for h in (hit_rates or [None] * len(bags))]
+    num_hits = sum(b * p * h for b, p, h in zip(bags, pooling_factors, rates))
+    pooling_factors = [p * (1.0 - h) for p, h in zip(pooling_factors, rates)]
     num_lookups = sum(b * p for b, p in zip(bags, pooling_factors))
     num_segments = sum(
         b * (pg if pg is not None else expected_groups_per_bag(groups, p))
@@ -131,6 +161,7 @@ def table_op_counts(
         num_lookups=num_lookups,
         num_segments=num_segments,
         num_distinct_groups=distinct,
+        num_cache_hits=int(round(num_hits)),
     )
 
 
@@ -142,8 +173,9 @@ def tt_compute_ms(counts: OpCounts, variant: VariantLike, flops_per_ms: float) -
 
 
 def tt_table_bytes(config: TTEmbeddingBagConfig, optimizer_multiplier: float) -> int:
-    """Bytes of the table's cores plus their optimizer state."""
-    return math.ceil(config.storage_bytes() * (1.0 + optimizer_multiplier))
+    """Bytes of the table's cores and cached rows plus their optimizer state, and the cache ids."""
+    cached_rows = config.cache_bytes() - 8 * config.cache_rows
+    return math.ceil((config.storage_bytes() + cached_rows) * (1.0 + optimizer_multiplier)) + 8 * config.cache_rows
 
 
 def tt_allreduce_ms(num_bytes: float, world_size: int, bandwidth: float) -> float:
@@ -373,11 +405,12 @@ class TTPerfEstimator(ShardEstimator):
         else:
             pooled = GroupStats.pooled(list(measured.values())) if measured else None
             input_stats = [pooled] * option.num_inputs
-        bags, pooling_factors, groups_per_bag = [], [], []
+        bags, pooling_factors, groups_per_bag, hit_rates = [], [], [], []
         for stats, length, pools, batch in zip(input_stats, option.input_lengths, num_poolings, batch_sizes):
             # Table-wise: the owner pools every rank's bags of the input; data-parallel: its own.
             ranks = 1 if _is_data_parallel(option) else self._topology.world_size
             bags.append(batch * pools * ranks)
+            hit_rates.append(None if stats is None else stats.hit_rate)
             if stats is None:
                 pooling_factors.append(length)
                 groups_per_bag.append(None)
@@ -385,7 +418,7 @@ class TTPerfEstimator(ShardEstimator):
                 p = length if has_pooling_factors else stats.pooling_factor
                 pooling_factors.append(p)
                 groups_per_bag.append(p * stats.groups_per_bag / stats.pooling_factor if stats.pooling_factor else 0.0)
-        return table_op_counts(config, bags, pooling_factors, groups_per_bag)
+        return table_op_counts(config, bags, pooling_factors, groups_per_bag, hit_rates)
 
     def _group_stats(self, config: TTEmbeddingBagConfig) -> Dict[str, GroupStats]:
         if self._sample_batch is None:

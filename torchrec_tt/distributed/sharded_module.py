@@ -56,6 +56,7 @@ from torchrec_tt import modules as tt_modules
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.distributed.embedding_kernel import TTEmbeddingBagKernel
 from torchrec_tt.distributed.optimizer import optimizer_fused_params
+from torchrec_tt.cache import CacheUpdate
 from torchrec_tt.modules import TTEmbeddingBag, TTEmbeddingBagCollection
 
 TT_COMPUTE_KERNEL = EmbeddingComputeKernel.CUSTOMIZED_KERNEL
@@ -146,6 +147,7 @@ def table_fused_params(bag: TTEmbeddingBag, sharder_fused_params: Optional[Dict[
 
 
 class ShardedTTEmbeddingBagCollection(
+    tt_modules.CachePopulationMixin,
     ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext],
     FusedOptimizerModule,
 ):
@@ -170,6 +172,10 @@ class ShardedTTEmbeddingBagCollection(
     collective, so the other ranks wait in it: under ``torchrun`` the elastic agent then
     stops them (docs/design.md, section 6). ``validate_inputs=False`` skips these checks
     (the op then rejects only ids beyond ``prod(tt_p_shapes)``, on the owning rank).
+
+    Tables with a hot-row cache (docs/design.md, section 10): ``start_cache_warmup()`` and
+    ``populate_cache()`` act on this rank's tables (the owner counts every rank's ids), with
+    no collective; the fused optimizer's per-row state moves with the cached rows.
 
     Args:
         module (TTEmbeddingBagCollection): the unsharded module; materialized cores of the
@@ -355,15 +361,60 @@ class ShardedTTEmbeddingBagCollection(
         return self._sharding_type[table_name]
 
     def _core_keys(self, table: TTEmbeddingBagConfig) -> List[str]:
-        return [f"embedding_bags.{table.name}.cores.{k}" for k in range(table.num_cores)]
+        """State keys of a table: its cores, then (with a cache) ``cache_weight`` and ``cache_ids``."""
+        cache = ["cache_weight", "cache_ids"] if table.cache_rows > 0 else []
+        return [f"embedding_bags.{table.name}.cores.{k}" for k in range(table.num_cores)] + [
+            f"embedding_bags.{table.name}.{name}" for name in cache
+        ]
+
+    @staticmethod
+    def _state_tensors(bag: TTEmbeddingBag) -> List[torch.Tensor]:
+        """A table's tensors in :meth:`_core_keys` order."""
+        cache = [bag.cache_weight, bag.cache_ids] if bag.config.cache_rows > 0 else []
+        return list(bag.cores) + cache
+
+    @staticmethod
+    def _state_shapes(table: TTEmbeddingBagConfig) -> List[Tuple[int, ...]]:
+        cache = [(table.cache_rows, table.embedding_dim), (table.cache_rows,)] if table.cache_rows > 0 else []
+        return [tuple(s) for s in table.core_shapes] + cache
 
     @torch.no_grad()
     def copy_cores_from(self, module: TTEmbeddingBagCollection) -> None:
-        """Copy the cores of the locally owned tables from an unsharded module (if materialized)."""
+        """Copy the cores (and cache) of the locally owned tables from an unsharded module (if materialized)."""
         for name, bag in self.embedding_bags.items():
-            for dst, src in zip(bag.cores, module.embedding_bags[name].cores):
+            for dst, src in zip(self._state_tensors(bag), self._state_tensors(module.embedding_bags[name])):
                 if src.device.type != "meta" and dst.device.type != "meta":
                     dst.copy_(src)
+
+    def _known_table(self, table: str) -> bool:
+        return table in self._sharding_type
+
+    def populate_cache(
+        self,
+        table: Optional[str] = None,
+        ids: Optional[torch.Tensor] = None,
+        counts: Optional[torch.Tensor] = None,
+        on_evict: str = "write_back",
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ) -> Dict[str, CacheUpdate]:
+        """Fill the caches of this rank's tables (see ``CachePopulationMixin.populate_cache``).
+
+        Table-wise tables: the owner counted every rank's ids, no collective. Data-parallel
+        tables are replicas: from warm-up counts, the counts are first summed over the ranks
+        (a collective: call on every rank), so every replica caches the same rows; ``ids=`` or
+        ``counts=`` for a data-parallel table must be the same on every rank.
+        """
+        if ids is None and counts is None and self._env.world_size > 1:
+            for name in sorted(self._sharding_type):
+                bag = self.embedding_bags[name] if name in self.embedding_bags else None
+                if (
+                    (table is None or table == name)
+                    and self._sharding_type[name] == ShardingType.DATA_PARALLEL.value
+                    and bag is not None
+                    and bag.cache_counts is not None
+                ):
+                    dist.all_reduce(bag.cache_counts, group=self._pg)
+        return super().populate_cache(table, ids=ids, counts=counts, on_evict=on_evict, optimizer=optimizer)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(
@@ -385,19 +436,30 @@ class ShardedTTEmbeddingBagCollection(
         return table_name in self.embedding_bags
 
     def _broadcast_table(self, table: TTEmbeddingBagConfig, keep_vars: bool) -> List[torch.Tensor]:
+        # Float tensors (cores, cached rows) travel as one fp32 buffer, the cache ids as int64.
+        shapes = self._state_shapes(table)
+        num_float = table.num_cores + (1 if table.cache_rows > 0 else 0)
         if self._is_local(table.name):
-            cores = list(self.embedding_bags[table.name].cores)
-            local = cores if keep_vars else [c.detach() for c in cores]
+            tensors = self._state_tensors(self.embedding_bags[table.name])
+            local = tensors if keep_vars else [t.detach() for t in tensors]
             if self._env.world_size == 1 or table.name not in self._owner:  # data-parallel: same everywhere
                 return local
-            flat = torch.cat([c.detach().reshape(-1) for c in cores])
+                return local
+            flat = torch.cat([t.detach().float().reshape(-1) for t in tensors[:num_float]])
+            ids = tensors[num_float:]
         else:
-            numel = sum(torch.Size(s).numel() for s in table.core_shapes)
+            numel = sum(torch.Size(s).numel() for s in shapes[:num_float])
             flat = torch.empty(numel, dtype=torch.float32, device=self._state_device())
-        dist.broadcast(flat, src=dist.get_global_rank(self._pg, self._owner[table.name]), group=self._pg)
+            ids = [torch.empty(s, dtype=torch.int64, device=self._state_device()) for s in shapes[num_float:]]
+        src = dist.get_global_rank(self._pg, self._owner[table.name])
+        dist.broadcast(flat, src=src, group=self._pg)
+        for t in ids:
+            dist.broadcast(t, src=src, group=self._pg)
         if self._is_local(table.name):
             return local
-        return [part.view(shape) for part, shape in zip(flat.split([torch.Size(s).numel() for s in table.core_shapes]), table.core_shapes)]
+        float_shapes = shapes[:num_float]
+        parts = flat.split([torch.Size(s).numel() for s in float_shapes])
+        return [part.view(shape) for part, shape in zip(parts, float_shapes)] + ids
 
     def _state_device(self) -> torch.device:
         if self._device is not None and self._device.type != "meta":
@@ -419,7 +481,7 @@ class ShardedTTEmbeddingBagCollection(
                     if key not in state_dict:
                         missing.append(key)
                     elif self._is_local(table.name):
-                        core = self.embedding_bags[table.name].cores[k]
+                        core = self._state_tensors(self.embedding_bags[table.name])[k]
                         value = state_dict[key]
                         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(core.shape):
                             raise ValueError(

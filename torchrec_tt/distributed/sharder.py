@@ -64,15 +64,17 @@ class TTEmbeddingBagCollectionSharder(BaseEmbeddingSharder[TTEmbeddingBagCollect
     def shardable_parameters(self, module: TTEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         """One ``meta`` stand-in parameter per table, for the planner.
 
-        Its shape is ``(ceil(core elements / embedding_dim), embedding_dim)``: an
-        uncompressed table with the bytes of the TT cores, so TorchRec's size accounting
+        Its shape is ``(ceil((core elements + cached elements) / embedding_dim), embedding_dim)``:
+        an uncompressed table with the bytes of the TT cores and the hot-row cache, so TorchRec's size accounting
         (plan stats, storage) sees the real table size. It carries the table's config
         (``_tt_config``, for the TT estimators) and the cores' optimizer as
         ``_optimizer_classes``/``_optimizer_kwargs`` (TorchRec's convention).
         """
         params = {}
         for config in module.embedding_bag_configs():
-            rows = math.ceil(tt_num_params(config.tt_p_shapes, config.tt_q_shapes, config.tt_ranks) / config.embedding_dim)
+            # Cores plus the cached rows (the cache's int64 ids are priced by TTStorageEstimator).
+            elements = tt_num_params(config.tt_p_shapes, config.tt_q_shapes, config.tt_ranks) + config.cache_rows * config.embedding_dim
+            rows = math.ceil(elements / config.embedding_dim)
             param = nn.Parameter(torch.empty(rows, config.embedding_dim, device="meta"))
             setattr(param, TT_CONFIG_ATTR, config)
             spec = resolve_optimizer(table_fused_params(module.embedding_bags[config.name], self.fused_params), config.name)
