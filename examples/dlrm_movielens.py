@@ -28,7 +28,6 @@ N ranks (``DistributedModelParallel``; gloo on CPU, nccl on GPUs)::
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,12 +35,10 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from tqdm import tqdm
 
 try:
     import torchrec_tt  # noqa: F401
@@ -53,11 +50,20 @@ from torchrec_tt.data.movielens import load_movielens
 from torchrec_tt.data.renumber import FeatureRenumbering, cluster_renumbering, frequency_renumbering, group_stats
 from torchrec_tt.data.synthetic import SyntheticConfig, generate_liked_items
 from torchrec_tt.data.task import CANDIDATE, HISTORY, LikedTask
+from torchrec_tt.train_utils import (  # noqa: F401  (tests read auc_score here)
+    Dist,
+    Optimizers,
+    auc_score,
+    embedding_fused_params,
+    parse_embeddings,
+    run_kinds,
+    table_memory,
+    train_steps,
+)
 
 EMBEDDINGS = ("grt", "tt", "dense")
 DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.03, "tt": 0.03}  # Adagrad; best of the grids in README
 RENUMBERINGS = ("cluster", "freq", "none")
-ADAGRAD_EPS = 1e-8  # FBGEMM's default; the same for TorchRec, TT and unsharded tables
 
 
 # ----------------------------------------------------------------------------- model
@@ -135,82 +141,7 @@ def make_tables(args: argparse.Namespace, embedding: str, num_items: int) -> Lis
     return tables
 
 
-def table_memory(tables: Sequence[EmbeddingBagConfig]) -> List[Dict[str, Any]]:
-    """Per table: stored bytes, dense bytes, compression."""
-    rows = []
-    for t in tables:
-        dense = t.num_embeddings * t.embedding_dim * 4
-        stored = t.storage_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
-        rows.append({"table": t.name, "rows": t.num_embeddings, "dim": t.embedding_dim,
-                     "shape": getattr(t, "tt_p_shapes", None), "ranks": getattr(t, "tt_ranks", None),
-                     "bytes": stored, "dense_bytes": dense, "compression": dense / stored})
-    return rows
-
-
-# ----------------------------------------------------------------------------- metrics
-def auc_score(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC (Mann-Whitney U with tied scores sharing their mean rank)."""
-    scores, labels = scores.double().flatten(), labels.flatten() > 0.5
-    num_pos = int(labels.sum())
-    num_neg = labels.numel() - num_pos
-    if num_pos == 0 or num_neg == 0:
-        raise ValueError(f"auc_score: needs positives and negatives, got {num_pos} and {num_neg}")
-    order = torch.argsort(scores)
-    sorted_scores = scores[order]
-    _, counts = torch.unique_consecutive(sorted_scores, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    mean_rank = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)  # 1-based
-    pos_rank_sum = float(mean_rank[labels[order]].sum())
-    return (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
-
-
 # ----------------------------------------------------------------------------- distributed
-class Dist:
-    """Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
-
-    def __init__(self, device_arg: str) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            self.device = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self.backend = "nccl" if use_cuda else "gloo"
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(self.backend, device_id=self.device if use_cuda else None)
-        self.pg = dist.group.WORLD if self.world_size > 1 else None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def embedding_fused_params(emb_lr: float) -> Dict[str, Any]:
-    """The tables' optimizer, in TorchRec's ``fused_params`` form (CPU TBE kernels offer
-    only SGD and Adagrad variants; exact Adagrad is used for every kind of table)."""
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-
-    return {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
-
-
 def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int, env: Dist,
                 tables: Sequence[EmbeddingBagConfig], sample: KeyedJaggedTensor,
                 pooling_factors: Dict[str, float]) -> nn.Module:
@@ -240,43 +171,11 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
                                     plan=plan, sharders=sharders)
 
 
-class Optimizers:
-    """Adagrad for the tables (unless a sharder fused it into backward), Adam for the rest."""
-
-    def __init__(self, model: nn.Module, lr: float, emb_lr: float) -> None:
-        tables, dense = [], []
-        for name, param in model.named_parameters():
-            if not param.requires_grad or getattr(param, "_in_backward_optimizers", None):
-                continue  # stepped in backward by the sharded module's fused optimizer
-            (tables if "sparse_arch." in name else dense).append(param)
-        self.optimizers = [torch.optim.Adam(dense, lr=lr)]
-        low = {n: p for n, p in model.named_parameters()
-               if any(p is t for t in tables) and p.dtype in (torch.float16, torch.bfloat16)}
-        if low:
-            # fp16/bf16 TT cores: fp32 Adagrad state and update, stochastic rounding (stepped in
-            # backward, as when sharded); a plain torch Adagrad would keep bf16 state and lose
-            # most small updates to rounding.
-            from torchrec_tt import TTFusedOptimizer
-
-            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS})
-            tables = [t for t in tables if not any(t is p for p in low.values())]
-        if tables:
-            self.optimizers.append(torch.optim.Adagrad(tables, lr=emb_lr, eps=ADAGRAD_EPS))
-
-    def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-
 # ----------------------------------------------------------------------------- run
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--embedding", type=_embeddings, default=["grt"],
+    p.add_argument("--embedding", type=lambda text: parse_embeddings(text, EMBEDDINGS), default=["grt"],
                    help="grt | tt (TT kernel variants) | dense (TorchRec tables); a comma list such as "
                         "grt,dense trains each on the same data and seed and prints a comparison")
     p.add_argument("--movielens", default=None,
@@ -321,14 +220,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--convert-max-error", type=float, default=None,
                    help="relative reconstruction error target of --init-from-dense (default: rank --tt-rank)")
     return p.parse_args(argv)
-
-
-def _embeddings(text: str) -> List[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in EMBEDDINGS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {EMBEDDINGS}")
-    return names
 
 
 def load_data(args: argparse.Namespace):
@@ -407,7 +298,6 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     else:
         model = model.to(env.device)
     optimizer = Optimizers(model, args.lr, emb_lr)
-    loss_fn = nn.BCEWithLogitsLoss()
 
     # ---- train
     total_steps = task.num_batches(first_epoch, args.batch_size, env.world_size) * args.epochs
@@ -415,34 +305,12 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         total_steps = min(total_steps, args.max_steps)
     say(f"train {embedding}: {total_steps} steps of {env.world_size} x {args.batch_size} examples "
         f"({env.world_size} rank(s), {env.backend}, {torch.get_num_threads()} thread(s) per rank)")
-    model.train()
-    step, losses = 0, []  # losses: mean of every 10 steps (read every 10 steps: few host syncs)
-    running = torch.zeros((), device=env.device)
-    bar = tqdm(total=total_steps, disable=args.no_progress or not env.is_main, unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15.0)  # few lines in logs
-    t_train = time.perf_counter()
-    for epoch in range(args.epochs):
-        examples = first_epoch if epoch == 0 else task.train_examples(epoch)
-        for batch in task.batches(examples, args.batch_size, env.rank, env.world_size):
-            if step >= total_steps:
-                break
-            batch = batch.to(env.device)
-            loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            running += loss.detach()
-            bar.update(1)
-            if step % 10 == 0 or step == total_steps:
-                losses.append(float(running) / (step - 10 * len(losses)))
-                running.zero_()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    bar.close()
-    train_seconds = time.perf_counter() - t_train
-    results["train"] = {"steps": step, "seconds": train_seconds,
-                        "examples_per_second": step * args.batch_size * env.world_size / max(train_seconds, 1e-9),
-                        "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
+    epochs = ((batch.dense, batch.sparse, batch.labels)
+              for epoch in range(args.epochs)
+              for batch in task.batches(first_epoch if epoch == 0 else task.train_examples(epoch),
+                                        args.batch_size, env.rank, env.world_size))
+    results["train"] = train_steps(model, optimizer, epochs, total_steps, env.device, args.batch_size * env.world_size,
+                                   show_progress=not args.no_progress and env.is_main)
 
     # ---- evaluate
     model.eval()
@@ -472,26 +340,7 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
 
 def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """Train and evaluate every ``--embedding`` kind on the same data; results by kind."""
-    env = Dist(args.device)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)  # optimizer state of rarely seen rows decays into (slow) denormals
-    say = print if env.is_main else (lambda *a, **k: None)
-    t0 = time.perf_counter()
-    data = Prepared(args, say)
-    results = {}
-    for embedding in args.embedding:
-        results[embedding] = train_and_evaluate(args, embedding, env, data, say)
-        say(format_report(results[embedding]))
-    if len(results) > 1:
-        say(format_comparison(results))
-    say(f"total {time.perf_counter() - t0:.1f} s")
-    if env.is_main and args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    env.barrier()
-    env.close()
-    return results
+    return run_kinds(args, Prepared, train_and_evaluate, format_report, format_comparison)
 
 
 def format_report(r: Dict[str, Any]) -> str:
