@@ -26,6 +26,7 @@ N ranks (``DistributedModelParallel``; gloo on CPU, nccl on GPUs)::
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -69,18 +70,20 @@ DEFAULT_EMB_LR = {"dense": 0.05, "grt": 0.05, "tt": 0.05}  # Adagrad of the tabl
 
 
 # ----------------------------------------------------------------------------- model
-def build_tables(args: argparse.Namespace, embedding: str, cardinalities: Sequence[int]) -> List[EmbeddingBagConfig]:
+def build_tables(args: argparse.Namespace, embedding: str, cardinalities: Sequence[int],
+                 cache_fraction: float = 0.0) -> List[EmbeddingBagConfig]:
     """One table per categorical feature: a ``TTEmbeddingBagConfig`` when ``embedding`` is
     ``grt``/``tt`` and the table has at least ``--tt-threshold-rows`` rows, else a TorchRec
-    ``EmbeddingBagConfig``. (The one place that builds the tables: a hot-row cache size per
-    TT table would be set here.)"""
+    ``EmbeddingBagConfig``. TT tables keep ``cache_fraction`` of their rows in a hot-row cache
+    (``cache_rows``; needs a torchrec_tt with the cache, docs/design.md section 9)."""
     tables: List[EmbeddingBagConfig] = []
     for name, rows in zip(CAT_NAMES, cardinalities):
         common = dict(name=name, num_embeddings=int(rows), embedding_dim=args.embedding_dim, feature_names=[name],
                       pooling=PoolingType.SUM, weight_init_min=-args.init_scale, weight_init_max=args.init_scale)
         if embedding != "dense" and rows >= args.tt_threshold_rows:
+            cache = {"cache_rows": int(round(cache_fraction * rows))} if cache_fraction > 0 else {}
             tables.append(TTEmbeddingBagConfig(**common, tt_num_cores=args.tt_cores, variant=embedding,
-                                               tt_ranks=[args.tt_rank] * (args.tt_cores - 1)))
+                                               tt_ranks=[args.tt_rank] * (args.tt_cores - 1), **cache))
         else:
             tables.append(EmbeddingBagConfig(**common))
     return tables
@@ -112,10 +115,42 @@ def build_model(args: argparse.Namespace, tables: Sequence[EmbeddingBagConfig], 
                 dense_arch_layer_sizes=[*args.dense_arch, args.embedding_dim], over_arch_layer_sizes=[*args.over_arch, 1])
 
 
+def has_cache() -> bool:
+    """Whether this torchrec_tt has the hot-row cache (``TTEmbeddingBagConfig.cache_rows``)."""
+    return "cache_rows" in {f.name for f in dataclasses.fields(TTEmbeddingBagConfig)}
+
+
+def _cached_tables(model: nn.Module) -> List[Any]:
+    """``(collection, table config)`` of every TT table with a hot-row cache."""
+    return [(m, t) for m in model.modules() if isinstance(m, TTEmbeddingBagCollection)
+            for t in m.embedding_bag_configs() if getattr(t, "cache_rows", 0) > 0]
+
+
 def warm_up(model: nn.Module, train: CriteoData, args: argparse.Namespace) -> Dict[str, Any]:
-    """Hook before training (a hot-row cache would be populated here from ``train``'s id
-    counts); returns what it did for the results. Nothing to do yet."""
-    return {}
+    """Before training: fill every TT table's hot-row cache with its most frequent ids in
+    ``train`` (the counts given by the user, as TT-Rec populates offline). Returns the cached
+    ids per table."""
+    cached = {}
+    for collection, table in _cached_tables(model):
+        ids = train.sparse[:, CAT_NAMES.index(table.feature_names[0])]
+        collection.populate_cache(table.name, counts=torch.bincount(ids, minlength=table.num_embeddings))
+        cached[table.name] = collection.embedding_bags[table.name].cached_rows().cpu()
+    return cached
+
+
+def cache_hits(cached: Dict[str, torch.Tensor], data: CriteoData, tables: Sequence[EmbeddingBagConfig]) -> Dict[str, float]:
+    """Share of the TT tables' lookups in ``data`` that their caches serve (the TT lookups
+    removed), overall and per table."""
+    out: Dict[str, float] = {}
+    hits = lookups = 0
+    for t in tables:
+        if isinstance(t, TTEmbeddingBagConfig):
+            ids = data.sparse[:, CAT_NAMES.index(t.feature_names[0])]
+            h = int(torch.isin(ids, cached[t.name]).sum()) if t.name in cached else 0
+            out[t.name] = h / max(1, ids.numel())
+            hits, lookups = hits + h, lookups + ids.numel()
+    out["all_tt"] = hits / max(1, lookups)
+    return out
 
 
 def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float, batch_size: int, env: Dist,
@@ -173,7 +208,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
     p.add_argument("--json", default=None, help="write the results to this JSON file (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--cache-fraction", type=_fractions, default=[0.0],
+                   help="share of each TT table's rows in its hot-row cache, filled with the most frequent "
+                        "training ids; a comma list (e.g. 0,0.001,0.01,0.05) trains each on the same data and seed")
     return p.parse_args(argv)
+
+
+def _fractions(text: str) -> List[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of fractions in [0, 1]")
+    return values
 
 
 def load_data(args: argparse.Namespace, say: Callable[..., None]) -> Dict[str, Any]:
@@ -203,7 +251,7 @@ def _train_batches(train: CriteoData, args: argparse.Namespace, env: Dist):
 
 
 def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data: Dict[str, Any],
-                       say: Callable[..., None]) -> Dict[str, Any]:
+                       say: Callable[..., None], cache_fraction: float = 0.0) -> Dict[str, Any]:
     """Build, (shard,) train and evaluate one model; returns its results."""
     train, test = data["train"], data["test"]
     emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
@@ -212,10 +260,14 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                                "data": data["stats"]}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # same initial MLPs whatever ran before
-    tables = build_tables(args, embedding, train.cardinalities)
+    tables = build_tables(args, embedding, train.cardinalities, cache_fraction)
     results["tables"] = table_memory(tables)
     model: nn.Module = build_model(args, tables, sparse_grads=env.world_size == 1)
-    results["warm_up"] = warm_up(model, train, args)
+    cached = warm_up(model, train, args)
+    if cached:
+        results["cache"] = {"fraction": cache_fraction, "rows": {n: len(c) for n, c in cached.items()},
+                            "train_hit_rate": cache_hits(cached, train, tables),
+                            "test_hit_rate": cache_hits(cached, test, tables)}
     global_batch = args.batch_size * env.world_size
     if env.world_size > 1:
         model = shard_model(model, tables, emb_lr, args.batch_size, env, train.batch(torch.arange(args.batch_size))[1])
@@ -256,7 +308,21 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
 def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """Train and evaluate every ``--embedding`` kind on the same data; results by kind."""
     torch.sparse.check_sparse_tensor_invariants.disable()  # Adagrad's sparse row updates: well-formed by construction
-    return run_kinds(args, load_data, train_and_evaluate, format_report, format_comparison)
+    if any(f > 0 for f in args.cache_fraction) and not has_cache():
+        raise ValueError(f"--cache-fraction {args.cache_fraction}: this torchrec_tt has no hot-row cache "
+                         "(TTEmbeddingBagConfig.cache_rows)")
+    return run_kinds(args, load_data, train_and_evaluate, format_report, format_comparison, variants=_variants)
+
+
+def _variants(args: argparse.Namespace) -> List[Any]:
+    """``(name, embedding, kwargs)``: every kind, TT kinds at every ``--cache-fraction``."""
+    out = []
+    for embedding in args.embedding:
+        fractions = args.cache_fraction if embedding != "dense" else [0.0]
+        for f in fractions:
+            name = embedding if len(fractions) == 1 and f == 0 else f"{embedding}+cache{f:g}"
+            out.append((name, embedding, {"cache_fraction": f}))
+    return out
 
 
 def layer_totals(r: Dict[str, Any]) -> Dict[str, float]:
@@ -281,6 +347,11 @@ def format_report(r: Dict[str, Any]) -> str:
     tot = layer_totals(r)
     lines.append(f"{'all 26':<7} {sum(t['rows'] for t in r['tables']):>9} {'':<16} {'':<9} {tot['bytes'] / 2**20:>9.2f} "
                  f"{tot['dense_bytes'] / 2**20:>10.2f} {tot['compression']:>10.1f}x")
+    c = r.get("cache")
+    if c:
+        lines.append(f"hot-row cache: {c['fraction']:g} of each TT table's rows ({sum(c['rows'].values())} rows); "
+                     f"TT lookups served by it: {100 * c['train_hit_rate']['all_tt']:.1f} % in training, "
+                     f"{100 * c['test_hit_rate']['all_tt']:.1f} % in the test data")
     t, e = r["train"], r["eval"]
     lines.append(f"train: {t['steps']} steps in {t['seconds']:.1f} s = {t['ms_per_step']:.1f} ms/step, "
                  f"{t['examples_per_second']:.0f} examples/s, loss {t['first_loss']:.4f} -> {t['final_loss']:.4f}")
@@ -291,13 +362,14 @@ def format_report(r: Dict[str, Any]) -> str:
 
 def format_comparison(results: Dict[str, Dict[str, Any]]) -> str:
     """One line per embedding kind: same data, seed and steps."""
-    lines = ["", f"{'embedding':<10} {'tables MiB':>10} {'layer compr.':>12} {'TT compr. (min)':>15} {'ms/step':>8} "
-                 f"{'examples/s':>10} {'AUC':>7} {'log loss':>8}"]
+    lines = ["", f"{'embedding':<14} {'tables MiB':>10} {'layer compr.':>12} {'TT compr. (min)':>15} {'ms/step':>8} "
+                 f"{'examples/s':>10} {'AUC':>7} {'log loss':>8} {'cache hits':>10}"]
     for name, r in results.items():
         tot = layer_totals(r)
-        lines.append(f"{name:<10} {tot['bytes'] / 2**20:>10.2f} {tot['compression']:>11.1f}x "
+        lines.append(f"{name:<14} {tot['bytes'] / 2**20:>10.2f} {tot['compression']:>11.1f}x "
                      f"{tot['min_tt_compression']:>14.1f}x {r['train']['ms_per_step']:>8.1f} "
-                     f"{r['train']['examples_per_second']:>10.0f} {r['eval']['auc']:>7.4f} {r['eval']['log_loss']:>8.4f}")
+                     f"{r['train']['examples_per_second']:>10.0f} {r['eval']['auc']:>7.4f} {r['eval']['log_loss']:>8.4f} "
+                     f"{100 * r['cache']['test_hit_rate']['all_tt'] if 'cache' in r else 0:>9.1f}%")
     return "\n".join(lines)
 
 

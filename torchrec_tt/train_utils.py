@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -52,15 +52,18 @@ def log_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- tables
 def table_memory(tables: Sequence[EmbeddingBagConfig]) -> List[Dict[str, Any]]:
-    """Per table: rows, dim, TT shape and ranks (``None`` for dense tables), stored bytes,
-    dense fp32 bytes and compression."""
+    """Per table: rows, dim, TT shape and ranks (``None`` for dense tables), hot-row cache rows,
+    stored bytes (cores plus cache, where the config has one), dense fp32 bytes, compression."""
     rows = []
     for t in tables:
         dense = t.num_embeddings * t.embedding_dim * 4
-        stored = t.storage_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
+        cache_rows = getattr(t, "cache_rows", 0)
+        stored = dense
+        if isinstance(t, TTEmbeddingBagConfig):
+            stored = t.storage_bytes() + (t.cache_bytes() if cache_rows else 0)
         rows.append({"table": t.name, "rows": t.num_embeddings, "dim": t.embedding_dim,
                      "shape": getattr(t, "tt_p_shapes", None), "ranks": getattr(t, "tt_ranks", None),
-                     "bytes": stored, "dense_bytes": dense, "compression": dense / stored})
+                     "cache_rows": cache_rows, "bytes": stored, "dense_bytes": dense, "compression": dense / stored})
     return rows
 
 
@@ -139,6 +142,10 @@ class Optimizers:
         if tables:
             self.optimizers.append(torch.optim.Adagrad(tables, lr=emb_lr, eps=ADAGRAD_EPS))
 
+    def holding(self, param: torch.Tensor) -> Optional[torch.optim.Optimizer]:
+        """The optimizer that steps ``param`` (e.g. for per-row state that moves with it)."""
+        return next((o for o in self.optimizers for g in o.param_groups if any(p is param for p in g["params"])), None)
+
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -168,9 +175,12 @@ def train_steps(
     device: torch.device,
     examples_per_step: int,
     show_progress: bool,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, float]:
     """Binary cross-entropy training over ``(dense, sparse, labels)`` batches, at most
     ``total_steps`` steps, with a tqdm bar; the loss is read every 10 steps (few host syncs).
+    ``on_step(step)`` runs after each optimizer step (e.g. to populate a hot-row cache after
+    a warm-up).
 
     Returns:
         ``steps``, ``seconds``, ``ms_per_step``, ``examples_per_second``, ``first_loss``
@@ -195,6 +205,8 @@ def train_steps(
         optimizer.step()
         step += 1
         running += loss.detach()
+        if on_step is not None:
+            on_step(step)
         bar.update(1)
         if step % 10 == 0 or step == total_steps:
             losses.append(float(running) / (step - 10 * len(losses)))
@@ -211,13 +223,16 @@ def train_steps(
 def run_kinds(
     args: Any,
     prepare: Callable[[Any, Callable[..., None]], Any],
-    train_one: Callable[[Any, str, Dist, Any, Callable[..., None]], Dict[str, Any]],
+    train_one: Callable[..., Dict[str, Any]],
     format_report: Callable[[Dict[str, Any]], str],
     format_comparison: Callable[[Dict[str, Dict[str, Any]]], str],
+    variants: Optional[Callable[[Any], List[Tuple[str, str, Dict[str, Any]]]]] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """An example's main loop: set up the process (group, threads), ``prepare`` the data
-    once, ``train_one`` every ``args.embedding`` kind on it, print reports (rank 0), write
-    ``args.json``. Returns the results by kind."""
+    once, ``train_one(args, embedding, env, data, say, **kwargs)`` every variant on it, print
+    reports (rank 0), write ``args.json``. ``variants(args)`` lists ``(name, embedding,
+    kwargs)`` (default: one per ``args.embedding`` kind, no kwargs). Returns the results by
+    name."""
     env = Dist(args.device)
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     torch.set_num_threads(threads)
@@ -226,9 +241,9 @@ def run_kinds(
     start = time.perf_counter()
     data = prepare(args, say)
     results = {}
-    for embedding in args.embedding:
-        results[embedding] = train_one(args, embedding, env, data, say)
-        say(format_report(results[embedding]))
+    for name, embedding, kwargs in variants(args) if variants else [(e, e, {}) for e in args.embedding]:
+        results[name] = train_one(args, embedding, env, data, say, **kwargs)
+        say(format_report(results[name]))
     if len(results) > 1:
         say(format_comparison(results))
     say(f"total {time.perf_counter() - start:.1f} s")

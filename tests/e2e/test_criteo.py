@@ -253,3 +253,31 @@ def test_two_ranks_with_distributed_model_parallel(tmp_path):
     assert result["world_size"] == 2 and result["train"]["steps"] == 6
     assert result["eval"]["examples"] == 201 and 0.0 < result["eval"]["auc"] < 1.0
     assert "AUC" in proc.stdout
+
+
+def test_cache_fraction_fills_the_hottest_rows(criteo_example):
+    """--cache-fraction: each TT table caches its most frequent training ids; the share of
+    training lookups it serves is the K largest id counts over all lookups (tie-free). A
+    torchrec_tt without the cache rejects the flag with a clear error."""
+    argv = ["--embedding", "grt", "--rows", "6000", "--max-cardinality", "3000", "--tt-threshold-rows", "2500",
+            "--tt-rank", "4", "--batch-size", "256", "--max-steps", "3", "--no-progress", "--threads", "1",
+            "--cache-fraction", "0,0.05"]
+    if not criteo_example.has_cache():
+        with pytest.raises(ValueError, match=r"--cache-fraction \[0.0, 0.05\]: this torchrec_tt has no hot-row cache"):
+            criteo_example.main(argv)
+        return
+    results = criteo_example.main(argv)
+    assert "cache" not in results["grt+cache0"]
+    cache = results["grt+cache0.05"]["cache"]
+    train = generate_criteo(CriteoSyntheticConfig(num_rows=6000, cardinalities=capped_kaggle_cardinalities(3000),
+                                                  seed=0)).split(0.1)[0]
+    hits = lookups = 0
+    assert len(cache["rows"]) == sum(c >= 2500 for c in train.cardinalities)
+    for name, k in cache["rows"].items():
+        f = CAT_NAMES.index(name)
+        counts = torch.bincount(train.sparse[:, f], minlength=train.cardinalities[f])
+        assert k == round(0.05 * train.cardinalities[f])
+        hits, lookups = hits + int(counts.topk(k).values.sum()), lookups + len(train)
+    assert cache["train_hit_rate"]["all_tt"] == pytest.approx(hits / lookups)
+    tt = [t for t in results["grt+cache0.05"]["tables"] if t["ranks"] is not None]
+    assert tt and all(t["cache_rows"] == cache["rows"][t["table"]] for t in tt)
