@@ -18,7 +18,7 @@ the path, line and column.
 per-feature cardinalities (:data:`KAGGLE_CARDINALITIES`, capped at
 :data:`MAX_CARDINALITY`), Zipf-distributed ids scattered over each table, log-normal
 counts for the integer features, and a label from a latent-factor model with ~25 %
-positives that a DLRM can learn (``docs/design.md``, "Criteo synthetic data").
+positives that a DLRM can learn (``docs/design.md``, section 10).
 """
 
 import math
@@ -28,7 +28,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torchrec.datasets.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES, INT_FEATURE_COUNT
+try:
+    from torchrec.datasets.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES, INT_FEATURE_COUNT
+except ImportError:  # older TorchRec imports iopath (an optional dependency) with the module: same constants
+    INT_FEATURE_COUNT, CAT_FEATURE_COUNT = 13, 26
+    DEFAULT_INT_NAMES = [f"int_{i}" for i in range(INT_FEATURE_COUNT)]
+    DEFAULT_CAT_NAMES = [f"cat_{i}" for i in range(CAT_FEATURE_COUNT)]
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 # Distinct values of C1..C26 in Kaggle's train.txt (45,840,617 samples), as printed by the
@@ -248,7 +253,7 @@ def zipf_ranks(n: int, s: float, u: torch.Tensor) -> torch.Tensor:
 
 
 def generate_criteo(config: CriteoSyntheticConfig) -> CriteoData:
-    """Synthetic Criteo-format samples (module docstring; ``docs/design.md``).
+    """Synthetic Criteo-format samples (module docstring; ``docs/design.md``, section 10).
 
     Ids: per feature, Zipf ranks (``config.zipf_exponent``) scattered over the table by a
     fixed bijection ``id = (rank * 2654435761 + offset_f) mod n_f``. Integers: log-normal
