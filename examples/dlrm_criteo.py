@@ -66,7 +66,7 @@ from torchrec_tt.train_utils import (
 )
 
 EMBEDDINGS = ("grt", "tt", "dense")
-DEFAULT_EMB_LR = {"dense": 0.05, "grt": 0.05, "tt": 0.05}  # Adagrad of the tables (README grid)
+DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.1, "tt": 0.1}  # Adagrad of the tables: best of the README grid
 
 
 # ----------------------------------------------------------------------------- model
