@@ -198,7 +198,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--init-scale", type=float, default=0.05, help="uniform init range of every table (TT: same variance)")
     p.add_argument("--dense-arch", type=ints, default=[64], help="hidden sizes of the dense arch (then embedding-dim)")
     p.add_argument("--over-arch", type=ints, default=[256, 64], help="hidden sizes of the over arch (then 1)")
-    p.add_argument("--batch-size", type=int, default=1024, help="per rank")
+    p.add_argument("--batch-size", type=int, default=2048, help="per rank (2048: best for grt in the README grid)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the MLPs")
