@@ -28,6 +28,7 @@ N ranks (``DistributedModelParallel``; gloo on CPU, nccl on GPUs)::
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
 
 try:
     import torchrec_tt  # noqa: F401
@@ -50,16 +52,7 @@ from torchrec_tt.data.movielens import load_movielens
 from torchrec_tt.data.renumber import FeatureRenumbering, cluster_renumbering, frequency_renumbering, group_stats
 from torchrec_tt.data.synthetic import SyntheticConfig, generate_liked_items
 from torchrec_tt.data.task import CANDIDATE, HISTORY, LikedTask
-from torchrec_tt.train_utils import (  # noqa: F401  (tests read auc_score here)
-    Dist,
-    Optimizers,
-    auc_score,
-    embedding_fused_params,
-    parse_embeddings,
-    run_kinds,
-    table_memory,
-    train_steps,
-)
+from torchrec_tt.train_utils import Dist, Optimizers, auc_score, embedding_fused_params, table_memory  # noqa: F401
 
 EMBEDDINGS = ("grt", "tt", "dense")
 DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.03, "tt": 0.03}  # Adagrad; best of the grids in README
@@ -175,7 +168,7 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--embedding", type=lambda text: parse_embeddings(text, EMBEDDINGS), default=["grt"],
+    p.add_argument("--embedding", type=_embeddings, default=["grt"],
                    help="grt | tt (TT kernel variants) | dense (TorchRec tables); a comma list such as "
                         "grt,dense trains each on the same data and seed and prints a comparison")
     p.add_argument("--movielens", default=None,
@@ -220,6 +213,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--convert-max-error", type=float, default=None,
                    help="relative reconstruction error target of --init-from-dense (default: rank --tt-rank)")
     return p.parse_args(argv)
+
+
+def _embeddings(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in EMBEDDINGS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {EMBEDDINGS}")
+    return names
 
 
 def load_data(args: argparse.Namespace):
@@ -298,6 +299,7 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     else:
         model = model.to(env.device)
     optimizer = Optimizers(model, args.lr, emb_lr)
+    loss_fn = nn.BCEWithLogitsLoss()
 
     # ---- train
     total_steps = task.num_batches(first_epoch, args.batch_size, env.world_size) * args.epochs
@@ -305,12 +307,34 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         total_steps = min(total_steps, args.max_steps)
     say(f"train {embedding}: {total_steps} steps of {env.world_size} x {args.batch_size} examples "
         f"({env.world_size} rank(s), {env.backend}, {torch.get_num_threads()} thread(s) per rank)")
-    epochs = ((batch.dense, batch.sparse, batch.labels)
-              for epoch in range(args.epochs)
-              for batch in task.batches(first_epoch if epoch == 0 else task.train_examples(epoch),
-                                        args.batch_size, env.rank, env.world_size))
-    results["train"] = train_steps(model, optimizer, epochs, total_steps, env.device, args.batch_size * env.world_size,
-                                   show_progress=not args.no_progress and env.is_main)
+    model.train()
+    step, losses = 0, []  # losses: mean of every 10 steps (read every 10 steps: few host syncs)
+    running = torch.zeros((), device=env.device)
+    bar = tqdm(total=total_steps, disable=args.no_progress or not env.is_main, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15.0)  # few lines in logs
+    t_train = time.perf_counter()
+    for epoch in range(args.epochs):
+        examples = first_epoch if epoch == 0 else task.train_examples(epoch)
+        for batch in task.batches(examples, args.batch_size, env.rank, env.world_size):
+            if step >= total_steps:
+                break
+            batch = batch.to(env.device)
+            loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running += loss.detach()
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                losses.append(float(running) / (step - 10 * len(losses)))
+                running.zero_()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    bar.close()
+    train_seconds = time.perf_counter() - t_train
+    results["train"] = {"steps": step, "seconds": train_seconds,
+                        "examples_per_second": step * args.batch_size * env.world_size / max(train_seconds, 1e-9),
+                        "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
 
     # ---- evaluate
     model.eval()
@@ -340,7 +364,26 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
 
 def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """Train and evaluate every ``--embedding`` kind on the same data; results by kind."""
-    return run_kinds(args, Prepared, train_and_evaluate, format_report, format_comparison)
+    env = Dist(args.device)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # optimizer state of rarely seen rows decays into (slow) denormals
+    say = print if env.is_main else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    data = Prepared(args, say)
+    results = {}
+    for embedding in args.embedding:
+        results[embedding] = train_and_evaluate(args, embedding, env, data, say)
+        say(format_report(results[embedding]))
+    if len(results) > 1:
+        say(format_comparison(results))
+    say(f"total {time.perf_counter() - t0:.1f} s")
+    if env.is_main and args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    env.barrier()
+    env.close()
+    return results
 
 
 def format_report(r: Dict[str, Any]) -> str:

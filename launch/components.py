@@ -1,5 +1,4 @@
-"""TorchX components of the end-to-end examples (``examples/dlrm_movielens.py``: ``train``;
-``examples/dlrm_criteo.py``: ``train_criteo``).
+"""TorchX components of the end-to-end pipeline (``examples/dlrm_movielens.py``).
 
 Run from the repository root::
 
@@ -7,7 +6,6 @@ Run from the repository root::
     torchx run -s local_cwd launch/components.py:train -j 1x2 --embedding dense
     torchx run -s local_cwd launch/components.py:train -j 1x8 --gpu 8      # 8 GPUs, nccl
     torchx run -s local_cwd launch/components.py:train -j 1x2 --movielens ~/ml-20m/ratings.csv
-    torchx run -s local_cwd launch/components.py:train_criteo -j 1x2 --embedding grt
 
 The script picks gloo on CPU and nccl when CUDA is available; ranks come from
 torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
@@ -102,8 +100,19 @@ def train(
         args += ["--epochs", str(epochs)]
     if batch_size is not None:
         args += ["--batch-size", str(batch_size)]
-    return dist.ddp(*args, *script_args, script=SCRIPT, image=image, name=name, cpu=cpu, gpu=gpu, memMB=memMB,
-                    j=j, env=env, max_retries=max_retries)
+    return dist.ddp(
+        *args,
+        *script_args,
+        script=SCRIPT,
+        image=image,
+        name=name,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=env,
+        max_retries=max_retries,
+    )
 
 
 def train_criteo(
@@ -122,7 +131,8 @@ def train_criteo(
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
 ) -> specs.AppDef:
-    """DLRM on Criteo Kaggle (or its synthetic twin) with the largest tables TT-compressed.
+    """DLRM on Criteo Kaggle (or its synthetic twin) with the largest tables TT-compressed
+    (``torchx run -s local_cwd launch/components.py:train_criteo -j 1x2 --embedding grt``).
 
     Every rank runs ``examples/dlrm_criteo.py``; the tables (TT and TorchRec ones) are
     sharded table-wise over the ranks with ``DistributedModelParallel`` (gloo on CPU, nccl
