@@ -36,6 +36,7 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_configs import DataType
