@@ -59,11 +59,11 @@ from torchrec_tt.data.movielens import load_movielens
 from torchrec_tt.data.renumber import FeatureRenumbering, cluster_renumbering, frequency_renumbering, group_stats
 from torchrec_tt.data.synthetic import SyntheticConfig, generate_liked_items
 from torchrec_tt.data.task import CANDIDATE, HISTORY, LikedTask
+from torchrec_tt.train_utils import Dist, Optimizers, auc_score, embedding_fused_params, table_memory  # noqa: F401
 
 EMBEDDINGS = ("grt", "tt", "dense")
 DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.03, "tt": 0.03}  # Adagrad; best of the grids in README
 RENUMBERINGS = ("cluster", "freq", "none")
-ADAGRAD_EPS = 1e-8  # FBGEMM's default; the same for TorchRec, TT and unsharded tables
 
 
 # ----------------------------------------------------------------------------- model
@@ -143,84 +143,7 @@ def make_tables(args: argparse.Namespace, embedding: str, num_items: int,
     return tables
 
 
-def table_memory(tables: Sequence[EmbeddingBagConfig]) -> List[Dict[str, Any]]:
-    """Per table: stored bytes, dense bytes, compression."""
-    rows = []
-    for t in tables:
-        dense = t.num_embeddings * t.embedding_dim * 4
-        stored = t.storage_bytes() + t.cache_bytes() if isinstance(t, TTEmbeddingBagConfig) else dense
-        rows.append({"table": t.name, "rows": t.num_embeddings, "dim": t.embedding_dim,
-                     "shape": getattr(t, "tt_p_shapes", None), "ranks": getattr(t, "tt_ranks", None),
-                     "cache_rows": getattr(t, "cache_rows", 0),
-                     "bytes": stored, "dense_bytes": dense, "compression": dense / stored})
-    return rows
-
-
-# ----------------------------------------------------------------------------- metrics
-def auc_score(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC (Mann-Whitney U with tied scores sharing their mean rank)."""
-    scores, labels = scores.double().flatten(), labels.flatten() > 0.5
-    num_pos = int(labels.sum())
-    num_neg = labels.numel() - num_pos
-    if num_pos == 0 or num_neg == 0:
-        raise ValueError(f"auc_score: needs positives and negatives, got {num_pos} and {num_neg}")
-    order = torch.argsort(scores)
-    sorted_scores = scores[order]
-    _, counts = torch.unique_consecutive(sorted_scores, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    mean_rank = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)  # 1-based
-    pos_rank_sum = float(mean_rank[labels[order]].sum())
-    return (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
-
-
 # ----------------------------------------------------------------------------- distributed
-class Dist:
-    """Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
-
-    def __init__(self, device_arg: str) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            self.device = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self.backend = "nccl" if use_cuda else "gloo"
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(self.backend, device_id=self.device if use_cuda else None)
-        self.pg = dist.group.WORLD if self.world_size > 1 else None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def embedding_fused_params(emb_lr: float, cache_lr: Optional[float] = None) -> Dict[str, Any]:
-    """The tables' optimizer, in TorchRec's ``fused_params`` form (CPU TBE kernels offer
-    only SGD and Adagrad variants; exact Adagrad is used for every kind of table)."""
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-
-    params = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": emb_lr, "eps": ADAGRAD_EPS}
-    return params if cache_lr is None else {**params, "cache_learning_rate": cache_lr}
-
-
 SHARDINGS = {"tw": ["table_wise"], "dp": ["data_parallel"], "auto": ["table_wise", "data_parallel"]}
 
 
@@ -386,49 +309,6 @@ def cache_report(args: argparse.Namespace, model: nn.Module, tables: Sequence[Em
         sample = [(mapping[i] if mapping is not None else i, o) for i, o in batches[:10]]
         out.update(time_cache_split(bag, sample))
     return out
-
-
-class Optimizers:
-    """Adagrad for the tables (unless a sharder fused it into backward), Adam for the rest."""
-
-    def __init__(self, model: nn.Module, lr: float, emb_lr: float, cache_lr: Optional[float] = None) -> None:
-        tables, dense, cached = [], [], []
-        for name, param in model.named_parameters():
-            if not param.requires_grad or getattr(param, "_in_backward_optimizers", None):
-                continue  # stepped in backward by the sharded module's fused optimizer
-            if name.endswith(".cache_weight") and cache_lr is not None:
-                cached.append(param)  # uncompressed rows: a dense table's learning rate
-                continue
-            (tables if "sparse_arch." in name else dense).append(param)
-        self.optimizers = [torch.optim.Adam(dense, lr=lr)]
-        low = {n: p for n, p in model.named_parameters()
-               if any(p is t for t in tables + cached) and p.dtype in (torch.float16, torch.bfloat16)}
-        if low:
-            # fp16/bf16 TT cores: fp32 Adagrad state and update, stochastic rounding (stepped in
-            # backward, as when sharded); a plain torch Adagrad would keep bf16 state and lose
-            # most small updates to rounding.
-            from torchrec_tt import TTFusedOptimizer
-
-            self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS},
-                                                  {n: {"lr": cache_lr} for n in low if n.endswith(".cache_weight")})
-            tables = [t for t in tables if not any(t is p for p in low.values())]
-            cached = [t for t in cached if not any(t is p for p in low.values())]
-        groups = [{"params": tables, "lr": emb_lr}] if tables else []
-        groups += [{"params": cached, "lr": cache_lr}] if cached else []
-        if groups:
-            self.optimizers.append(torch.optim.Adagrad(groups, eps=ADAGRAD_EPS))
-
-    def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def holding(self, param: torch.Tensor) -> Optional[torch.optim.Optimizer]:
-        """The optimizer that steps ``param`` (its per-row state moves with cached rows)."""
-        return next((o for o in self.optimizers for g in o.param_groups if any(p is param for p in g["params"])), None)
 
 
 # ----------------------------------------------------------------------------- run

@@ -23,6 +23,7 @@ import torchx.specs as specs
 from torchx.components import dist
 
 SCRIPT = "examples/dlrm_movielens.py"
+CRITEO_SCRIPT = "examples/dlrm_criteo.py"
 EMBEDDINGS = ("grt", "tt", "dense")
 _TOPOLOGY = re.compile(r"^(?:(\d+):)?(\d+)x(\d+)$|^(\d+)$")
 
@@ -122,3 +123,64 @@ def train(
         max_retries=max_retries,
         rdzv_port=rdzv_port,
     )
+
+
+def train_criteo(
+    *script_args: str,
+    j: str = "1x2",
+    embedding: str = "grt",
+    data: Optional[str] = None,
+    rows: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    gpu: int = 0,
+    cpu: int = 2,
+    memMB: int = 16384,
+    image: str = "ghcr.io/pytorch/torchx:0.7.0",
+    name: str = "/torchrec_tt_criteo",
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """DLRM on Criteo Kaggle (or its synthetic twin) with the largest tables TT-compressed
+    (``torchx run -s local_cwd launch/components.py:train_criteo -j 1x2 --embedding grt``).
+
+    Every rank runs ``examples/dlrm_criteo.py``; the tables (TT and TorchRec ones) are
+    sharded table-wise over the ranks with ``DistributedModelParallel`` (gloo on CPU, nccl
+    on GPUs).
+
+    Args:
+        script_args: more arguments for the script (see ``python examples/dlrm_criteo.py -h``)
+        j: topology ``[[min_nnodes:]nnodes x]nproc_per_node``, e.g. ``1x2``
+        embedding: ``grt``, ``tt`` or ``dense``, or a comma list of them (compared in one job)
+        data: path of Criteo Kaggle ``train.txt`` on the workers; synthetic data if omitted
+        rows: synthetic samples (script default if omitted)
+        batch_size: batch size per rank (script default if omitted)
+        seed: random seed of data and model
+        gpu: GPUs per replica (0: CPU ranks with gloo)
+        cpu: CPUs per replica
+        memMB: memory per replica in MB (the dense baseline holds 2 GB of tables and as much
+            Adagrad state)
+        image: container image (ignored by the local_cwd scheduler)
+        name: job name, ``{experiment}/{run}``
+        env: extra environment variables, e.g. ``OMP_NUM_THREADS=1``
+        max_retries: scheduler retries
+
+    Returns:
+        specs.AppDef: the job.
+
+    Raises:
+        ValueError: bad topology ``j`` or an unknown ``embedding``.
+    """
+    parse_topology(j, gpu)
+    kinds = [k.strip() for k in embedding.split(",")]
+    if not all(k in EMBEDDINGS for k in kinds):
+        raise ValueError(f"embedding={embedding!r} must be one of {EMBEDDINGS} or a comma list of them")
+    args = ["--embedding", embedding, "--seed", str(seed), "--device", "cuda" if gpu > 0 else "cpu"]
+    if data:
+        args += ["--data", data]
+    if rows is not None:
+        args += ["--rows", str(rows)]
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    return dist.ddp(*args, *script_args, script=CRITEO_SCRIPT, image=image, name=name, cpu=cpu, gpu=gpu,
+                    memMB=memMB, j=j, env=env, max_retries=max_retries)

@@ -24,6 +24,16 @@ class MixedEmbeddingBagCollection(nn.Module):
         self.dense, self.tt = dense, tt
         self._embedding_names, self._dims = names, dims
 
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """Every table's config, dense and TT, in the order of their first output key
+        (what TorchRec's ``DLRM`` reads)."""
+        configs = list(self.dense.embedding_bag_configs()) + list(self.tt.embedding_bag_configs())
+        position = {name: i for i, name in enumerate(self._embedding_names)}
+        return sorted(configs, key=lambda c: position[c.feature_names[0]])
+
+    def is_weighted(self) -> bool:
+        return self.tt.is_weighted()
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         parts = {**self.dense(features).to_dict(), **self.tt(features).to_dict()}
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims,
