@@ -511,8 +511,8 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
             if caches and step == warmup:  # cache the most accessed rows, then count hits
                 for module in caches:
                     for name, bag in module.embedding_bags.items():
-                        if bag.config.cache_rows > 0:
-                            module.populate_cache(name, counts=bag.cache_counts, optimizer=optimizer.holding(bag.cache_weight))
+                        if bag.config.cache_rows > 0:  # from the warm-up counts (summed over the ranks of a DP table)
+                            module.populate_cache(name, optimizer=optimizer.holding(bag.cache_weight))
                     module.start_cache_warmup()
             bar.update(1)
             if step % 10 == 0 or step == total_steps:
