@@ -154,7 +154,7 @@ def cache_hits(cached: Dict[str, torch.Tensor], data: CriteoData, tables: Sequen
 
 
 def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float, batch_size: int, env: Dist,
-                sample: KeyedJaggedTensor) -> nn.Module:
+                sample: KeyedJaggedTensor, cache_lr: Optional[float] = None) -> nn.Module:
     """``DistributedModelParallel``: every table table-wise on one rank (TorchRec's sharder for
     the dense tables, ours for the TT ones, one TT-aware planner for both; the tables'
     Adagrad fused into backward), the MLPs data parallel."""
@@ -169,7 +169,8 @@ def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float
     constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], pooling_factors=[1.0])
                    for t in tables}
     fused = embedding_fused_params(emb_lr)
-    sharders = [EmbeddingBagCollectionSharder(fused_params=fused), TTEmbeddingBagCollectionSharder(fused_params=fused)]
+    sharders = [EmbeddingBagCollectionSharder(fused_params=fused),
+                TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr, cache_lr))]
     planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints, sample_batch=sample)
     plan = planner.collective_plan(model, sharders, env.pg)
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
@@ -203,6 +204,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the MLPs")
     p.add_argument("--emb-lr", type=float, default=None, help=f"Adagrad learning rate of the tables (default {DEFAULT_EMB_LR})")
+    p.add_argument("--cache-lr", type=float, default=None,
+                   help="Adagrad learning rate of the TT tables' cached rows (default: the TT cores' rate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
@@ -270,10 +273,11 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                             "test_hit_rate": cache_hits(cached, test, tables)}
     global_batch = args.batch_size * env.world_size
     if env.world_size > 1:
-        model = shard_model(model, tables, emb_lr, args.batch_size, env, train.batch(torch.arange(args.batch_size))[1])
+        model = shard_model(model, tables, emb_lr, args.batch_size, env, train.batch(torch.arange(args.batch_size))[1],
+                            args.cache_lr)
     else:
         model = model.to(env.device)
-    optimizer = Optimizers(model, args.lr, emb_lr)
+    optimizer = Optimizers(model, args.lr, emb_lr, args.cache_lr)
     results["build_seconds"] = time.perf_counter() - t0
 
     # ---- train: every rank takes its slice of each global batch (same permutation everywhere)
