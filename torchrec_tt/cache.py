@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from torchrec_tt import _python_ops
 from torchrec_tt._python_ops import prefix_products
 from torchrec_tt.enums import PoolingMode, Variant
-from torchrec_tt.grouping import decompose_indices
+from torchrec_tt.grouping import bag_ids, decompose_indices
 from torchrec_tt.ops import tt_embedding_bag
 
 EVICTION_POLICIES = ("write_back", "drop", "raise")
@@ -30,11 +29,33 @@ def empty_cache_ids(cache_rows: int, device: Optional[torch.device] = None) -> t
     return torch.arange(cache_rows, dtype=torch.int64, device=device) + (_INT64_MAX - cache_rows + 1)
 
 
-def cache_hits(cache_ids: torch.Tensor, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+# Up to this many table rows per looked-up id, cache_hits maps ids to slots through a temporary
+# (num_rows,) table (one gather per id) instead of a binary search per id.
+_SLOT_MAP_ROWS_PER_LOOKUP = 16
+
+
+def cache_hits(
+    cache_ids: torch.Tensor, indices: torch.Tensor, num_rows: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(hit, slot)``: ``(L,)`` bool, whether each id is cached, and its ``(L,)`` cache slot
-    (clamped to ``K - 1`` for misses). No host sync."""
+    (some slot in ``[0, K)`` for misses). No host sync.
+
+    With ``num_rows`` (the table's rows) and a batch of at least ``num_rows / 16`` ids, the ids
+    go through a temporary slot map of the table's rows (its size is bounded by the batch's, and
+    it is freed after the call: nothing per row is stored); otherwise ``searchsorted``.
+    """
     ids = indices.to(torch.int64)
-    slot = torch.searchsorted(cache_ids, ids).clamp_(max=cache_ids.numel() - 1)
+    k = cache_ids.numel()
+    if num_rows is not None and 0 < num_rows <= _SLOT_MAP_ROWS_PER_LOOKUP * ids.numel():
+        # Empty slots' sentinels go to k extra rows (distinct targets: a deterministic scatter);
+        # ids are clamped into [0, num_rows) so that a bad id reads some slot, fails the equality
+        # below and reaches the op's checks.
+        positions = torch.arange(k, device=ids.device)
+        rows = torch.where(cache_ids < num_rows, cache_ids, num_rows + positions)
+        slot_of = torch.full((num_rows + k,), k - 1, dtype=torch.int64, device=ids.device)
+        slot = slot_of.scatter_(0, rows, positions)[ids.clamp(0, num_rows - 1)]
+    else:
+        slot = torch.searchsorted(cache_ids, ids).clamp_(max=k - 1)
     return cache_ids[slot] == ids, slot
 
 
@@ -73,6 +94,26 @@ def split_misses(
     return ids, bounds.to(indices.dtype), weights
 
 
+def pooled_rows(
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    bags: torch.Tensor,
+    batch: int,
+    weights: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``(batch, N)``: bag ``b`` sums ``weights[j] * rows[slots[j]]`` over the lookups ``j`` with
+    ``bags[j] == b`` (differentiable).
+
+    ``index_select`` then ``index_add``, whose backward passes are ``index_add`` and
+    ``index_select``: no sort, and no host sync on CUDA (``F.embedding_bag``'s CUDA backward
+    reads a segment count on the host, its CPU backward sorts the ids).
+    """
+    picked = rows.index_select(0, slots)
+    if weights is not None:
+        picked = picked * weights.unsqueeze(1).to(picked.dtype)
+    return picked.new_zeros(batch, rows.shape[1]).index_add(0, bags, picked)
+
+
 def cached_tt_embedding_bag(
     cores: Sequence[torch.Tensor],
     cache_weight: torch.Tensor,
@@ -83,6 +124,7 @@ def cached_tt_embedding_bag(
     pooling: PoolingMode,
     variant: Variant,
     compact: Optional[bool] = None,
+    num_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """Pooled lookups of a TT table with a hot-row cache (differentiable).
 
@@ -97,32 +139,30 @@ def cached_tt_embedding_bag(
         compact (Optional[bool]): the TT op sees only the misses and the cache only the hits
             (reads the miss count on the host). Default: on CPU, uncompiled (a read is free
             there); CUDA and traced graphs use the trailing bag and a zero row (sync-free).
+        num_rows (Optional[int]): the table's rows (``num_embeddings``), for the hit test
+            (:func:`cache_hits`).
 
     Returns:
         Tensor: ``(B, N)``.
     """
     if offsets.dtype != indices.dtype:
         offsets = offsets.to(indices.dtype)
-    batch, num_rows = offsets.numel() - 1, cache_weight.shape[0]
+    batch, cache_size = offsets.numel() - 1, cache_weight.shape[0]
     if compact is None:
         compact = indices.device.type == "cpu" and not _python_ops.is_tracing(indices)
-    hit, slot = cache_hits(cache_ids, indices)
+    hit, slot = cache_hits(cache_ids, indices, num_rows)
     ids, tt_offsets, tt_weights = split_misses(hit, indices, offsets, per_sample_weights, compact)
     tt_part = tt_embedding_bag(cores, ids, tt_offsets, tt_weights, pooling=PoolingMode.SUM, variant=variant)
     if compact:  # the cache reads only the hits (in bag order)
-        cached_part = F.embedding_bag(
-            slot[hit], cache_weight, (offsets - tt_offsets).to(torch.int64), mode="sum",
-            per_sample_weights=per_sample_weights[hit] if per_sample_weights is not None else None,
-            include_last_offset=True,
-        )
+        hit_bags = bag_ids(offsets - tt_offsets, int(hit.sum()))
+        weights = per_sample_weights[hit] if per_sample_weights is not None else None
+        cached_part = pooled_rows(cache_weight, slot[hit], hit_bags, batch, weights)
     else:
         tt_part = tt_part[:batch]
         # Misses read an appended zero row: no per-lookup mask (and no weights when none are given).
         rows = torch.cat([cache_weight, cache_weight.new_zeros(1, cache_weight.shape[1])])
-        cached_part = F.embedding_bag(
-            torch.where(hit, slot, torch.full_like(slot, num_rows)), rows, offsets.to(torch.int64), mode="sum",
-            per_sample_weights=per_sample_weights, include_last_offset=True,
-        )
+        slots = torch.where(hit, slot, torch.full_like(slot, cache_size))
+        cached_part = pooled_rows(rows, slots, bag_ids(offsets, indices.numel()), batch, per_sample_weights)
     pooled = tt_part + cached_part
     if pooling == PoolingMode.MEAN:
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(pooled.dtype)

@@ -391,6 +391,7 @@ class TTEmbeddingBag(nn.Module):
                 per_sample_weights,
                 self._pooling,
                 self.config.variant,
+                num_rows=self.config.num_embeddings,
             )
         return tt_embedding_bag(
             self.compute_cores(),

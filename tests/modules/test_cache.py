@@ -1,4 +1,4 @@
-"""The hot-row cache (docs/design.md, section 9) against an independent reference.
+"""The hot-row cache (docs/design.md, section 10) against an independent reference.
 
 Reference: the whole table materialized from the cores with ``tt_to_dense`` (whole-core
 contraction), the cached rows replaced by the cache block, pooled with ``F.embedding_bag``.
@@ -395,3 +395,30 @@ def test_bad_ids_still_reach_the_op_checks():
     for bad in (ROWS, ROWS + 5, -1):
         with pytest.raises(ValueError):
             bag(torch.tensor([1, bad]), torch.tensor([0, 2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the cache's sync-free CUDA path")
+@pytest.mark.parametrize("variant", ["grt", "tt"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_cuda_cache_is_sync_free_and_matches_the_reference(variant, pooling):
+    """On CUDA the split is the trailing-bag form: same values and gradients as the CPU
+    reference (float64), and no host sync in forward or backward (validate_inputs off)."""
+    cpu = _bag(variant, pooling)
+    gpu = _bag(variant, pooling).cuda()
+    gpu.validate_inputs = False
+    ids, offsets = torch.tensor(IDS), torch.tensor(OFFSETS)
+    weights = torch.rand(len(IDS), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = _reference(cpu, ids, offsets, weights, pooling)
+    expected.square().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = gpu(ids.cuda(), offsets.cuda(), weights.cuda())
+        out.square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out.cpu(), expected.detach(), rtol=1e-10, atol=1e-10)
+    grads = [(p.grad, q.grad) for p, q in zip(gpu.parameters(), cpu.parameters())]
+    assert any(g is not None for g, _ in grads)
+    for got, want in grads:
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
