@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,6 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from tqdm import tqdm
 
 try:
     import torchrec_tt  # noqa: F401
@@ -59,7 +58,14 @@ from torchrec_tt.data.movielens import load_movielens
 from torchrec_tt.data.renumber import FeatureRenumbering, cluster_renumbering, frequency_renumbering, group_stats
 from torchrec_tt.data.synthetic import SyntheticConfig, generate_liked_items
 from torchrec_tt.data.task import CANDIDATE, HISTORY, LikedTask
-from torchrec_tt.train_utils import Dist, Optimizers, auc_score, embedding_fused_params, table_memory  # noqa: F401
+from torchrec_tt.train_utils import (  # noqa: F401
+    Dist,
+    Optimizers,
+    auc_score,
+    embedding_fused_params,
+    table_memory,
+    train_steps,
+)
 
 EMBEDDINGS = ("grt", "tt", "dense")
 DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.03, "tt": 0.03}  # Adagrad; best of the grids in README
@@ -474,7 +480,6 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
         model = model.to(env.device)
     optimizer = Optimizers(model, args.lr, emb_lr, cache_lr)
     timer = TTComputeTimer(model) if embedding != "dense" else None
-    loss_fn = nn.BCEWithLogitsLoss()
     caches = cache_modules(model)
     if caches and args.init_from_dense:
         raise ValueError("--cache-fraction > 0 does not combine with --init-from-dense (converted tables have no cache)")
@@ -488,42 +493,26 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     warmup = min(args.cache_warmup_steps, max(1, total_steps // 4)) if caches else 0
     for module in caches:
         module.start_cache_warmup()
-    model.train()
-    step, losses = 0, []  # losses: mean of every 10 steps (read every 10 steps: few host syncs)
-    running = torch.zeros((), device=env.device)
-    bar = tqdm(total=total_steps, disable=args.no_progress or not env.is_main, unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15.0)  # few lines in logs
-    t_train = time.perf_counter()
-    for epoch in range(args.epochs):
-        examples = first_epoch if epoch == 0 else task.train_examples(epoch)
-        for batch in task.batches(examples, args.batch_size, env.rank, env.world_size):
-            if step >= total_steps:
-                break
-            batch = batch.to(env.device)
-            loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
-            optimizer.zero_grad()
-            loss.backward()
-            if timer is not None:
-                timer.step_done()
-            optimizer.step()
-            step += 1
-            running += loss.detach()
-            if caches and step == warmup:  # cache the most accessed rows, then count hits
-                for module in caches:
-                    for name, bag in module.embedding_bags.items():
-                        if bag.config.cache_rows > 0:  # from the warm-up counts (summed over the ranks of a DP table)
-                            module.populate_cache(name, optimizer=optimizer.holding(bag.cache_weight))
-                    module.start_cache_warmup()
-            bar.update(1)
-            if step % 10 == 0 or step == total_steps:
-                losses.append(float(running) / (step - 10 * len(losses)))
-                running.zero_()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    bar.close()
-    train_seconds = time.perf_counter() - t_train
-    results["train"] = {"steps": step, "seconds": train_seconds,
-                        "examples_per_second": step * args.batch_size * env.world_size / max(train_seconds, 1e-9),
-                        "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
+
+    def batches() -> Iterator[Tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]]:
+        for epoch in range(args.epochs):
+            examples = first_epoch if epoch == 0 else task.train_examples(epoch)
+            for batch in task.batches(examples, args.batch_size, env.rank, env.world_size):
+                yield batch.dense, batch.sparse, batch.labels
+
+    def on_step(step: int) -> None:
+        if timer is not None:
+            timer.step_done()
+        if caches and step == warmup:  # cache the most accessed rows, then count hits
+            for module in caches:
+                for name, bag in module.embedding_bags.items():
+                    if bag.config.cache_rows > 0:  # from the warm-up counts (summed over the ranks of a DP table)
+                        module.populate_cache(name, optimizer=optimizer.holding(bag.cache_weight))
+                module.start_cache_warmup()
+
+    results["train"] = train_steps(model, optimizer, batches(), total_steps, env.device,
+                                   args.batch_size * env.world_size,
+                                   show_progress=not args.no_progress and env.is_main, on_step=on_step)
     if timer is not None:
         results["train"]["tt_compute_ms_per_rank"] = timer.per_rank_ms(env)
 
