@@ -34,7 +34,6 @@ N ranks (``DistributedModelParallel``; gloo on CPU, nccl on GPUs)::
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -63,6 +62,7 @@ from torchrec_tt.train_utils import (  # noqa: F401
     Optimizers,
     auc_score,
     embedding_fused_params,
+    run_kinds,
     table_memory,
     train_steps,
 )
@@ -550,30 +550,19 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     return results
 
 
-def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
-    """Train and evaluate every ``--embedding`` kind on the same data; results by kind."""
-    env = Dist(args.device)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)  # optimizer state of rarely seen rows decays into (slow) denormals
-    say = print if env.is_main else (lambda *a, **k: None)
-    t0 = time.perf_counter()
-    data = Prepared(args, say)
-    results = {}
+def variants(args: argparse.Namespace) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """``(name, embedding, kwargs)``: every ``--embedding`` kind, TT kinds at every ``--cache-fraction``."""
+    out = []
     for embedding in args.embedding:
         for fraction in args.cache_fraction if embedding != "dense" else [0.0]:
             name = embedding if len(args.cache_fraction) == 1 or embedding == "dense" else f"{embedding}+cache{fraction:g}"
-            results[name] = train_and_evaluate(args, embedding, env, data, say, fraction)
-            say(format_report(results[name]))
-    if len(results) > 1:
-        say(format_comparison(results))
-    say(f"total {time.perf_counter() - t0:.1f} s")
-    if env.is_main and args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    env.barrier()
-    env.close()
-    return results
+            out.append((name, embedding, {"cache_fraction": fraction}))
+    return out
+
+
+def run(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """Train and evaluate every ``--embedding`` kind on the same data; results by kind."""
+    return run_kinds(args, Prepared, train_and_evaluate, format_report, format_comparison, variants)
 
 
 def format_report(r: Dict[str, Any]) -> str:
