@@ -293,10 +293,6 @@ struct PlanRef {
       : v(PlanView<const int64_t>::make(plan.data_ptr<int64_t>(), nnz, batch_size)),
         num_segments(v.header[static_cast<int64_t>(PlanHeader::kNumSegments)]),
         num_slots(v.header[static_cast<int64_t>(PlanHeader::kNumSlots)]) {}
-
-  int64_t slot_segments(int64_t u) const {
-    return v.slot_segment_start[u + 1] - v.slot_segment_start[u];
-  }
 };
 
 // acc (`numel` entries) = sum over the plan's sorted lookups [k0, k1) of
@@ -343,7 +339,7 @@ class Scratch {
 // The large per-call buffers (at most the scratch budget each) live in grow-only arenas of the
 // calling thread: a fresh allocation would be mapped page by page on first touch, and the kernel's
 // zeroing of those pages costs as much as the products that fill them (tens of MB per batch).
-enum class Arena : int { kOutputs = 0, kChains, kSliceGrads, kCount };
+enum class Arena : int { kOutputs = 0, kCoreGrads, kChains, kSliceGrads, kCount };
 
 template <typename T>
 T* arena(Arena which, int64_t n) {
@@ -353,15 +349,20 @@ T* arena(Arena which, int64_t n) {
   return buf.data();
 }
 
-// Per-worker accumulators (`parts` buffers of rows x row entries, zeroed), summed in part order.
+// Per-worker accumulators (`parts` buffers of rows x row entries, zeroed, in the calling thread's
+// arena `which`), summed in part order.
 template <typename T>
 class PartBuffers {
  public:
-  PartBuffers(int64_t parts, int64_t batch_size, int64_t row)
-      : parts_(parts), size_(batch_size * row), data_(static_cast<size_t>(parts * size_), T(0)) {}
+  PartBuffers(Arena which, int64_t parts, int64_t rows, int64_t row)
+      : parts_(parts), size_(rows * row), data_(arena<T>(which, parts * size_)) {
+    at::parallel_for(0, parts_ * size_, int64_t{1} << 16, [&](int64_t begin, int64_t end) {
+      std::fill(data_ + begin, data_ + end, T(0));
+    });
+  }
 
   T* part(int64_t p) {
-    return data_.data() + p * size_;
+    return data_ + p * size_;
   }
   // part(0)[i] += part(1)[i] + ... in a fixed order, over the rows [begin, end) of width `row`.
   void sum_into_first(int64_t begin, int64_t end, int64_t row) {
@@ -374,7 +375,7 @@ class PartBuffers {
  private:
   int64_t parts_;
   int64_t size_;
-  std::vector<T> data_;
+  T* data_;
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -503,10 +504,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
       std::min<int64_t>(
           available_threads(),
           scratch_budget_bytes() / std::max<int64_t>(1, out_numel * static_cast<int64_t>(sizeof(T)))));
-  T* partial = arena<T>(Arena::kOutputs, max_parts * out_numel);
-  at::parallel_for(0, max_parts * out_numel, 1 << 16, [&](int64_t e0, int64_t e1) {
-    std::fill(partial + e0, partial + e1, T(0));
-  });
+  PartBuffers<T> partial(Arena::kOutputs, max_parts, in.batch_size, in.N);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
     weighted_parallel_for(
@@ -514,7 +512,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
         max_parts,
         [&](int64_t u) { return 2 * plan.v.slot_segment_start[u] + 8 * u; },
         [&](int64_t part, int64_t u_begin, int64_t u_end) {
-          T* yT = partial + part * out_numel;
+          T* yT = partial.part(part);
           std::vector<T> chain(static_cast<size_t>(in.cl.size));
           std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
           std::vector<T> s_buf(static_cast<size_t>(in.last_numel)); // S_s (R' x n_l)
@@ -540,12 +538,9 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
   }
   RECORD_FUNCTION("torchrec_tt::grt_forward::reduce", std::vector<c10::IValue>());
   at::parallel_for(0, in.batch_size, 64, [&](int64_t b_begin, int64_t b_end) {
-    for (int64_t p = 1; p < max_parts; ++p) {
-      const T* src = partial + p * out_numel;
-      axpy((b_end - b_begin) * in.N, T(1), src + b_begin * in.N, partial + b_begin * in.N);
-    }
+    partial.sum_into_first(b_begin, b_end, in.N);
     for (int64_t b = b_begin; b < b_end; ++b) {
-      transpose(in.nl, in.np, partial + b * in.N, out + b * in.N);
+      transpose(in.nl, in.np, partial.part(0) + b * in.N, out + b * in.N);
     }
   });
 }
@@ -703,7 +698,7 @@ void backward_grt(
       1,
       std::min<int64_t>(
           available_threads(), scratch_budget_bytes() / static_cast<int64_t>(total * sizeof(T))));
-  PartBuffers<T> part_grads(max_parts, 1, total);
+  PartBuffers<T> part_grads(Arena::kCoreGrads, max_parts, 1, total);
 
   T* chains = nullptr;
   // dOut_k (chain_rows(k-1) x n_k R[k+1]) of every slot for the middle cores k = 1..d-2: the slot
