@@ -25,18 +25,27 @@ TORCH_LIBRARY(torchrec_tt, m) {
   // layout is csrc/include/torchrec_tt/plan_layout.h (segments ordered by (bag, group), slots =
   // distinct groups ascending). Its size depends only on (nnz, B): no host sync is needed.
   // num_rows >= 0: the table's rows prod(m), against which the indices are checked where this
-  // device checks values (CPU); -1: only non-negativity.
-  m.def("group_plan(Tensor indices, Tensor offsets, int last_rows, int num_rows=-1) -> Tensor");
+  // device checks values (CPU); -1: only non-negativity. cache_ids: the sorted distinct ids of a
+  // hot-row cache (docs/design.md section 10); each bag's cached lookups form its cache segment
+  // (CPU; the CUDA kernels take no cache).
+  m.def(
+      "group_plan(Tensor indices, Tensor offsets, int last_rows, int num_rows=-1, "
+      "Tensor? cache_ids=None) -> Tensor");
   // Pooled TT embedding lookup: (B, N) in the cores' dtype. pooling_mode / variant: the
   // PoolingMode / Variant enums of checks.h. plan: group_plan(indices, offsets, m_{d-1}) of this
   // batch, built once and shared with the backward (grt only; built internally when absent).
+  // cache_weight (K, N) / cache_ids (K,): a hot-row cache; cached lookups read cache_weight rows
+  // instead of the cores (the plan must then be built with the same cache_ids).
   m.def(
       "tt_embedding_bag(Tensor[] cores, Tensor indices, Tensor offsets, "
-      "Tensor? per_sample_weights, int pooling_mode, int variant, Tensor? plan=None) -> Tensor");
-  // Gradients of tt_embedding_bag: dense core grads (shapes of the cores) and the per-sample-weight
-  // grad ((nnz,) if per_sample_weights_requires_grad else an empty tensor).
+      "Tensor? per_sample_weights, int pooling_mode, int variant, Tensor? plan=None, "
+      "Tensor? cache_weight=None, Tensor? cache_ids=None) -> Tensor");
+  // Gradients of tt_embedding_bag: dense core grads (shapes of the cores), the per-sample-weight
+  // grad ((nnz,) if per_sample_weights_requires_grad else an empty tensor) and the cache grad
+  // ((K, N) with a cache, else an empty tensor).
   m.def(
       "tt_embedding_bag_backward(Tensor grad_output, Tensor[] cores, Tensor indices, "
       "Tensor offsets, Tensor? per_sample_weights, int pooling_mode, int variant, "
-      "bool per_sample_weights_requires_grad, Tensor? plan=None) -> (Tensor[] core_grads, Tensor psw_grad)");
+      "bool per_sample_weights_requires_grad, Tensor? plan=None, Tensor? cache_weight=None, "
+      "Tensor? cache_ids=None) -> (Tensor[] core_grads, Tensor psw_grad, Tensor cache_grad)");
 }

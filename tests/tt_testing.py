@@ -160,14 +160,20 @@ def embedding_bag_ref(
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor] = None,
     pooling: str = "sum",
+    cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Pooled lookups from the materialized table (differentiable w.r.t. cores and weights).
 
     ``F.embedding_bag`` only takes per-sample weights with ``mode="sum"``; the contract's
     weighted mean (``c_j = w_j / L_b``) is the weighted sum with the weights divided by
-    the bag length.
+    the bag length. ``cache = (cache_weight, cache_ids)``: the cached rows replace the
+    table's (ids past the table are empty slots; differentiable w.r.t. ``cache_weight``).
     """
     weight = tt_to_dense(list(cores))
+    if cache is not None:
+        cache_weight, cache_ids = cache
+        held = cache_ids < weight.shape[0]
+        weight = weight.index_put((cache_ids[held],), cache_weight[held].to(weight.dtype))
     idx, off = indices.to(torch.int64), offsets.to(torch.int64)
     if per_sample_weights is None:
         return F.embedding_bag(idx, weight, off, mode=pooling, include_last_offset=True)

@@ -14,7 +14,7 @@ from torchrec_tt import _python_ops
 from torchrec_tt._python_ops import prefix_products
 from torchrec_tt.enums import PoolingMode, Variant
 from torchrec_tt.grouping import bag_ids, decompose_indices
-from torchrec_tt.ops import tt_embedding_bag
+from torchrec_tt.ops import fuses_cache, tt_embedding_bag
 
 EVICTION_POLICIES = ("write_back", "drop", "raise")
 
@@ -136,15 +136,22 @@ def cached_tt_embedding_bag(
         per_sample_weights (Optional[Tensor]): ``(L,)``.
         pooling (PoolingMode): sum or mean (the bag's full length divides).
         variant (Variant): the TT part's variant.
-        compact (Optional[bool]): the TT op sees only the misses and the cache only the hits
-            (reads the miss count on the host). Default: on CPU, uncompiled (a read is free
-            there); CUDA and traced graphs use the trailing bag and a zero row (sync-free).
+        compact (Optional[bool]): where the compiled kernels do not serve hits themselves (CUDA,
+            the pure-PyTorch path), how the hits are split off: ``True``, the TT op sees only the
+            misses and the cache only the hits (reads the miss count on the host); ``False``, the
+            trailing bag and a zero row (sync-free). Default: ``None``, the compiled CPU kernels
+            serve the hits (one op, docs/design.md section 10), else ``True`` on CPU, uncompiled
+            (a read is free there), ``False`` on CUDA and in traced graphs. Tests pass a value to
+            run a split on CPU.
         num_rows (Optional[int]): the table's rows (``num_embeddings``), for the hit test
             (:func:`cache_hits`).
 
     Returns:
         Tensor: ``(B, N)``.
     """
+    if compact is None and fuses_cache(indices.device):
+        return tt_embedding_bag(cores, indices, offsets, per_sample_weights, pooling, variant,
+                                cache_weight=cache_weight, cache_ids=cache_ids)
     if offsets.dtype != indices.dtype:
         offsets = offsets.to(indices.dtype)
     batch, cache_size = offsets.numel() - 1, cache_weight.shape[0]

@@ -9,7 +9,7 @@ import importlib
 import math
 import os
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -80,18 +80,27 @@ def _batch_plan(
     per_sample_weights: Optional[torch.Tensor],
     mode: int,
     var: int,
+    cache: Tuple[Optional[torch.Tensor], ...] = (),
 ) -> torch.Tensor:
-    """The packed plan of a grt batch (built once; autograd saves it for the backward)."""
+    """The packed plan of a grt batch (built once; autograd saves it for the backward).
+    ``cache``: ``(cache_weight, cache_ids)`` or empty."""
     last_rows, num_rows = cores[-1].shape[0], math.prod([c.shape[0] for c in cores])
+    cache_ids = cache[1] if cache else None
     if _python_ops.is_tracing(indices, offsets):
         # Traced (compile/export): the op's own checks run when the graph runs.
-        return torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, num_rows)
+        return torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, num_rows, cache_ids)
     try:
-        return torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, num_rows)
+        return torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, num_rows, cache_ids)
     except (ValueError, IndexError, TypeError, RuntimeError):
         # Report bad input as the forward op does, arguments checked in its order.
-        torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var)
+        torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var, None, *cache)
         raise
+
+
+def fuses_cache(device: torch.device) -> bool:
+    """Whether the compiled kernels on ``device`` serve hot-row cache hits themselves (CPU);
+    elsewhere :func:`torchrec_tt.cache.cached_tt_embedding_bag` splits them off."""
+    return device.type == "cpu" and uses_extension(device)
 
 
 def tt_embedding_bag(
@@ -101,6 +110,8 @@ def tt_embedding_bag(
     per_sample_weights: Optional[torch.Tensor] = None,
     pooling: PoolingLike = "sum",
     variant: VariantLike = "grt",
+    cache_weight: Optional[torch.Tensor] = None,
+    cache_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pooled lookups in a TT-compressed table (differentiable).
 
@@ -112,6 +123,10 @@ def tt_embedding_bag(
         pooling (PoolingMode | PoolingType | str): ``SUM``/``"sum"`` or ``MEAN``/``"mean"``.
         variant (Variant | str): ``GRT``/``"grt"`` (group-reduced) or ``TT``/``"tt"`` (one
             chain per lookup).
+        cache_weight (Optional[Tensor]): ``(K, N)`` hot-row cache (cores' dtype), with
+        cache_ids (Optional[Tensor]): ``(K,)`` its rows' ids, int64, distinct and ascending: a
+            lookup of a cached row reads ``cache_weight`` instead of the cores
+            (docs/design.md, section 10).
 
     Raises:
         ValueError: a bad argument, named with the expected and the actual value. On
@@ -124,11 +139,20 @@ def tt_embedding_bag(
     if offsets.dtype != indices.dtype and {indices.dtype, offsets.dtype} <= _INDEX_DTYPES:
         offsets = offsets.to(indices.dtype)  # never cast float offsets: the op rejects them
     cores = list(cores)
+    if (cache_weight is None) != (cache_ids is None):
+        raise ValueError("tt_embedding_bag: cache_weight and cache_ids go together, got "
+                         f"{'cache_weight' if cache_ids is None else 'cache_ids'} alone")
+    if cache_weight is not None and not fuses_cache(indices.device):
+        from torchrec_tt.cache import cached_tt_embedding_bag  # imports this module
+
+        return cached_tt_embedding_bag(cores, cache_weight, cache_ids, indices, offsets, per_sample_weights,
+                                       PoolingMode(mode), Variant(var))
     if uses_extension(indices.device):
         _check_values_outside_kernels(per_sample_weights)
+        cache = () if cache_weight is None else (cache_weight, cache_ids)
         # grt: the batch's plan is built once here; autograd saves it for the backward.
-        plan = _batch_plan(cores, indices, offsets, per_sample_weights, mode, var) if var == Variant.GRT else None
-        return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var, plan)
+        plan = _batch_plan(cores, indices, offsets, per_sample_weights, mode, var, cache) if var == Variant.GRT else None
+        return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var, plan, *cache)
     return _python_ops.tt_embedding_bag_python(cores, indices, offsets, per_sample_weights, mode, var)
 
 
@@ -171,39 +195,43 @@ def _register_extension_ops() -> None:
     """Fake kernels and autograd for the compiled ops (registered once per process)."""
 
     @torch.library.register_fake("torchrec_tt::group_plan")
-    def _group_plan_fake(indices, offsets, last_rows, num_rows=-1):
+    def _group_plan_fake(indices, offsets, last_rows, num_rows=-1, cache_ids=None):
         torch._check(indices.dim() == 1, lambda: f"indices must be 1-D, got {indices.dim()}-D")
         torch._check(offsets.dim() == 1, lambda: f"offsets must be 1-D, got {offsets.dim()}-D")
         return indices.new_empty(plan_numel(indices.shape[0], offsets.shape[0] - 1), dtype=torch.int64)
 
     @torch.library.register_fake("torchrec_tt::tt_embedding_bag")
-    def _forward_fake(cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan=None):
+    def _forward_fake(cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan=None,
+                      cache_weight=None, cache_ids=None):
         torch._check(offsets.dim() == 1, lambda: f"offsets must be 1-D, got {offsets.dim()}-D")
         dim = math.prod(c.shape[2] for c in cores)
         return cores[0].new_empty(offsets.shape[0] - 1, dim)
 
     @torch.library.register_fake("torchrec_tt::tt_embedding_bag_backward")
     def _backward_fake(
-        grad_output, cores, indices, offsets, per_sample_weights, pooling_mode, variant, psw_grad, plan=None
+        grad_output, cores, indices, offsets, per_sample_weights, pooling_mode, variant, psw_grad, plan=None,
+        cache_weight=None, cache_ids=None,
     ):
         weights_grad = (
             per_sample_weights.new_empty(indices.shape[0]) if psw_grad else cores[0].new_empty(0)
         )
-        return [torch.empty_like(c) for c in cores], weights_grad
+        cache_grad = torch.empty_like(cache_weight) if cache_weight is not None else cores[0].new_empty(0)
+        return [torch.empty_like(c) for c in cores], weights_grad, cache_grad
 
     def _setup_context(ctx, inputs, output):
-        cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan = inputs
-        # The dispatcher drops an argument equal to its default (plan=None) from the call, and the
-        # backward must return one gradient per argument actually passed.
-        ctx.num_inputs = 6 if plan is None else 7
+        cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan, cache_weight, cache_ids = inputs
+        # The dispatcher drops trailing arguments equal to their defaults (None) from the call, and
+        # the backward must return one gradient per argument actually passed.
+        optional = (plan, cache_weight, cache_ids)
+        ctx.num_inputs = 6 + max((i + 1 for i, t in enumerate(optional) if t is not None), default=0)
         ctx.num_cores = len(cores)
         ctx.pooling_mode, ctx.variant = pooling_mode, variant
         ctx.psw_requires_grad = per_sample_weights is not None and per_sample_weights.requires_grad
-        ctx.save_for_backward(*cores, indices, offsets, per_sample_weights, plan)
+        ctx.save_for_backward(*cores, indices, offsets, per_sample_weights, plan, cache_weight, cache_ids)
 
     def _backward(ctx, grad_output):
-        *cores, indices, offsets, per_sample_weights, plan = ctx.saved_tensors
-        core_grads, psw_grad = torch.ops.torchrec_tt.tt_embedding_bag_backward(
+        *cores, indices, offsets, per_sample_weights, plan, cache_weight, cache_ids = ctx.saved_tensors
+        core_grads, psw_grad, cache_grad = torch.ops.torchrec_tt.tt_embedding_bag_backward(
             grad_output.contiguous(),
             cores,
             indices,
@@ -213,8 +241,13 @@ def _register_extension_ops() -> None:
             ctx.variant,
             ctx.psw_requires_grad,
             plan,
+            cache_weight,
+            cache_ids,
         )
-        grads = (list(core_grads), None, None, psw_grad if ctx.psw_requires_grad else None, None, None, None)
+        grads = (
+            list(core_grads), None, None, psw_grad if ctx.psw_requires_grad else None, None, None, None,
+            cache_grad if cache_weight is not None else None, None,
+        )
         return grads[: ctx.num_inputs]
 
     torch.library.register_autograd(

@@ -42,6 +42,7 @@ void build_group_plan_cpu(
     int64_t nnz,
     int64_t last_rows,
     int64_t num_groups,
+    const PlanCache& cache,
     int64_t* plan_data) {
   const PlanLayout layout = PlanLayout::make(nnz, batch_size);
   std::fill(plan_data, plan_data + kPlanHeaderSize, int64_t{0});
@@ -66,7 +67,7 @@ void build_group_plan_cpu(
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
-      order_bag_by_group(indices, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
+      order_bag_by_group(indices, cache.slot, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
       int64_t count = 0;
       for (int64_t k = lo; k < hi; ++k) {
         count += (k == lo || sgroup[k] != sgroup[k - 1]) ? 1 : 0;
@@ -80,7 +81,7 @@ void build_group_plan_cpu(
   }
   const int64_t S = bag_seg[batch_size];
 
-  // Pass 2: number the segments.
+  // Pass 2: number the segments (a bag's cached lookups, group num_groups, form its cache segment).
   at::parallel_for(0, batch_size, kBagGrain, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
@@ -90,7 +91,7 @@ void build_group_plan_cpu(
         if (k == lo || sgroup[k] != sgroup[k - 1]) {
           ++s;
           seg_bag[s] = b;
-          seg_group[s] = sgroup[k];
+          seg_group[s] = sgroup[k] == num_groups ? kCacheGroup : sgroup[k];
           seg_start[s] = k;
         }
         lookup_seg[perm[k]] = s;
@@ -98,13 +99,21 @@ void build_group_plan_cpu(
     }
   });
   seg_start[S] = nnz;
+  int64_t num_hits = 0;
+  if (cache.slot != nullptr) {
+    for (int64_t j = 0; j < nnz; ++j) {
+      num_hits += cache.slot[j] >= 0 ? 1 : 0;
+    }
+  }
 
-  // Slots: distinct groups, ascending.
+  // Slots: distinct groups, ascending (cache segments have none: kCacheGroup).
   int64_t U = 0;
   if (num_groups <= 8 * S + 4096) {
     std::vector<int64_t> slot_of(static_cast<size_t>(num_groups), 0);
     for (int64_t s = 0; s < S; ++s) {
-      slot_of[seg_group[s]] = 1;
+      if (seg_group[s] != kCacheGroup) {
+        slot_of[seg_group[s]] = 1;
+      }
     }
     for (int64_t g = 0; g < num_groups; ++g) {
       if (slot_of[g] != 0) {
@@ -113,20 +122,29 @@ void build_group_plan_cpu(
       }
     }
     for (int64_t s = 0; s < S; ++s) {
-      seg_slot[s] = slot_of[seg_group[s]];
+      seg_slot[s] = seg_group[s] == kCacheGroup ? kCacheGroup : slot_of[seg_group[s]];
     }
   } else {
-    std::vector<int64_t> groups(seg_group, seg_group + S);
+    std::vector<int64_t> groups;
+    groups.reserve(static_cast<size_t>(S));
+    for (int64_t s = 0; s < S; ++s) {
+      if (seg_group[s] != kCacheGroup) {
+        groups.push_back(seg_group[s]);
+      }
+    }
     std::sort(groups.begin(), groups.end());
     groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
     U = static_cast<int64_t>(groups.size());
     std::copy(groups.begin(), groups.end(), slot_group);
     at::parallel_for(0, S, kSegmentGrain, [&](int64_t s_begin, int64_t s_end) {
       for (int64_t s = s_begin; s < s_end; ++s) {
-        seg_slot[s] = std::lower_bound(groups.begin(), groups.end(), seg_group[s]) - groups.begin();
+        seg_slot[s] = seg_group[s] == kCacheGroup
+            ? kCacheGroup
+            : std::lower_bound(groups.begin(), groups.end(), seg_group[s]) - groups.begin();
       }
     });
   }
+  const int64_t num_cache_segments = std::count(seg_slot, seg_slot + S, kCacheGroup);
 
   // Segments bucketed by slot: a counting sort (ascending segment id within a slot) over contiguous
   // ranges of segments, each with its own histogram, so that the scatter (random writes, the
@@ -140,7 +158,9 @@ void build_group_plan_cpu(
     for (int64_t r = r_begin; r < r_end; ++r) {
       int64_t* count = cursor.data() + r * U;
       for (int64_t s = range_begin(r); s < range_begin(r + 1); ++s) {
-        ++count[seg_slot[s]];
+        if (seg_slot[s] != kCacheGroup) {
+          ++count[seg_slot[s]];
+        }
       }
     }
   });
@@ -153,12 +173,15 @@ void build_group_plan_cpu(
       running += count;
     }
   }
-  slot_start[U] = S;
+  const int64_t slotted = S - num_cache_segments;
+  slot_start[U] = slotted;
   at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
       int64_t* next = cursor.data() + r * U;
       for (int64_t s = range_begin(r); s < range_begin(r + 1); ++s) {
-        plan.slot_segment[next[seg_slot[s]]++] = s;
+        if (seg_slot[s] != kCacheGroup) {
+          plan.slot_segment[next[seg_slot[s]]++] = s;
+        }
       }
     }
   });
@@ -169,37 +192,96 @@ void build_group_plan_cpu(
   std::fill(seg_group + S, seg_group + nnz, int64_t{0});
   std::fill(seg_slot + S, seg_slot + nnz, int64_t{0});
   std::fill(slot_group + U, slot_group + nnz, int64_t{0});
-  std::fill(slot_start + U + 1, slot_start + nnz + 1, int64_t{S});
-  std::fill(plan.slot_segment + S, plan.slot_segment + nnz, int64_t{0});
+  std::fill(slot_start + U + 1, slot_start + nnz + 1, slotted);
+  std::fill(plan.slot_segment + slotted, plan.slot_segment + nnz, int64_t{0});
 
   plan.header[static_cast<int64_t>(PlanHeader::kNumSegments)] = S;
   plan.header[static_cast<int64_t>(PlanHeader::kNumSlots)] = U;
   plan.header[static_cast<int64_t>(PlanHeader::kNumLookups)] = nnz;
   plan.header[static_cast<int64_t>(PlanHeader::kNumBags)] = batch_size;
   plan.header[static_cast<int64_t>(PlanHeader::kLastRows)] = last_rows;
+  plan.header[static_cast<int64_t>(PlanHeader::kCacheRows)] = cache.rows;
+  plan.header[static_cast<int64_t>(PlanHeader::kNumHits)] = num_hits;
   (void)layout;
 }
 
 template void build_group_plan_cpu<int32_t>(
-    const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t*);
+    const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t, const PlanCache&, int64_t*);
 template void build_group_plan_cpu<int64_t>(
-    const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t*);
+    const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, const PlanCache&, int64_t*);
+
+// Up to this many table rows per lookup, cache_slots_cpu maps ids through a temporary slot map.
+constexpr int64_t kSlotMapRowsPerLookup = 16;
+
+template <typename index_t>
+std::vector<int32_t> cache_slots_cpu(
+    const index_t* indices,
+    int64_t nnz,
+    const int64_t* cache_ids,
+    int64_t cache_rows,
+    int64_t num_rows) {
+  std::vector<int32_t> slot(static_cast<size_t>(nnz));
+  if (num_rows > 0 && num_rows <= kSlotMapRowsPerLookup * nnz) {
+    std::vector<int32_t> slot_of(static_cast<size_t>(num_rows), -1);
+    for (int64_t s = 0; s < cache_rows && cache_ids[s] < num_rows; ++s) {
+      slot_of[cache_ids[s]] = static_cast<int32_t>(s);
+    }
+    at::parallel_for(0, nnz, kSegmentGrain, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        slot[j] = slot_of[static_cast<int64_t>(indices[j])];
+      }
+    });
+    return slot;
+  }
+  at::parallel_for(0, nnz, kSegmentGrain, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t id = static_cast<int64_t>(indices[j]);
+      const int64_t* at_ = std::lower_bound(cache_ids, cache_ids + cache_rows, id);
+      slot[j] = at_ != cache_ids + cache_rows && *at_ == id ? static_cast<int32_t>(at_ - cache_ids) : -1;
+    }
+  });
+  return slot;
+}
+
+template std::vector<int32_t> cache_slots_cpu<int32_t>(const int32_t*, int64_t, const int64_t*, int64_t, int64_t);
+template std::vector<int32_t> cache_slots_cpu<int64_t>(const int64_t*, int64_t, const int64_t*, int64_t, int64_t);
+
+at::Tensor check_cache_ids_cpu(const char* op, const at::Tensor& cache_ids) {
+  TORCH_CHECK_VALUE(
+      cache_ids.dim() == 1 && cache_ids.scalar_type() == at::kLong && cache_ids.device().is_cpu(),
+      op, ": cache_ids must be a 1-D int64 CPU tensor, got ", cache_ids.scalar_type(), " of shape ",
+      cache_ids.sizes(), " on ", cache_ids.device());
+  TORCH_CHECK_VALUE(
+      cache_ids.numel() < (int64_t{1} << 31), op, ": cache_ids holds ", cache_ids.numel(),
+      " rows; at most 2^31 - 1 are supported");
+  at::Tensor ids = cache_ids.contiguous();
+  const int64_t* p = ids.data_ptr<int64_t>();
+  for (int64_t s = 0; s < ids.numel(); ++s) {
+    TORCH_CHECK_VALUE(p[s] >= 0, op, ": cache_ids[", s, "] = ", p[s], " is negative");
+    TORCH_CHECK_VALUE(
+        s == 0 || p[s] > p[s - 1], op, ": cache_ids must be distinct and ascending, got cache_ids[",
+        s - 1, "] = ", p[s - 1], " then cache_ids[", s, "] = ", p[s]);
+  }
+  return ids;
+}
 
 at::Tensor check_plan_cpu(
     const char* op,
     const at::Tensor& plan,
     int64_t nnz,
     int64_t batch_size,
-    int64_t last_rows) {
+    int64_t last_rows,
+    int64_t cache_rows) {
   at::Tensor p = check_plan_shape(op, plan, nnz, batch_size, c10::Device(c10::kCPU));
   const int64_t* h = p.data_ptr<int64_t>();
   const auto at_ = [&](PlanHeader f) { return h[static_cast<int64_t>(f)]; };
   TORCH_CHECK_VALUE(
       at_(PlanHeader::kNumLookups) == nnz && at_(PlanHeader::kNumBags) == batch_size &&
-          at_(PlanHeader::kLastRows) == last_rows,
+          at_(PlanHeader::kLastRows) == last_rows && at_(PlanHeader::kCacheRows) == cache_rows,
       op, ": plan was built for another batch or table (nnz ", at_(PlanHeader::kNumLookups),
-      ", B ", at_(PlanHeader::kNumBags), ", last_rows ", at_(PlanHeader::kLastRows),
-      "); this call has nnz ", nnz, ", B ", batch_size, ", last_rows ", last_rows);
+      ", B ", at_(PlanHeader::kNumBags), ", last_rows ", at_(PlanHeader::kLastRows), ", cache rows ",
+      at_(PlanHeader::kCacheRows), "); this call has nnz ", nnz, ", B ", batch_size, ", last_rows ",
+      last_rows, ", cache rows ", cache_rows);
   return p;
 }
 
@@ -212,24 +294,25 @@ at::Tensor plan_for_batch_cpu(
     int64_t batch_size,
     int64_t nnz,
     int64_t last_rows,
-    int64_t num_groups) {
+    int64_t num_groups,
+    const PlanCache& cache) {
   if (plan.has_value()) {
-    return check_plan_cpu(op, *plan, nnz, batch_size, last_rows);
+    return check_plan_cpu(op, *plan, nnz, batch_size, last_rows, cache.rows);
   }
   RECORD_FUNCTION("torchrec_tt::grt::build_plan", std::vector<c10::IValue>());
   at::Tensor built =
       at::empty({PlanLayout::make(nnz, batch_size).numel}, at::TensorOptions().dtype(at::kLong));
   build_group_plan_cpu<index_t>(
-      indices, offsets, batch_size, nnz, last_rows, num_groups, built.data_ptr<int64_t>());
+      indices, offsets, batch_size, nnz, last_rows, num_groups, cache, built.data_ptr<int64_t>());
   return built;
 }
 
 template at::Tensor plan_for_batch_cpu<int32_t>(
     const char*, const std::optional<at::Tensor>&, const int32_t*, const int32_t*, int64_t, int64_t,
-    int64_t, int64_t);
+    int64_t, int64_t, const PlanCache&);
 template at::Tensor plan_for_batch_cpu<int64_t>(
     const char*, const std::optional<at::Tensor>&, const int64_t*, const int64_t*, int64_t, int64_t,
-    int64_t, int64_t);
+    int64_t, int64_t, const PlanCache&);
 
 namespace {
 
@@ -237,9 +320,12 @@ at::Tensor group_plan_cpu(
     const at::Tensor& indices_in,
     const at::Tensor& offsets_in,
     int64_t last_rows,
-    int64_t num_rows) {
+    int64_t num_rows,
+    const std::optional<at::Tensor>& cache_ids_in) {
   constexpr const char* op = "group_plan";
   check_group_plan_inputs(op, indices_in, offsets_in, last_rows, c10::DeviceType::CPU);
+  const std::optional<at::Tensor> cache_ids =
+      cache_ids_in.has_value() ? std::optional<at::Tensor>(check_cache_ids_cpu(op, *cache_ids_in)) : std::nullopt;
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t nnz = indices.numel();
@@ -256,8 +342,15 @@ at::Tensor group_plan_cpu(
       max_index = std::max<int64_t>(max_index, static_cast<int64_t>(idx[j]));
     }
     const int64_t num_groups = max_index < 0 ? 0 : max_index / last_rows + 1;
+    std::vector<int32_t> slots;
+    PlanCache cache;
+    if (cache_ids.has_value()) {
+      cache.rows = cache_ids->numel();
+      slots = cache_slots_cpu<index_t>(idx, nnz, cache_ids->data_ptr<int64_t>(), cache.rows, num_rows);
+      cache.slot = slots.data();
+    }
     build_group_plan_cpu<index_t>(
-        idx, off, batch_size, nnz, last_rows, num_groups, plan.data_ptr<int64_t>());
+        idx, off, batch_size, nnz, last_rows, num_groups, cache, plan.data_ptr<int64_t>());
   });
   return plan;
 }

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
 #include <c10/util/irange.h>
@@ -249,7 +250,9 @@ struct Batch {
       const scalar_t* psw_,
       int64_t batch_size_,
       int64_t nnz_,
-      bool mean)
+      bool mean,
+      const scalar_t* cache_ = nullptr,
+      const int32_t* cache_slot_ = nullptr)
       : L(layout),
         cores(core_ptrs),
         indices(indices_),
@@ -264,7 +267,9 @@ struct Batch {
         N(np * nl),
         last_numel(layout.slice_numel(layout.d - 1)),
         core_last(core_ptrs.p[layout.d - 1]),
-        coef{offsets_, psw_, mean} {}
+        coef{offsets_, psw_, mean},
+        cache(cache_),
+        cache_slot(cache_slot_) {}
 
   const TTLayout& L;
   CorePtrs<scalar_t> cores;
@@ -281,6 +286,10 @@ struct Batch {
   int64_t last_numel;
   const scalar_t* core_last;
   BagCoefficients<scalar_t, index_t> coef;
+  // Hot-row cache (docs/design.md section 10; nullable): its rows (K x N), and for the tt variant
+  // each lookup's slot (-1: not cached; grt reads hits from the plan's cache segments).
+  const scalar_t* cache;
+  const int32_t* cache_slot;
 };
 
 // The plan's arrays as const pointers, with its counts.
@@ -293,7 +302,37 @@ struct PlanRef {
       : v(PlanView<const int64_t>::make(plan.data_ptr<int64_t>(), nnz, batch_size)),
         num_segments(v.header[static_cast<int64_t>(PlanHeader::kNumSegments)]),
         num_slots(v.header[static_cast<int64_t>(PlanHeader::kNumSlots)]) {}
+
+  // The range [*begin, *end) of the plan's sorted lookups in bag b's cache segment (empty if none).
+  void cache_lookups(int64_t b, int64_t* begin, int64_t* end) const {
+    const int64_t s = v.bag_segment_start[b + 1] - 1;
+    const bool cached = s >= v.bag_segment_start[b] && v.segment_group[s] == kCacheGroup;
+    *begin = cached ? v.segment_start[s] : 0;
+    *end = cached ? v.segment_start[s + 1] : 0;
+  }
 };
+
+// out_b (N) += c_j * cache[slot] for a cached lookup j of bag b (coefficient scale_b * w_j).
+template <typename scalar_t, typename index_t>
+inline void add_cached_row(const Batch<scalar_t, index_t>& in, int64_t j, int64_t slot, scalar_t scale, scalar_t* out_b) {
+  axpy(in.N, scale * in.coef.weight(j), in.cache + slot * in.N, out_b);
+}
+
+// Backward of add_cached_row: dcache[slot] += c_j * g_b and psw_grad[j] = scale_b <cache[slot], g_b>.
+template <typename scalar_t, typename index_t>
+inline void cached_row_backward(
+    const Batch<scalar_t, index_t>& in,
+    int64_t j,
+    int64_t slot,
+    scalar_t scale,
+    const scalar_t* g_b,
+    scalar_t* dcache,
+    scalar_t* psw_grad) {
+  axpy(in.N, scale * in.coef.weight(j), g_b, dcache + slot * in.N);
+  if (psw_grad != nullptr) {
+    psw_grad[j] = scale * dot(in.N, in.cache + slot * in.N, g_b);
+  }
+}
 
 // acc (`numel` entries) = sum over the plan's sorted lookups [k0, k1) of
 // scale * w_j * slices[last_j] (each slice `numel` contiguous entries).
@@ -399,6 +438,9 @@ void forward_tt(const Batch<scalar_t, index_t>& in, scalar_t* out) {
           const T scale = in.coef.scale(b);
           std::fill(yT, yT + in.N, T(0));
           for (int64_t j = in.offsets[b]; j < static_cast<int64_t>(in.offsets[b + 1]); ++j) {
+            if (in.cache_slot != nullptr && in.cache_slot[j] >= 0) {
+              continue; // added below, in the output's layout
+            }
             row_digits(in.L, static_cast<int64_t>(in.indices[j]), digits);
             const T* q = prefix_chain(in.L, in.cl, in.cores, digits, chain);
             transpose(in.np, in.rp, q, qT);
@@ -409,6 +451,11 @@ void forward_tt(const Batch<scalar_t, index_t>& in, scalar_t* out) {
                 /*ldb=*/in.np, yT, /*ldc=*/in.np);
           }
           transpose(in.nl, in.np, yT, out + b * in.N);
+          for (int64_t j = in.offsets[b]; in.cache_slot != nullptr && j < static_cast<int64_t>(in.offsets[b + 1]); ++j) {
+            if (in.cache_slot[j] >= 0) {
+              add_cached_row(in, j, in.cache_slot[j], scale, out + b * in.N);
+            }
+          }
         }
       });
 }
@@ -541,6 +588,12 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
     partial.sum_into_first(b_begin, b_end, in.N);
     for (int64_t b = b_begin; b < b_end; ++b) {
       transpose(in.nl, in.np, partial.part(0) + b * in.N, out + b * in.N);
+      int64_t k0 = 0, k1 = 0;
+      plan.cache_lookups(b, &k0, &k1);
+      const T scale = in.coef.scale(b);
+      for (int64_t k = k0; k < k1; ++k) {
+        add_cached_row(in, plan.v.sorted_lookup[k], plan.v.sorted_last[k], scale, out + b * in.N);
+      }
     }
   });
 }
@@ -572,7 +625,8 @@ void backward_tt(
     const Batch<scalar_t, index_t>& in,
     const scalar_t* grad_out,
     scalar_t* const* grads,
-    scalar_t* psw_grad) {
+    scalar_t* psw_grad,
+    scalar_t* dcache) {
   using T = scalar_t;
   const TransposedCores<T> cores_t(in.L, in.cores);
   const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
@@ -607,6 +661,9 @@ void backward_tt(
         const T scale = in.coef.scale(b);
         const T* g = grad_out + b * in.N; // (N' x n_l)
         for (int64_t j = in.offsets[b]; j < static_cast<int64_t>(in.offsets[b + 1]); ++j) {
+          if (in.cache_slot != nullptr && in.cache_slot[j] >= 0) {
+            continue; // cached_rows_backward
+          }
           const T c = scale * in.coef.weight(j);
           row_digits(in.L, static_cast<int64_t>(in.indices[j]), digits);
           const int64_t last = digits[in.L.d - 1];
@@ -649,6 +706,17 @@ void backward_tt(
       });
     }
   }
+  if (dcache != nullptr) {
+    // One pass in lookup order (a cached row's gradient sums over bags: no race, deterministic).
+    for (int64_t b = 0; b < in.batch_size; ++b) {
+      const T scale = in.coef.scale(b);
+      for (int64_t j = in.offsets[b]; j < static_cast<int64_t>(in.offsets[b + 1]); ++j) {
+        if (in.cache_slot[j] >= 0) {
+          cached_row_backward(in, j, in.cache_slot[j], scale, grad_out + b * in.N, dcache, psw_grad);
+        }
+      }
+    }
+  }
 }
 
 // grt backward over the plan, in chunks of slots (for_each_slot_chunk) whose chains and dOut
@@ -671,8 +739,22 @@ void backward_grt(
     const PlanRef& plan,
     const scalar_t* grad_out,
     scalar_t* const* grads,
-    scalar_t* psw_grad) {
+    scalar_t* psw_grad,
+    scalar_t* dcache) {
   using T = scalar_t;
+  if (dcache != nullptr) {
+    // The cache segments, bag by bag (a cached row's gradient sums over bags: no race, deterministic).
+    RECORD_FUNCTION("torchrec_tt::grt_backward::cache", std::vector<c10::IValue>());
+    for (int64_t b = 0; b < in.batch_size; ++b) {
+      int64_t k0 = 0, k1 = 0;
+      plan.cache_lookups(b, &k0, &k1);
+      const T scale = in.coef.scale(b);
+      for (int64_t k = k0; k < k1; ++k) {
+        cached_row_backward(
+            in, plan.v.sorted_lookup[k], plan.v.sorted_last[k], scale, grad_out + b * in.N, dcache, psw_grad);
+      }
+    }
+  }
   const int64_t S = plan.num_segments;
   if (S == 0) { // every bag is empty: all gradients are zero
     for (int64_t k = 0; k < in.L.d; ++k) {
@@ -882,15 +964,67 @@ TTInputs check_inputs(
   return in;
 }
 
-// The batch's plan: the one passed in (checked against the batch), else built here.
+// The hot-row cache of one call (docs/design.md section 10), checked: its rows and ids, and the
+// per-lookup slots (computed here for the tt variant and for a grt plan built here).
+struct CallCache {
+  at::Tensor weight; // (K, N), the cores' dtype, contiguous; undefined: no cache
+  at::Tensor ids; // (K,) int64, distinct ascending
+  std::vector<int32_t> slots; // (nnz,) or empty
+
+  int64_t rows() const {
+    return weight.defined() ? weight.size(0) : 0;
+  }
+  PlanCache plan_cache() const {
+    return PlanCache{rows(), slots.empty() ? nullptr : slots.data()};
+  }
+};
+
+CallCache check_cache(
+    const char* op,
+    const TTInputs& in,
+    const std::optional<at::Tensor>& cache_weight,
+    const std::optional<at::Tensor>& cache_ids,
+    int64_t variant,
+    bool plan_given) {
+  CallCache cache;
+  TORCH_CHECK_VALUE(
+      cache_weight.has_value() == cache_ids.has_value(), op,
+      ": cache_weight and cache_ids go together, got ", cache_weight.has_value() ? "cache_weight" : "cache_ids",
+      " alone");
+  if (!cache_weight.has_value()) {
+    return cache;
+  }
+  cache.ids = check_cache_ids_cpu(op, *cache_ids);
+  const at::Tensor& w = *cache_weight;
+  const int64_t k = cache.ids.numel();
+  const int64_t n = in.layout.embedding_dim();
+  TORCH_CHECK_VALUE(
+      w.dim() == 2 && w.size(0) == k && w.size(1) == n, op, ": cache_weight must have shape (", k, ", ",
+      n, ") (cache_ids' rows, the embedding dim), got ", w.sizes());
+  TORCH_CHECK_VALUE(
+      w.scalar_type() == in.cores[0].scalar_type() && w.device().is_cpu(), op,
+      ": cache_weight must be a CPU tensor of the cores' dtype ", in.cores[0].scalar_type(), ", got ",
+      w.scalar_type(), " on ", w.device());
+  cache.weight = w.contiguous();
+  if (static_cast<Variant>(variant) == Variant::kTT || !plan_given) {
+    TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_cache_slots_cpu", [&] {
+      cache.slots = cache_slots_cpu<index_t>(
+          in.indices.data_ptr<index_t>(), in.nnz, cache.ids.data_ptr<int64_t>(), k, in.layout.num_rows());
+    });
+  }
+  return cache;
+}
+
+// The batch's plan: the one passed in (checked against the batch and the cache), else built here.
 template <typename scalar_t, typename index_t>
 at::Tensor grt_plan(
     const char* op,
     const std::optional<at::Tensor>& plan,
-    const Batch<scalar_t, index_t>& batch) {
+    const Batch<scalar_t, index_t>& batch,
+    const CallCache& cache) {
   return plan_for_batch_cpu<index_t>(
       op, plan, batch.indices, batch.offsets, batch.batch_size, batch.nnz, batch.L.last_rows(),
-      batch.L.num_groups());
+      batch.L.num_groups(), cache.plan_cache());
 }
 
 template <typename scalar_t>
@@ -902,6 +1036,15 @@ CorePtrs<scalar_t> core_ptrs(const std::vector<at::Tensor>& cores) {
   return p;
 }
 
+template <typename scalar_t, typename index_t>
+Batch<scalar_t, index_t> make_batch(const TTInputs& in, const CallCache& cache, bool mean) {
+  return Batch<scalar_t, index_t>(
+      in.layout, core_ptrs<scalar_t>(in.cores), in.indices.data_ptr<index_t>(),
+      in.offsets.data_ptr<index_t>(), in.psw.has_value() ? in.psw->data_ptr<scalar_t>() : nullptr,
+      in.batch_size, in.nnz, mean, cache.weight.defined() ? cache.weight.data_ptr<scalar_t>() : nullptr,
+      cache.slots.empty() ? nullptr : cache.slots.data());
+}
+
 at::Tensor tt_embedding_bag_cpu(
     at::TensorList cores,
     const at::Tensor& indices,
@@ -909,23 +1052,21 @@ at::Tensor tt_embedding_bag_cpu(
     const std::optional<at::Tensor>& per_sample_weights,
     int64_t pooling_mode,
     int64_t variant,
-    const std::optional<at::Tensor>& plan) {
+    const std::optional<at::Tensor>& plan,
+    const std::optional<at::Tensor>& cache_weight,
+    const std::optional<at::Tensor>& cache_ids) {
   constexpr const char* op = "tt_embedding_bag";
   const TTInputs in =
       check_inputs(op, cores, indices, offsets, per_sample_weights, pooling_mode, variant);
-  const TTLayout& L = in.layout;
-  at::Tensor out = at::empty({in.batch_size, L.embedding_dim()}, in.cores[0].options());
+  const CallCache cache = check_cache(op, in, cache_weight, cache_ids, variant, plan.has_value());
+  at::Tensor out = at::empty({in.batch_size, in.layout.embedding_dim()}, in.cores[0].options());
   const bool mean = static_cast<PoolingMode>(pooling_mode) == PoolingMode::kMean;
   TORCHREC_TT_DISPATCH_CPU_FLOAT_TYPES(in.cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
-    const auto cp = core_ptrs<scalar_t>(in.cores);
-    const scalar_t* psw = in.psw.has_value() ? in.psw->data_ptr<scalar_t>() : nullptr;
     scalar_t* y = out.data_ptr<scalar_t>();
     TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_cpu_idx", [&] {
-      const index_t* idx = in.indices.data_ptr<index_t>();
-      const index_t* off = in.offsets.data_ptr<index_t>();
-      const Batch<scalar_t, index_t> batch(L, cp, idx, off, psw, in.batch_size, in.nnz, mean);
+      const auto batch = make_batch<scalar_t, index_t>(in, cache, mean);
       if (static_cast<Variant>(variant) == Variant::kGRT) {
-        const at::Tensor p = grt_plan(op, plan, batch);
+        const at::Tensor p = grt_plan(op, plan, batch, cache);
         forward_grt(batch, PlanRef(p, in.nnz, in.batch_size), y);
       } else {
         forward_tt(batch, y);
@@ -935,7 +1076,7 @@ at::Tensor tt_embedding_bag_cpu(
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> tt_embedding_bag_backward_cpu(
     const at::Tensor& grad_output,
     at::TensorList cores,
     const at::Tensor& indices,
@@ -944,12 +1085,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
     int64_t pooling_mode,
     int64_t variant,
     bool per_sample_weights_requires_grad,
-    const std::optional<at::Tensor>& plan) {
+    const std::optional<at::Tensor>& plan,
+    const std::optional<at::Tensor>& cache_weight,
+    const std::optional<at::Tensor>& cache_ids) {
   constexpr const char* op = "tt_embedding_bag_backward";
   const TTInputs in =
       check_inputs(op, cores, indices, offsets, per_sample_weights, pooling_mode, variant);
-  const TTLayout& L = in.layout;
   check_backward_inputs(op, grad_output, in, per_sample_weights_requires_grad);
+  const CallCache cache = check_cache(op, in, cache_weight, cache_ids, variant, plan.has_value());
   const at::Tensor grad_out = grad_output.contiguous();
   const bool mean = static_cast<PoolingMode>(pooling_mode) == PoolingMode::kMean;
 
@@ -962,32 +1105,30 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
   }
   at::Tensor psw_grad = at::empty(
       {per_sample_weights_requires_grad ? in.nnz : 0}, in.cores[0].options());
+  at::Tensor cache_grad = cache.weight.defined() ? at::zeros_like(cache.weight) : at::empty({0}, in.cores[0].options());
 
   TORCHREC_TT_DISPATCH_CPU_FLOAT_TYPES(in.cores[0].scalar_type(), "tt_embedding_bag_backward_cpu", [&] {
     static_assert(
         std::is_same_v<acc_type_t<scalar_t>, scalar_t>,
         "CPU core gradients accumulate in place: the accumulation type must be the core dtype");
-    const auto cp = core_ptrs<scalar_t>(in.cores);
-    const scalar_t* psw = in.psw.has_value() ? in.psw->data_ptr<scalar_t>() : nullptr;
     scalar_t* grads[kMaxCores] = {};
     for (const auto k : c10::irange(core_grads.size())) {
       grads[k] = core_grads[k].data_ptr<scalar_t>();
     }
     scalar_t* dpsw = per_sample_weights_requires_grad ? psw_grad.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dcache = cache.weight.defined() ? cache_grad.data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_backward_cpu_idx", [&] {
-      const index_t* idx = in.indices.data_ptr<index_t>();
-      const index_t* off = in.offsets.data_ptr<index_t>();
-      const Batch<scalar_t, index_t> batch(L, cp, idx, off, psw, in.batch_size, in.nnz, mean);
+      const auto batch = make_batch<scalar_t, index_t>(in, cache, mean);
       if (static_cast<Variant>(variant) == Variant::kGRT) {
-        const at::Tensor p = grt_plan(op, plan, batch);
-        backward_grt(batch, PlanRef(p, in.nnz, in.batch_size), g, grads, dpsw);
+        const at::Tensor p = grt_plan(op, plan, batch, cache);
+        backward_grt(batch, PlanRef(p, in.nnz, in.batch_size), g, grads, dpsw, dcache);
       } else {
-        backward_tt(batch, g, grads, dpsw);
+        backward_tt(batch, g, grads, dpsw, dcache);
       }
     });
   });
-  return {core_grads, psw_grad};
+  return {core_grads, psw_grad, cache_grad};
 }
 
 } // namespace

@@ -231,12 +231,23 @@ std::optional<at::Tensor> check_plan(
   return check_plan_shape(op, *plan, in.nnz, in.batch_size, in.indices.device());
 }
 
+// The CUDA kernels take no hot-row cache: torchrec_tt.cache splits cached lookups off on CUDA
+// (sync-free; docs/design.md section 10).
+void reject_cache(const char* op, const std::optional<at::Tensor>& cache_arg) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !cache_arg.has_value(), op,
+      ": the CUDA kernels take no cache arguments; call torchrec_tt.cache.cached_tt_embedding_bag, "
+      "which serves cached rows outside the op on CUDA");
+}
+
 at::Tensor group_plan_cuda(
     const at::Tensor& indices_in,
     const at::Tensor& offsets_in,
     int64_t last_rows,
-    int64_t num_rows) {
+    int64_t num_rows,
+    const std::optional<at::Tensor>& cache_ids) {
   constexpr const char* op = "group_plan";
+  reject_cache(op, cache_ids);
   check_group_plan_inputs(op, indices_in, offsets_in, last_rows, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(indices_in.device());
   const at::Tensor indices = indices_in.contiguous();
@@ -291,8 +302,12 @@ at::Tensor tt_embedding_bag_cuda(
     const std::optional<at::Tensor>& per_sample_weights,
     int64_t pooling_mode,
     int64_t variant,
-    const std::optional<at::Tensor>& plan_in) {
+    const std::optional<at::Tensor>& plan_in,
+    const std::optional<at::Tensor>& cache_weight,
+    const std::optional<at::Tensor>& cache_ids) {
   constexpr const char* op = "tt_embedding_bag";
+  reject_cache(op, cache_weight);
+  reject_cache(op, cache_ids);
   const c10::cuda::CUDAGuard guard(indices.device());
   const TTInputs in = check_cuda_inputs(
       op, cores, indices, offsets, per_sample_weights, pooling_mode, variant, /*backward=*/false);
@@ -315,7 +330,7 @@ at::Tensor tt_embedding_bag_cuda(
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> tt_embedding_bag_backward_cuda(
     const at::Tensor& grad_output,
     at::TensorList cores,
     const at::Tensor& indices,
@@ -324,8 +339,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
     int64_t pooling_mode,
     int64_t variant,
     bool per_sample_weights_requires_grad,
-    const std::optional<at::Tensor>& plan_in) {
+    const std::optional<at::Tensor>& plan_in,
+    const std::optional<at::Tensor>& cache_weight,
+    const std::optional<at::Tensor>& cache_ids) {
   constexpr const char* op = "tt_embedding_bag_backward";
+  reject_cache(op, cache_weight);
+  reject_cache(op, cache_ids);
   const c10::cuda::CUDAGuard guard(indices.device());
   const TTInputs in = check_cuda_inputs(
       op, cores, indices, offsets, per_sample_weights, pooling_mode, variant, /*backward=*/true);
@@ -370,7 +389,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
   for (auto& gk : acc_grads) {
     core_grads.push_back(reduced ? gk.to(dtype) : gk);
   }
-  return {core_grads, psw_grad};
+  return {core_grads, psw_grad, at::empty({0}, in.cores[0].options())};
 }
 
 } // namespace

@@ -73,7 +73,7 @@ def test_compiled_backward_matches_python(
     gen = torch.Generator().manual_seed(problem.seed)
     grad_output = torch.randn(problem.batch_size, problem.dim, generator=gen, dtype=torch.float64).to(dtype).to(device)
     args = (grad_output, cores, indices, offsets, psw, pooling_mode, variant, psw_requires_grad)
-    core_grads, psw_grad = _ops().tt_embedding_bag_backward(*args)
+    core_grads, psw_grad, _ = _ops().tt_embedding_bag_backward(*args)
     ref_core_grads, ref_psw_grad = _python_ops.tt_embedding_bag_backward_python(*args)
     assert len(core_grads) == len(cores)
     for k, (g, r, c) in enumerate(zip(core_grads, ref_core_grads, cores)):
@@ -150,7 +150,7 @@ def test_meta_shapes(p, q, ranks, nnz, batch, weighted):
         dim *= n
     out = _ops().tt_embedding_bag(cores, indices, offsets, psw, 0, 1)
     assert out.device.type == "meta" and out.shape == (batch, dim) and out.dtype == torch.float64
-    grads, psw_grad = _ops().tt_embedding_bag_backward(
+    grads, psw_grad, _ = _ops().tt_embedding_bag_backward(
         torch.empty(batch, dim, device="meta", dtype=torch.float64), cores, indices, offsets, psw, 1, 0, weighted
     )
     assert [g.shape for g in grads] == [c.shape for c in cores]

@@ -76,8 +76,8 @@ def test_given_plan_and_built_plan_agree_bitwise(dtype):
         ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1, plan),
         ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1),
     )
-    with_plan, _ = ops.tt_embedding_bag_backward(grad, cores, indices, offsets, None, 0, 1, False, plan)
-    without, _ = ops.tt_embedding_bag_backward(grad, cores, indices, offsets, None, 0, 1, False)
+    with_plan, _, _ = ops.tt_embedding_bag_backward(grad, cores, indices, offsets, None, 0, 1, False, plan)
+    without, _, _ = ops.tt_embedding_bag_backward(grad, cores, indices, offsets, None, 0, 1, False)
     for a, b in zip(with_plan, without):
         assert torch.equal(a, b)
 

@@ -50,19 +50,23 @@ struct BagOrderScratch {
   std::vector<int64_t> last;
 };
 
-// Bags up to this many lookups are ordered by counting ranks (n^2 compares, branch-free and
-// vectorized; a comparison sort of ~45 keys is dominated by mispredicted branches), larger ones by
-// std::sort.
-constexpr int64_t kRankSortMaxLookups = 96;
+// Bags up to this many (uncached) lookups are ordered by counting ranks (n^2 compares, branch-free
+// and vectorized), larger ones by std::sort: a comparison sort is dominated by mispredicted branches
+// (MovieLens history bags, a third of whose lookups are in bags of 97-250: the plan took 0.75 ms
+// per 22k lookups with the switch at 96, 0.69 ms at 192).
+constexpr int64_t kRankSortMaxLookups = 192;
 
 // Orders the lookups [lo, hi) of one bag by (group, position), the order of the plan's segments and
 // of the lookups within a segment, writing for each rank k in [lo, hi): perm[k] (the lookup),
-// group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. Keys are
+// group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. With
+// cache_slot (nullable; -1: not cached), a cached lookup takes group num_groups (after every real
+// group: the bag's cached lookups come last, in position order) and last = its cache slot. Keys are
 // (group << 20 | position): distinct, so a key's rank is its place. Bags of 2^20 or more lookups, or
 // groups past 2^43, sort (group, position) pairs instead (never, in practice).
 template <typename index_t>
 inline void order_bag_by_group(
     const index_t* indices,
+    const int32_t* cache_slot,
     int64_t lo,
     int64_t hi,
     const FastDivmod& divmod,
@@ -76,7 +80,11 @@ inline void order_bag_by_group(
   bool sorted = true;
   int64_t prev = -1;
   for (int64_t j = lo; j < hi; ++j) {
-    const int64_t g = divmod.divmod(static_cast<int64_t>(indices[j]), &last[j]);
+    int64_t g = divmod.divmod(static_cast<int64_t>(indices[j]), &last[j]);
+    if (cache_slot != nullptr && cache_slot[j] >= 0) {
+      g = num_groups;
+      last[j] = cache_slot[j];
+    }
     group[j] = g;
     perm[j] = j;
     sorted &= g >= prev;
@@ -94,26 +102,35 @@ inline void order_bag_by_group(
     group[lo + k] = g[t];
     last[lo + k] = r[t];
   };
-  if (n < (int64_t{1} << kPositionBits) && num_groups < (int64_t{1} << (62 - kPositionBits))) {
+  if (n < (int64_t{1} << kPositionBits) && num_groups + 1 < (int64_t{1} << (62 - kPositionBits))) {
+    // Only the uncached lookups are ranked; the cached ones (group num_groups) follow them in
+    // position order.
     scratch.key.resize(static_cast<size_t>(n));
     int64_t* const key = scratch.key.data();
+    int64_t ranked = 0;
     for (int64_t t = 0; t < n; ++t) {
-      key[t] = (g[t] << kPositionBits) | t;
+      key[ranked] = (g[t] << kPositionBits) | t;
+      ranked += g[t] < num_groups ? 1 : 0;
     }
-    if (n <= kRankSortMaxLookups) {
-      for (int64_t t = 0; t < n; ++t) {
+    if (ranked <= kRankSortMaxLookups) {
+      for (int64_t t = 0; t < ranked; ++t) {
         const int64_t mine = key[t];
         int64_t below = 0;
-        for (int64_t u = 0; u < n; ++u) {
+        for (int64_t u = 0; u < ranked; ++u) {
           below += key[u] < mine ? 1 : 0;
         }
-        place(below, t);
+        place(below, mine & ((int64_t{1} << kPositionBits) - 1));
       }
-      return;
+    } else {
+      std::sort(key, key + ranked);
+      for (int64_t k = 0; k < ranked; ++k) {
+        place(k, key[k] & ((int64_t{1} << kPositionBits) - 1));
+      }
     }
-    std::sort(key, key + n);
-    for (int64_t k = 0; k < n; ++k) {
-      place(k, key[k] & ((int64_t{1} << kPositionBits) - 1));
+    for (int64_t t = 0, k = ranked; k < n; ++t) {
+      if (g[t] == num_groups) {
+        place(k++, t);
+      }
     }
     return;
   }
@@ -129,10 +146,34 @@ inline void order_bag_by_group(
   }
 }
 
+// The hot-row cache of a plan (docs/design.md section 10): the rows it holds and, per lookup, the
+// slot that serves it.
+struct PlanCache {
+  int64_t rows = 0; // K (0: no cache)
+  const int32_t* slot = nullptr; // (nnz,) cache slot of each lookup, -1 when not cached
+};
+
+// Cache slot of every lookup (-1: not cached) against the sorted distinct ids `cache_ids` (K; empty
+// slots hold ids >= num_rows). Through a temporary slot map of the table's rows when
+// 0 < num_rows <= 16 nnz (one load per lookup; the map is bounded by the batch's size), else a binary
+// search per lookup. indices are validated (non-negative, below num_rows when num_rows >= 0).
+template <typename index_t>
+std::vector<int32_t> cache_slots_cpu(
+    const index_t* indices,
+    int64_t nnz,
+    const int64_t* cache_ids,
+    int64_t cache_rows,
+    int64_t num_rows);
+
+// Checks cache_ids of an op on CPU: a 1-D int64 CPU tensor of distinct ids in ascending order (K
+// below 2^31). Returns it contiguous.
+at::Tensor check_cache_ids_cpu(const char* op, const at::Tensor& cache_ids);
+
 // Fills the packed plan of a batch (layout: plan_layout.h) at `plan` (PlanLayout::make(nnz,
 // batch_size).numel entries). indices / offsets are the raw contiguous CPU data, already validated:
 // offsets[0] = 0, offsets[B] = nnz, non-decreasing, indices in [0, num_groups * last_rows).
-// Entries past the counts are filled with 0.
+// Lookups with cache.slot[j] >= 0 go to their bag's cache segment. Entries past the counts are
+// filled with 0.
 template <typename index_t>
 void build_group_plan_cpu(
     const index_t* indices,
@@ -141,18 +182,20 @@ void build_group_plan_cpu(
     int64_t nnz,
     int64_t last_rows,
     int64_t num_groups,
+    const PlanCache& cache,
     int64_t* plan);
 
 // Checks a plan passed to tt_embedding_bag(_backward) against the batch: an int64 CPU tensor of the
-// packed size whose header matches (nnz, B, last_rows). Returns it contiguous.
+// packed size whose header matches (nnz, B, last_rows, cache rows K). Returns it contiguous.
 at::Tensor check_plan_cpu(
     const char* op,
     const at::Tensor& plan,
     int64_t nnz,
     int64_t batch_size,
-    int64_t last_rows);
+    int64_t last_rows,
+    int64_t cache_rows);
 
-// The plan of a validated batch: `plan` when given (checked), else built here.
+// The plan of a validated batch: `plan` when given (checked), else built here (with `cache`).
 template <typename index_t>
 at::Tensor plan_for_batch_cpu(
     const char* op,
@@ -162,6 +205,7 @@ at::Tensor plan_for_batch_cpu(
     int64_t batch_size,
     int64_t nnz,
     int64_t last_rows,
-    int64_t num_groups);
+    int64_t num_groups,
+    const PlanCache& cache);
 
 } // namespace torchrec_tt::cpu

@@ -9,7 +9,8 @@
 // known without reading values (no host sync on CUDA; static shapes for fake kernels). Fields
 // indexed by segment or slot are sized by the upper bound L; their first S / U entries are valid.
 //
-//   header             [kHeaderSize]  S (segments), U (slots), L, B, last_rows, then 0s
+//   header             [kHeaderSize]  S (segments), U (slots), L, B, last_rows, K (cache rows the
+//                                     plan was built with, 0: none), H (cache hits), then 0s
 //   lookup_segment     [L]      segment of lookup j
 //   sorted_lookup      [L]      lookups ordered by (bag, group, j): segment s holds
 //                               sorted_lookup[segment_start[s] .. segment_start[s + 1])
@@ -22,6 +23,10 @@
 //   slot_group         [L]      group of slot u (ascending)
 //   slot_segment_start [L + 1]  slot u is used by slot_segment[slot_segment_start[u] .. [u + 1])
 //   slot_segment       [L]      segments bucketed by slot, ascending segment id within a slot
+//
+// Hot-row cache (a plan built with cache_ids; docs/design.md section 10): a bag's cached lookups
+// form one extra segment, the bag's last, with segment_group = kCacheGroup and no slot (it is in no
+// slot's list); its sorted_last entries hold the lookups' cache slots instead of last digits.
 #pragma once
 
 #include <cstdint>
@@ -40,7 +45,12 @@ enum class PlanHeader : int64_t {
   kNumLookups = 2,
   kNumBags = 3,
   kLastRows = 4,
+  kCacheRows = 5,
+  kNumHits = 6,
 };
+
+// segment_group (and segment_slot) of a bag's cache segment: the lookups served by the hot-row cache.
+constexpr int64_t kCacheGroup = -1;
 constexpr int64_t kPlanHeaderSize = 8;
 
 // Field offsets (in int64 elements) within the packed plan of a batch of L lookups and B bags.
