@@ -12,6 +12,7 @@ import torch
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt._python_ops import first_out_of_range
 from torchrec_tt.cache import cache_hits, split_misses
+from torchrec_tt.grouping import GroupPlan
 from torchrec_tt.ops import group_plan
 
 
@@ -33,6 +34,21 @@ def chain_flops(q_shapes: Sequence[int], ranks: Sequence[int]) -> Tuple[int, int
     return sum(steps[:-1]), steps[-1]
 
 
+# The CPU kernels' per-slot choice (csrc/cpu/tt_embedding_bag_cpu.cpp, kRowPathRowsPerSegment;
+# docs/design.md section 3.2): a slot whose segments use at most this many distinct rows per segment
+# computes each of its rows once (row path), else one product per segment (segment path).
+ROW_PATH_ROWS_PER_SEGMENT = 1
+
+
+@dataclass(frozen=True)
+class RowPathStats:
+    """The slots that take the row path: their segments, distinct rows and lookups."""
+
+    segments: float = 0.0
+    rows: float = 0.0
+    lookups: float = 0.0
+
+
 def expected_groups_per_bag(num_groups: int, pooling_factor: float) -> float:
     """Modelled P_G: expected distinct groups among ``P`` uniform draws from ``G`` groups."""
     if num_groups <= 1:
@@ -52,9 +68,12 @@ class OpCounts:
         pooling_factor: ``P = L / B``.
         groups_per_bag: ``P_G = S / B``.
         tt_flops: forward FLOPs of ``tt``: ``L (C_pre + C_last)`` + weighted reduce.
-        grt_flops: forward FLOPs of ``grt`` with batch prefix reuse:
-            ``U C_pre + S C_last`` + intra- and inter-group reduces.
-        grt_no_reuse_flops: ``grt`` without prefix reuse: ``S (C_pre + C_last)`` + reduces.
+        grt_flops: forward FLOPs of ``grt`` with batch prefix reuse, ``U C_pre`` plus, per slot,
+            the last step of the kernels' path: segment path ``S_u C_last`` + intra- and
+            inter-group reduces, row path ``D_u C_last`` (each distinct row once) + ``2 L_u N``.
+        grt_no_reuse_flops: ``grt`` without prefix reuse: ``S C_pre`` + the same last steps.
+        num_distinct_rows: distinct rows ``D`` of the TT part.
+        num_row_path_slots_rows: distinct rows of the slots that take the row path.
         tt_backward_flops / grt_backward_flops: backward FLOPs of the two variants.
         num_cache_hits: lookups served by the hot-row cache (not in ``num_lookups``: every
             other field counts the TT part only).
@@ -72,6 +91,8 @@ class OpCounts:
     tt_backward_flops: int
     grt_backward_flops: int
     num_cache_hits: int = 0
+    num_distinct_rows: int = 0
+    num_row_path_slots_rows: int = 0
 
     @property
     def cache_hit_rate(self) -> float:
@@ -86,18 +107,35 @@ def op_counts_from_stats(
     num_segments: float,
     num_distinct_groups: float,
     num_cache_hits: int = 0,
+    num_distinct_rows: Optional[float] = None,
+    row_path: Optional[RowPathStats] = None,
 ) -> OpCounts:
-    """FLOPs from batch statistics (measured by :func:`count_ops` or modelled by the planner)."""
+    """FLOPs from batch statistics (measured by :func:`count_ops` or modelled by the planner).
+
+    ``row_path``: the measured slots of the row path; ``None`` models every slot alike, all on
+    the row path when ``D <= S`` (``D``: ``num_distinct_rows``, else the expected distinct rows
+    of ``L`` uniform draws).
+    """
     c_pre, c_last = chain_flops(config.tt_q_shapes, config.full_ranks)
     dim = config.embedding_dim
     last_slice = config.full_ranks[-2] * config.tt_q_shapes[-1]
-    intra = 2 * num_lookups * last_slice  # S += c_j * G_d[i_d]
-    inter = num_segments * dim  # y_b += Q S
+    if num_distinct_rows is None:
+        num_distinct_rows = min(num_lookups, expected_groups_per_bag(config.num_embeddings, num_lookups))
+    if row_path is None:
+        on_rows = num_distinct_rows <= ROW_PATH_ROWS_PER_SEGMENT * num_segments
+        row_path = RowPathStats(num_segments, num_distinct_rows, num_lookups) if on_rows else RowPathStats()
+    seg_segments, seg_lookups = num_segments - row_path.segments, num_lookups - row_path.lookups
+    intra = 2 * seg_lookups * last_slice  # S += c_j * G_d[i_d]
+    inter = seg_segments * dim  # y_b += Q S
+    # Row path: W_l = Q G_d[l] once per distinct row, y_b += c_j W_l per lookup (forward); the
+    # backward sums dW_l = sum c_j g_b per lookup, then dG_d[l] += Qᵀ dW_l and dQ += dW_l G_d[l]ᵀ.
+    last_step = seg_segments * c_last + intra + inter + row_path.rows * c_last + 2 * row_path.lookups * dim
     # Backward of tt: reverse chain (two products per step) plus the weighted scatter.
     tt_bwd = num_lookups * 2 * (c_pre + c_last) + 2 * num_lookups * dim
-    # Backward of grt: dS = Qᵀg and dQ += g Sᵀ per segment (2 C_last), dG_d scatter,
-    # and the prefix chain reversed once per distinct group.
-    grt_bwd = num_segments * 2 * c_last + intra + num_distinct_groups * 2 * c_pre
+    # Backward of grt: dS = Qᵀg and dQ += g Sᵀ per segment (2 C_last), dG_d scatter (segment path),
+    # the row path's, and the prefix chain reversed once per distinct group.
+    grt_bwd = (seg_segments * 2 * c_last + intra + row_path.rows * 2 * c_last + 2 * row_path.lookups * dim
+               + num_distinct_groups * 2 * c_pre)
     return OpCounts(
         batch_size=batch_size,
         num_lookups=int(num_lookups),
@@ -106,12 +144,29 @@ def op_counts_from_stats(
         pooling_factor=num_lookups / max(batch_size, 1),
         groups_per_bag=num_segments / max(batch_size, 1),
         tt_flops=int(num_lookups * (c_pre + c_last) + 2 * num_lookups * dim),
-        grt_flops=int(num_distinct_groups * c_pre + num_segments * c_last + intra + inter),
-        grt_no_reuse_flops=int(num_segments * (c_pre + c_last) + intra + inter),
+        grt_flops=int(num_distinct_groups * c_pre + last_step),
+        grt_no_reuse_flops=int(num_segments * c_pre + last_step),
         tt_backward_flops=int(tt_bwd),
         grt_backward_flops=int(grt_bwd),
         num_cache_hits=int(num_cache_hits),
+        num_distinct_rows=int(round(num_distinct_rows)),
+        num_row_path_slots_rows=int(round(row_path.rows)),
     )
+
+
+def row_path_stats(plan: GroupPlan, indices: torch.Tensor, last_rows: int) -> Tuple[RowPathStats, int]:
+    """The slots of ``plan`` that the CPU kernels run on the row path, and the batch's distinct
+    rows ``D`` (``indices``: the plan's lookups)."""
+    num_slots = plan.num_slots
+    segments = torch.bincount(plan.segment_slot, minlength=num_slots)
+    lookups = torch.bincount(plan.segment_slot[plan.lookup_segment], minlength=num_slots)
+    rows = torch.unique(indices.to(torch.int64))
+    row_counts = torch.bincount(torch.searchsorted(plan.slot_group, rows // last_rows), minlength=num_slots)
+    on_rows = row_counts <= ROW_PATH_ROWS_PER_SEGMENT * segments
+    stats = RowPathStats(
+        float(segments[on_rows].sum()), float(row_counts[on_rows].sum()), float(lookups[on_rows].sum())
+    )
+    return stats, rows.numel()
 
 
 def count_ops(
@@ -162,6 +217,7 @@ def count_ops(
         hits = int(hit.sum())
         indices, offsets, _ = split_misses(hit, indices, offsets.to(indices.dtype), None, compact=True)
         plan = group_plan(indices, offsets, config.tt_p_shapes[-1])
+    row_path, num_rows = row_path_stats(plan, indices, config.tt_p_shapes[-1])
     return op_counts_from_stats(
         config,
         batch_size=offsets.numel() - 1,
@@ -169,4 +225,6 @@ def count_ops(
         num_segments=plan.num_segments,
         num_distinct_groups=plan.num_slots,
         num_cache_hits=hits,
+        num_distinct_rows=num_rows,
+        row_path=row_path,
     )

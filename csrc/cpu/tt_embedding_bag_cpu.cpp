@@ -417,6 +417,20 @@ class PartBuffers {
   T* data_;
 };
 
+// The last core with every slice transposed, (m_l, n_l, R'): S^T, dQ's operands and the grt row
+// path read rows.
+template <typename T>
+std::vector<T> transposed_last_core(const TTLayout& L, const T* core_last) {
+  const int64_t slice = L.slice_numel(L.d - 1);
+  std::vector<T> lt(static_cast<size_t>(L.core_numel(L.d - 1)));
+  at::parallel_for(0, L.last_rows(), std::max<int64_t>(1, 16384 / slice), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      transpose(L.prefix_rank(), L.last_dim(), core_last + i * slice, lt.data() + i * slice);
+    }
+  });
+  return lt;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Forward.
 // ----------------------------------------------------------------------------------------------
@@ -535,10 +549,60 @@ void gather_slot_segments(
   }
 }
 
+// The distinct last digits (rows of the group) used by a slot's segments: rows[i] for i < count, and
+// pos[l] = i (pos is -1 elsewhere on entry; reset_row_positions restores that).
+struct SlotRows {
+  std::vector<int32_t> pos; // (m_l,)
+  std::vector<int64_t> rows;
+
+  explicit SlotRows(int64_t last_rows) : pos(static_cast<size_t>(last_rows), -1) {}
+
+  template <typename T>
+  void collect(const PlanRef& plan, const std::vector<SlotSegment<T>>& segs) {
+    rows.clear();
+    for (const SlotSegment<T>& seg : segs) {
+      for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
+        const int64_t l = plan.v.sorted_last[k];
+        if (pos[l] < 0) {
+          pos[l] = static_cast<int32_t>(rows.size());
+          rows.push_back(l);
+        }
+      }
+    }
+  }
+  void reset_row_positions() {
+    for (const int64_t l : rows) {
+      pos[l] = -1;
+    }
+  }
+  int64_t count() const {
+    return static_cast<int64_t>(rows.size());
+  }
+};
+
+// A slot takes the row path when it uses at most this many distinct rows per segment: D rows cost
+// D products R' x N' x n_l in one register-tiled GEMM (M = D n_l), the segment path one product of
+// the same size per segment, each a tiny GEMM (M = n_l) plus a fill and a sum of slices. (0.5 and 2
+// timed the same as 1 on the benchmark tables.) torchrec_tt/op_counts.py models the same rule
+// (ROW_PATH_ROWS_PER_SEGMENT); docs/design.md section 3.2.
+constexpr int64_t kRowPathRowsPerSegment = 1;
+
+// Gathers the transposed slices of `rows` (count x n_l x R', from last_t) into lt_rows.
+template <typename T>
+inline void gather_slices(const T* last_t, const std::vector<int64_t>& rows, int64_t slice, T* lt_rows) {
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::copy(last_t + rows[i] * slice, last_t + (rows[i] + 1) * slice, lt_rows + i * slice);
+  }
+}
+
 // grt forward over the plan, slot-major: per slot u (parallel over slots, balanced by segment
-// count) its chain, Q_u^T (R' x N') kept in the worker's L1, then per segment s of the slot (bag b)
-// S_s = sum_j c_j L_j (R' x n_l) and yT_b (n_l x N') += S_s^T @ Q_u^T into the worker's own output
-// accumulator; the accumulators are summed in part order and transposed into the output. Nothing
+// count) its chain, Q_u^T (R' x N') kept in the worker's L1, then either
+//   segment path: per segment s of the slot (bag b) S_s = sum_j c_j L_j (R' x n_l) and
+//                 yT_b (n_l x N') += S_s^T @ Q_u^T, or
+//   row path (a slot whose segments use few distinct rows, e.g. a hot group shared by many bags):
+//                 the slot's D distinct rows W_l^T = L_l^T @ Q_u^T (n_l x N') as one GEMM, then
+//                 yT_b += c_j W_l^T per lookup (an embedding-bag over the slot's rows),
+// into the worker's own output accumulator; the accumulators are summed in part order and transposed into the output. Nothing
 // per slot goes through memory: a bag-major pass needs every slot's Q^T (2 KB each) stored and
 // gathered again per segment, tens of MB from DRAM on large batches. Deterministic for a fixed
 // thread count.
@@ -552,6 +616,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
           available_threads(),
           scratch_budget_bytes() / std::max<int64_t>(1, out_numel * static_cast<int64_t>(sizeof(T)))));
   PartBuffers<T> partial(Arena::kOutputs, max_parts, in.batch_size, in.N);
+  const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
     weighted_parallel_for(
@@ -564,6 +629,9 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
           std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
           std::vector<T> s_buf(static_cast<size_t>(in.last_numel)); // S_s (R' x n_l)
           std::vector<SlotSegment<T>> segs;
+          SlotRows slot_rows(in.L.last_rows());
+          Scratch<T> lt_rows; // (D n_l x R')
+          Scratch<T> w_t; // (D n_l x N')
           int64_t digits[kMaxCores];
           for (int64_t u = u_begin; u < u_end; ++u) {
             const int64_t first = plan.v.slot_segment_start[u];
@@ -571,6 +639,28 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
             gather_slot_segments(in, plan, yT, first, count, segs);
             group_digits(in.L, plan.v.slot_group[u], digits);
             transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
+            slot_rows.collect(plan, segs);
+            const int64_t num_rows = slot_rows.count();
+            if (num_rows <= kRowPathRowsPerSegment * count) {
+              lt_rows.resize(num_rows * in.last_numel);
+              w_t.resize(num_rows * in.N);
+              gather_slices(last_t.data(), slot_rows.rows, in.last_numel, lt_rows.data());
+              // W^T (D n_l x N') = [L_l^T] (D n_l x R') @ Q_u^T (R' x N')
+              gemm</*kAccumulate=*/false>(
+                  num_rows * in.nl, in.np, in.rp, T(1), lt_rows.data(), /*a_row=*/in.rp, /*a_col=*/1,
+                  qT.data(), /*ldb=*/in.np, w_t.data(), /*ldc=*/in.np);
+              for (const SlotSegment<T>& seg : segs) {
+                T* y_b = yT + seg.bag * in.N;
+                for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
+                  axpy(
+                      in.N, seg.scale * in.coef.weight(plan.v.sorted_lookup[k]),
+                      w_t.data() + slot_rows.pos[plan.v.sorted_last[k]] * in.N, y_b);
+                }
+              }
+              slot_rows.reset_row_positions();
+              continue;
+            }
+            slot_rows.reset_row_positions();
             for (const SlotSegment<T>& seg : segs) {
               segment_reduce(
                   plan, seg.lookup_begin, seg.lookup_end, in.core_last, in.last_numel, in.coef,
@@ -602,19 +692,6 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
 // ----------------------------------------------------------------------------------------------
 // Backward.
 // ----------------------------------------------------------------------------------------------
-
-// The last core with every slice transposed, (m_l, n_l, R'): S^T and dQ's operands read rows.
-template <typename T>
-std::vector<T> transposed_last_core(const TTLayout& L, const T* core_last) {
-  const int64_t slice = L.slice_numel(L.d - 1);
-  std::vector<T> lt(static_cast<size_t>(L.core_numel(L.d - 1)));
-  at::parallel_for(0, L.last_rows(), std::max<int64_t>(1, 16384 / slice), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      transpose(L.prefix_rank(), L.last_dim(), core_last + i * slice, lt.data() + i * slice);
-    }
-  });
-  return lt;
-}
 
 // tt: per lookup, the chain with its intermediates, then
 //   G^T = g_b^T Q (n_l x R'); d core_last[last] += c_j G; dQ = c_j g_b L^T; back through the chain.
@@ -815,16 +892,71 @@ void backward_grt(
             std::vector<T> dA0(static_cast<size_t>(in.L.slice_numel(0)));
             std::vector<T> gT(static_cast<size_t>(in.last_numel)); // G_s^T (n_l x R')
             Scratch<T> s_t; // S_s^T (n_l x R') per segment of the slot
+            Scratch<T> dw; // dW_l (N' x n_l) per distinct row of the slot (row path)
             std::vector<GemmSegment<T>> operands;
             std::vector<SlotSegment<T>> segs;
+            SlotRows slot_rows(in.L.last_rows());
             int64_t digits[kMaxCores];
+            // Down the chain from dQ (in cur): dA_{k-1} (rows x R[k]) = dOut_k (rows x cols) @
+            // slice_k^T; the slice gradients A_{k-1}^T dOut_k are left to the slice pass.
+            const auto chain_down = [&](int64_t u, T* dout, T* cur) {
+              group_digits(in.L, slot_group[u], digits);
+              for (int64_t k = in.L.d - 2; k >= 1; --k) {
+                const int64_t rows = in.L.chain_rows(k - 1);
+                const int64_t cols = in.L.n[k] * in.L.R[k + 1];
+                T* next = k > 1 ? dout + dout_offset[k - 1] : dA0.data();
+                gemm</*kAccumulate=*/false>(
+                    rows, in.L.R[k], cols, T(1), cur, /*a_row=*/cols, /*a_col=*/1,
+                    cores_t.ptrs.p[k] + digits[k] * in.L.slice_numel(k), /*ldb=*/in.L.R[k], next,
+                    /*ldc=*/in.L.R[k]);
+                cur = next;
+              }
+              axpy(in.L.slice_numel(0), T(1), cur, dslice0 + digits[0] * in.L.slice_numel(0));
+            };
             for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
               const int64_t first = slot_seg_start[u];
               const int64_t count = slot_seg_start[u + 1] - first;
               const T* q = chains + (u - u_lo) * in.cl.size + in.cl.offset[in.L.d - 2];
+              gather_slot_segments(in, plan, grad_out, first, count, segs);
+              T* dout = douts + (u - u_lo) * dout_size;
+              // dQ (N' x R') is dOut of the last middle core (or dA_0 when d = 2).
+              T* cur = in.L.d > 2 ? dout + dout_offset[in.L.d - 2] : dA0.data();
+              slot_rows.collect(plan, segs);
+              const int64_t num_rows = slot_rows.count();
+              // The row path has no per-row <W_l, g_b> for weight gradients: those take segments.
+              if (psw_grad == nullptr && num_rows <= kRowPathRowsPerSegment * count) {
+                // dW_l = sum over the slot's lookups of row l of c_j g_b; then
+                // d core_last[l] += Q^T dW_l and dQ = sum_l dW_l L_l^T (one tile pass, K = n_l D).
+                dw.resize(num_rows * in.N);
+                std::fill(dw.data(), dw.data() + num_rows * in.N, T(0));
+                for (const SlotSegment<T>& seg : segs) {
+                  const T* g = grad_out + seg.bag * in.N;
+                  for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
+                    axpy(
+                        in.N, seg.scale * in.coef.weight(sorted_lookups[k]), g,
+                        dw.data() + slot_rows.pos[sorted_last[k]] * in.N);
+                  }
+                }
+                operands.resize(static_cast<size_t>(num_rows));
+                for (int64_t i = 0; i < num_rows; ++i) {
+                  const int64_t l = slot_rows.rows[i];
+                  const T* dw_l = dw.data() + i * in.N; // (N' x n_l)
+                  // d core_last[l]^T (n_l x R') += dW_l^T (n_l x N') @ Q (N' x R')
+                  gemm</*kAccumulate=*/true>(
+                      in.nl, in.rp, in.np, T(1), dw_l, /*a_row=*/1, /*a_col=*/in.nl, q, /*ldb=*/in.rp,
+                      dlast_t + l * in.last_numel, /*ldc=*/in.rp);
+                  operands[i] = {dw_l, last_t.data() + l * in.last_numel, in.nl};
+                }
+                multi_gemm</*kAccumulate=*/false, /*kPrefetchB=*/false>(
+                    in.np, in.rp, [&](int64_t i) { return operands[i]; }, num_rows, T(1), /*a_row=*/in.nl,
+                    /*a_col=*/1, /*ldb=*/in.rp, cur, /*ldc=*/in.rp);
+                slot_rows.reset_row_positions();
+                chain_down(u, dout, cur);
+                continue;
+              }
+              slot_rows.reset_row_positions();
               operands.resize(static_cast<size_t>(count));
               s_t.resize(count * in.last_numel);
-              gather_slot_segments(in, plan, grad_out, first, count, segs);
               for (int64_t i = 0; i < count; ++i) {
                 const SlotSegment<T>& seg = segs[i];
                 const T* g = grad_out + seg.bag * in.N; // (N' x n_l)
@@ -846,27 +978,12 @@ void backward_grt(
                 }
                 operands[i] = {g, st, in.nl};
               }
-              T* dout = douts + (u - u_lo) * dout_size;
               // dQ (N' x R') = sum_s g_s (N' x n_l) @ S_s^T (n_l x R'): one tile pass over the slot's
-              // segments, K = n_l * count. It is dOut of the last middle core (or dA_0 when d = 2).
-              T* cur = in.L.d > 2 ? dout + dout_offset[in.L.d - 2] : dA0.data();
+              // segments, K = n_l * count.
               multi_gemm</*kAccumulate=*/false, /*kPrefetchB=*/false>(
                   in.np, in.rp, [&](int64_t i) { return operands[i]; }, count, T(1), /*a_row=*/in.nl,
                   /*a_col=*/1, /*ldb=*/in.rp, cur, /*ldc=*/in.rp);
-              group_digits(in.L, slot_group[u], digits);
-              // Down the chain: dA_{k-1} (rows x R[k]) = dOut_k (rows x cols) @ slice_k^T; the slice
-              // gradients A_{k-1}^T dOut_k are left to the slice pass.
-              for (int64_t k = in.L.d - 2; k >= 1; --k) {
-                const int64_t rows = in.L.chain_rows(k - 1);
-                const int64_t cols = in.L.n[k] * in.L.R[k + 1];
-                T* next = k > 1 ? dout + dout_offset[k - 1] : dA0.data();
-                gemm</*kAccumulate=*/false>(
-                    rows, in.L.R[k], cols, T(1), cur, /*a_row=*/cols, /*a_col=*/1,
-                    cores_t.ptrs.p[k] + digits[k] * in.L.slice_numel(k), /*ldb=*/in.L.R[k], next,
-                    /*ldc=*/in.L.R[k]);
-                cur = next;
-              }
-              axpy(in.L.slice_numel(0), T(1), cur, dslice0 + digits[0] * in.L.slice_numel(0));
+              chain_down(u, dout, cur);
             }
           });
     }

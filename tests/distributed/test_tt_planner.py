@@ -298,7 +298,9 @@ def test_planner_picks_data_parallel_for_a_hot_small_core_table(caplog) -> None:
         choice, perf = _plan(tables, {"hist": 44.0, "cand": 1.0}, bandwidth=1e6, batch_size=256, caplog=caplog)
     assert choice["hist"] == "data_parallel", choice
     dp, tw = perf[("hist", "data_parallel")], perf[("hist", "table_wise")]
-    assert dp.fwd_compute == pytest.approx(tw.fwd_compute / 2, rel=0.02)  # per rank: its own bags
+    # Per rank: its own bags, half the lookups; a row looked up by bags of both ranks is computed
+    # on both (the row path computes each distinct row of a batch once), so more than half.
+    assert tw.fwd_compute / 2 <= dp.fwd_compute < 0.75 * tw.fwd_compute
     assert dp.fwd_comms == 0 and dp.bwd_comms == pytest.approx(tt_allreduce_ms(tables[0].storage_bytes(), 2, 1e6))
     assert dp.total < tw.total
     # The plan stats table shows the choice (TorchRec's abbreviation, per table).

@@ -124,12 +124,15 @@ def test_count_ops_figure_2():
     assert counts.num_distinct_groups == 2 and counts.num_segments == 2
     assert counts.num_lookups == 4 and counts.batch_size == 1
     # By hand: C_pre = 2*n1*r1*n2*r2 = 2*2*4*2*4 = 128, C_last = 2*(n1 n2)*r2*n3 = 2*4*4*2 = 64,
-    # intra-group reduce 2*L*r2*n3 = 64, inter-group reduce S*N = 16, weighted tt reduce 2*L*N = 64.
+    # weighted tt reduce 2*L*N = 64. grt: group (0,0) has one row in one segment (row path:
+    # D C_last = 64 and y_b += W per lookup, 2*1*8 = 16); group (0,1) has three rows in one segment
+    # (segment path: S C_last = 64, intra-group reduce 2*3*r2*n3 = 48, inter-group reduce S*N = 8).
     assert counts.tt_flops == 4 * (128 + 64) + 64 == 832
-    assert counts.grt_flops == 2 * 128 + 2 * 64 + 64 + 16 == 464
-    assert counts.grt_no_reuse_flops == 2 * (128 + 64) + 64 + 16 == 464
+    assert counts.grt_flops == 2 * 128 + (64 + 16) + (64 + 48 + 8) == 456
+    assert counts.grt_no_reuse_flops == counts.grt_flops  # two segments, two groups
     assert counts.tt_backward_flops == 2 * 4 * (128 + 64) + 64 == 1600
-    assert counts.grt_backward_flops == 2 * 2 * 64 + 64 + 2 * 2 * 128 == 832
+    assert counts.grt_backward_flops == (2 * 64 + 16) + (2 * 64 + 48) + 2 * 2 * 128 == 832
+    assert (counts.num_distinct_rows, counts.num_row_path_slots_rows) == (4, 1)
 
 
 def _flops(fn) -> int:
@@ -199,18 +202,31 @@ def _brute_force_chain_flops(q, ranks):
 
 def _assert_exact_flops(c, problem, bags):
     """Every FLOP count of count_ops equals the DESIGN §1 cost model evaluated on brute-force
-    sets of the batch (L lookups, S (bag, group) pairs, U distinct groups)."""
+    sets of the batch (L lookups, S (bag, group) pairs, U distinct groups, D distinct rows), with
+    the CPU kernels' choice per group (row path when its distinct rows are at most its segments)."""
     last, dim = problem.p_shapes[-1], problem.dim
     lookups = len(problem.indices)
     segments = sum(len({i // last for i in bag}) for bag in bags)
     distinct = len({i // last for i in problem.indices})
     c_pre, c_last = _brute_force_chain_flops(problem.q_shapes, problem.full_ranks)
-    intra = 2 * lookups * problem.full_ranks[-2] * problem.q_shapes[-1]  # S += c_j G_d[i_d]
+    last_slice = problem.full_ranks[-2] * problem.q_shapes[-1]
+    forward = backward = 0
+    for g in {i // last for i in problem.indices}:
+        seg_g = sum(1 for bag in bags if any(i // last == g for i in bag))
+        rows_g = len({i for i in problem.indices if i // last == g})
+        lookups_g = sum(1 for i in problem.indices if i // last == g)
+        if rows_g <= seg_g:  # row path
+            forward += rows_g * c_last + 2 * lookups_g * dim
+            backward += 2 * rows_g * c_last + 2 * lookups_g * dim
+        else:  # segment path: S += c_j G_d[i_d] (intra), y_b += Q S (inter)
+            forward += seg_g * c_last + 2 * lookups_g * last_slice + seg_g * dim
+            backward += 2 * seg_g * c_last + 2 * lookups_g * last_slice
     assert c.tt_flops == lookups * (c_pre + c_last) + 2 * lookups * dim
-    assert c.grt_flops == distinct * c_pre + segments * c_last + intra + segments * dim
-    assert c.grt_no_reuse_flops == segments * (c_pre + c_last) + intra + segments * dim
+    assert c.grt_flops == distinct * c_pre + forward
+    assert c.grt_no_reuse_flops == segments * c_pre + forward
     assert c.tt_backward_flops == 2 * lookups * (c_pre + c_last) + 2 * lookups * dim
-    assert c.grt_backward_flops == 2 * segments * c_last + intra + 2 * distinct * c_pre
+    assert c.grt_backward_flops == backward + 2 * distinct * c_pre
+    assert c.num_distinct_rows == len(set(problem.indices))
 
 
 @settings(deadline=None, max_examples=25)

@@ -1,0 +1,62 @@
+"""The compiled CPU grt kernels' two per-slot paths (docs/design.md, section 3.2): a slot whose
+segments use few distinct rows computes each row once (row path), the others contract per
+segment (segment path). Batches built to put slots on each path, checked against the
+materialized table, in float64, with and without per-sample weights (whose gradient takes the
+segment path in the backward)."""
+
+import pytest
+import torch
+
+from torchrec_tt import TTEmbeddingBagConfig, count_ops
+from torchrec_tt.ops import tt_embedding_bag, uses_extension
+from tt_testing import embedding_bag_ref, grads_or_zeros, random_cores, tolerances
+
+pytestmark = pytest.mark.skipif(
+    not uses_extension(torch.device("cpu")), reason="the C++ extension is not built: no compiled CPU kernels"
+)
+
+P, Q, RANKS = [3, 4, 6], [2, 1, 2], [3, 2]  # 72 rows, groups of 6 rows (id // 6)
+
+
+def _batch(kind: str):
+    if kind == "rows":  # group 2's row 13 in every bag: 1 row, 5 segments
+        bags = [[13, 40], [13], [13, 1], [13, 71], [13, 13]]
+    elif kind == "segments":  # group 3: 6 rows, 2 segments
+        bags = [[18, 19, 20, 21, 22], [19, 23]]
+    else:  # both: group 0 on the row path, group 5 on the segment path
+        bags = [[0, 30, 31, 32], [0, 33], [0], [34, 35, 0, 5]]
+    indices = torch.tensor([i for b in bags for i in b])
+    offsets = torch.tensor([0, *torch.tensor([len(b) for b in bags]).cumsum(0).tolist()])
+    return indices, offsets
+
+
+@pytest.mark.parametrize("kind", ["rows", "segments", "mixed"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_both_paths_match_the_reference(kind, pooling, weighted):
+    indices, offsets = _batch(kind)
+    config = TTEmbeddingBagConfig(name="t", num_embeddings=72, embedding_dim=4, tt_p_shapes=P, tt_q_shapes=Q,
+                                  tt_ranks=RANKS)
+    counts = count_ops(config, indices, offsets)
+    rows_on_row_path = {"rows": counts.num_distinct_rows, "segments": 0}.get(kind)
+    if rows_on_row_path is not None:
+        assert counts.num_row_path_slots_rows == rows_on_row_path
+    else:
+        assert 0 < counts.num_row_path_slots_rows < counts.num_distinct_rows
+    gen = torch.Generator().manual_seed(0)
+    cores = [c.requires_grad_(True) for c in random_cores(P, Q, RANKS, generator=gen)]
+    psw = torch.rand(indices.numel(), generator=gen, dtype=torch.float64, requires_grad=True) if weighted else None
+    out = tt_embedding_bag(cores, indices, offsets, psw, pooling, "grt")
+    ref = embedding_bag_ref(cores, indices, offsets, psw, pooling)
+    torch.testing.assert_close(out, ref, **tolerances(torch.float64))
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    inputs = [*cores, *([psw] if weighted else [])]
+    for got, want in zip(grads_or_zeros(out, inputs, grad), grads_or_zeros(ref, inputs, grad)):
+        torch.testing.assert_close(got, want, **tolerances(torch.float64))
+
+
+def test_row_path_gradcheck():
+    indices, offsets = _batch("mixed")
+    gen = torch.Generator().manual_seed(1)
+    cores = [c.requires_grad_(True) for c in random_cores(P, Q, RANKS, generator=gen)]
+    assert torch.autograd.gradcheck(lambda *cs: tt_embedding_bag(list(cs), indices, offsets, None, "mean", "grt"), cores)
