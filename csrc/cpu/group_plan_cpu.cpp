@@ -157,7 +157,10 @@ void build_group_plan_cpu(
   at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
       int64_t* count = cursor.data() + r * U;
-      for (int64_t s = range_begin(r); s < range_begin(r + 1); ++s) {
+      // Bounds hoisted: the writes through count may alias what range_begin reads, so the compiler
+      // re-evaluated its 64-bit division every iteration.
+      const int64_t s_end = range_begin(r + 1);
+      for (int64_t s = range_begin(r); s < s_end; ++s) {
         if (seg_slot[s] != kCacheGroup) {
           ++count[seg_slot[s]];
         }
@@ -178,7 +181,8 @@ void build_group_plan_cpu(
   at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
       int64_t* next = cursor.data() + r * U;
-      for (int64_t s = range_begin(r); s < range_begin(r + 1); ++s) {
+      const int64_t s_end = range_begin(r + 1);
+      for (int64_t s = range_begin(r); s < s_end; ++s) {
         if (seg_slot[s] != kCacheGroup) {
           plan.slot_segment[next[seg_slot[s]]++] = s;
         }
