@@ -66,7 +66,8 @@ from torchrec_tt.train_utils import (
 )
 
 EMBEDDINGS = ("grt", "tt", "dense")
-DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.1, "tt": 0.1}  # Adagrad of the tables: best of the README grid
+DEFAULT_EMB_LR = 1.0  # Adagrad of the TorchRec tables (every kind): best of the README grid for dense
+DEFAULT_TT_LR = 0.1  # Adagrad of the TT cores: best of the README grid for grt
 
 
 # ----------------------------------------------------------------------------- model
@@ -153,11 +154,11 @@ def cache_hits(cached: Dict[str, torch.Tensor], data: CriteoData, tables: Sequen
     return out
 
 
-def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float, batch_size: int, env: Dist,
-                sample: KeyedJaggedTensor, cache_lr: Optional[float] = None) -> nn.Module:
+def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float, tt_lr: float, batch_size: int,
+                env: Dist, sample: KeyedJaggedTensor, cache_lr: Optional[float] = None) -> nn.Module:
     """``DistributedModelParallel``: every table table-wise on one rank (TorchRec's sharder for
-    the dense tables, ours for the TT ones, one TT-aware planner for both; the tables'
-    Adagrad fused into backward), the MLPs data parallel."""
+    the dense tables at ``emb_lr``, ours for the TT ones at ``tt_lr``, one TT-aware planner for
+    both; the tables' Adagrad fused into backward), the MLPs data parallel."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import ParameterConstraints, Topology
@@ -168,9 +169,8 @@ def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float
     topology = Topology(world_size=env.world_size, compute_device=env.device.type, local_world_size=env.world_size)
     constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], pooling_factors=[1.0])
                    for t in tables}
-    fused = embedding_fused_params(emb_lr)
-    sharders = [EmbeddingBagCollectionSharder(fused_params=fused),
-                TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr, cache_lr))]
+    sharders = [EmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr)),
+                TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(tt_lr, cache_lr))]
     planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints, sample_batch=sample)
     plan = planner.collective_plan(model, sharders, env.pg)
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
@@ -203,7 +203,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the MLPs")
-    p.add_argument("--emb-lr", type=float, default=None, help=f"Adagrad learning rate of the tables (default {DEFAULT_EMB_LR})")
+    p.add_argument("--emb-lr", type=float, default=DEFAULT_EMB_LR,
+                   help="Adagrad learning rate of the TorchRec (uncompressed) tables, in every --embedding kind")
+    p.add_argument("--tt-lr", type=float, default=DEFAULT_TT_LR, help="Adagrad learning rate of the TT cores")
     p.add_argument("--cache-lr", type=float, default=None,
                    help="Adagrad learning rate of the TT tables' cached rows (default: the TT cores' rate)")
     p.add_argument("--seed", type=int, default=0)
@@ -257,8 +259,8 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                        say: Callable[..., None], cache_fraction: float = 0.0) -> Dict[str, Any]:
     """Build, (shard,) train and evaluate one model; returns its results."""
     train, test = data["train"], data["test"]
-    emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
-    results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "world_size": env.world_size,
+    emb_lr, tt_lr = args.emb_lr, (args.tt_lr if embedding != "dense" else None)
+    results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "tt_lr": tt_lr, "world_size": env.world_size,
                                "backend": env.backend, "device": str(env.device), "args": vars(args),
                                "data": data["stats"]}
     t0 = time.perf_counter()
@@ -273,11 +275,11 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                             "test_hit_rate": cache_hits(cached, test, tables)}
     global_batch = args.batch_size * env.world_size
     if env.world_size > 1:
-        model = shard_model(model, tables, emb_lr, args.batch_size, env, train.batch(torch.arange(args.batch_size))[1],
-                            args.cache_lr)
+        model = shard_model(model, tables, emb_lr, args.tt_lr, args.batch_size, env,
+                            train.batch(torch.arange(args.batch_size))[1], args.cache_lr)
     else:
         model = model.to(env.device)
-    optimizer = Optimizers(model, args.lr, emb_lr, args.cache_lr)
+    optimizer = Optimizers(model, args.lr, emb_lr, args.cache_lr, tt_lr=args.tt_lr)
     results["build_seconds"] = time.perf_counter() - t0
 
     # ---- train: every rank takes its slice of each global batch (same permutation everywhere)
@@ -340,7 +342,8 @@ def layer_totals(r: Dict[str, Any]) -> Dict[str, float]:
 
 
 def format_report(r: Dict[str, Any]) -> str:
-    lines = ["", f"== {r['embedding']} | {r['world_size']} rank(s) ({r['backend']}) | table lr {r['emb_lr']} | "
+    lines = ["", f"== {r['embedding']} | {r['world_size']} rank(s) ({r['backend']}) | table lr {r['emb_lr']}"
+             + (f", TT cores lr {r['tt_lr']}" if r.get("tt_lr") is not None else "") + " | "
              f"data: {r['data']['source']}"]
     lines.append(f"{'table':<7} {'rows':>9} {'TT rows (p)':<16} {'ranks':<9} {'MiB':>9} {'dense MiB':>10} {'compression':>11}")
     for t in r["tables"]:
