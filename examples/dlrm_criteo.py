@@ -83,11 +83,43 @@ def build_tables(args: argparse.Namespace, embedding: str, cardinalities: Sequen
                       pooling=PoolingType.SUM, weight_init_min=-args.init_scale, weight_init_max=args.init_scale)
         if embedding != "dense" and rows >= args.tt_threshold_rows:
             cache = {"cache_rows": int(round(cache_fraction * rows))} if cache_fraction > 0 else {}
-            tables.append(TTEmbeddingBagConfig(**common, tt_num_cores=args.tt_cores, variant=embedding,
-                                               tt_ranks=[args.tt_rank] * (args.tt_cores - 1), **cache))
+
+            def tt_table(rank: int) -> TTEmbeddingBagConfig:
+                return TTEmbeddingBagConfig(**common, tt_num_cores=args.tt_cores, variant=embedding,
+                                            tt_ranks=[rank] * (args.tt_cores - 1), **cache)
+
+            if args.tt_min_compression is None:
+                tables.append(tt_table(args.tt_rank))
+            else:
+                tables.append(tt_table(rank_for_compression(tt_table, args.tt_min_compression, name)))
         else:
             tables.append(EmbeddingBagConfig(**common))
     return tables
+
+
+def rank_for_compression(tt_table: Callable[[int], TTEmbeddingBagConfig], min_compression: float, name: str,
+                         max_rank: int = 512) -> int:
+    """The largest uniform inner rank ``r <= max_rank`` whose table ``tt_table(r)`` keeps a
+    compression (``compression_ratio()``: hot-row cache counted) of at least
+    ``min_compression``; raises ``ValueError`` naming the table when not even rank 1 does."""
+    if not tt_table(1).compression_ratio() >= min_compression:
+        raise ValueError(f"table '{name}': --tt-min-compression {min_compression:g} is out of reach; rank 1 "
+                         f"compresses it {tt_table(1).compression_ratio():.1f}x")
+
+    def keeps_it(rank: int) -> bool:
+        try:
+            return tt_table(rank).compression_ratio() >= min_compression
+        except ValueError:  # cores larger than the dense table: far below any useful target
+            return False
+
+    lo, hi = 1, max_rank  # compression falls as the rank grows: bisect for the last rank that keeps it
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if keeps_it(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def build_sparse_arch(tables: Sequence[EmbeddingBagConfig], sparse_grads: bool) -> nn.Module:
@@ -195,6 +227,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tt-threshold-rows", type=int, default=1_000_000,
                    help="tables with at least this many rows are TT (grt/tt); Kaggle: the 5 largest")
     p.add_argument("--tt-rank", type=int, default=32, help="every inner TT rank")
+    p.add_argument("--tt-min-compression", type=float, default=None,
+                   help="instead of --tt-rank: per TT table, the largest uniform inner rank whose compression "
+                        "(hot-row cache counted) stays at least this, e.g. 100")
     p.add_argument("--tt-cores", type=int, default=3)
     p.add_argument("--init-scale", type=float, default=0.05, help="uniform init range of every table (TT: same variance)")
     p.add_argument("--dense-arch", type=ints, default=[64], help="hidden sizes of the dense arch (then embedding-dim)")
@@ -207,7 +242,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="Adagrad learning rate of the TorchRec (uncompressed) tables, in every --embedding kind")
     p.add_argument("--tt-lr", type=float, default=DEFAULT_TT_LR, help="Adagrad learning rate of the TT cores")
     p.add_argument("--cache-lr", type=float, default=None,
-                   help="Adagrad learning rate of the TT tables' cached rows (default: the TT cores' rate)")
+                   help="Adagrad learning rate of the TT tables' cached rows (default: --emb-lr, as they are "
+                        "uncompressed rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
@@ -260,6 +296,7 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     """Build, (shard,) train and evaluate one model; returns its results."""
     train, test = data["train"], data["test"]
     emb_lr, tt_lr = args.emb_lr, (args.tt_lr if embedding != "dense" else None)
+    cache_lr = args.cache_lr if args.cache_lr is not None else emb_lr
     results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "tt_lr": tt_lr, "world_size": env.world_size,
                                "backend": env.backend, "device": str(env.device), "args": vars(args),
                                "data": data["stats"]}
@@ -270,16 +307,16 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     model: nn.Module = build_model(args, tables, sparse_grads=env.world_size == 1)
     cached = warm_up(model, train, args)
     if cached:
-        results["cache"] = {"fraction": cache_fraction, "rows": {n: len(c) for n, c in cached.items()},
+        results["cache"] = {"fraction": cache_fraction, "lr": cache_lr, "rows": {n: len(c) for n, c in cached.items()},
                             "train_hit_rate": cache_hits(cached, train, tables),
                             "test_hit_rate": cache_hits(cached, test, tables)}
     global_batch = args.batch_size * env.world_size
     if env.world_size > 1:
         model = shard_model(model, tables, emb_lr, args.tt_lr, args.batch_size, env,
-                            train.batch(torch.arange(args.batch_size))[1], args.cache_lr)
+                            train.batch(torch.arange(args.batch_size))[1], cache_lr)
     else:
         model = model.to(env.device)
-    optimizer = Optimizers(model, args.lr, emb_lr, args.cache_lr, tt_lr=args.tt_lr)
+    optimizer = Optimizers(model, args.lr, emb_lr, cache_lr, tt_lr=args.tt_lr)
     results["build_seconds"] = time.perf_counter() - t0
 
     # ---- train: every rank takes its slice of each global batch (same permutation everywhere)
@@ -356,7 +393,7 @@ def format_report(r: Dict[str, Any]) -> str:
                  f"{tot['dense_bytes'] / 2**20:>10.2f} {tot['compression']:>10.1f}x")
     c = r.get("cache")
     if c:
-        lines.append(f"hot-row cache: {c['fraction']:g} of each TT table's rows ({sum(c['rows'].values())} rows); "
+        lines.append(f"hot-row cache: {c['fraction']:g} of each TT table's rows ({sum(c['rows'].values())} rows, lr {c['lr']}); "
                      f"TT lookups served by it: {100 * c['train_hit_rate']['all_tt']:.1f} % in training, "
                      f"{100 * c['test_hit_rate']['all_tt']:.1f} % in the test data")
     t, e = r["train"], r["eval"]

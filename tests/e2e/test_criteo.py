@@ -316,3 +316,28 @@ def test_tt_model_trains_its_torchrec_tables_at_the_dense_rate(criteo_example):
                 assert rate == args.lr, name
         assert sum(".cores." in n for n in by_name) == 6 and sum(n.endswith(".weight") and "embedding_bags" in n
                                                                  for n in by_name) == 24
+
+
+def test_tt_min_compression_picks_the_largest_rank_per_table(criteo_example):
+    """--tt-min-compression: each TT table takes the largest uniform rank whose compression,
+    cache counted, stays at the floor (one rank more would break it); an unreachable floor
+    raises ValueError naming the table."""
+    import dataclasses
+
+    from torchrec_tt import TTEmbeddingBagConfig
+
+    cards = [60_000, 7, 45_000, 3] + [10] * 22
+    for extra, fraction in (([], 0.0), (["--cache-fraction", "0.01"], 0.01)):
+        args = criteo_example.parse_args(["--embedding", "grt", "--tt-threshold-rows", "1000",
+                                          "--tt-min-compression", "20", *extra])
+        tt = [t for t in criteo_example.build_tables(args, "grt", cards, fraction) if isinstance(t, TTEmbeddingBagConfig)]
+        assert [t.name for t in tt] == ["cat_0", "cat_2"]
+        for t in tt:
+            rank = t.tt_ranks[0]
+            assert t.tt_ranks == [rank, rank] and t.compression_ratio() >= 20 and (t.cache_rows > 0) == (fraction > 0)
+            bigger = dataclasses.replace(t, tt_ranks=[rank + 1, rank + 1])
+            assert bigger.compression_ratio() < 20
+        assert tt[0].tt_ranks[0] > tt[1].tt_ranks[0]  # the larger table affords the higher rank
+    args = criteo_example.parse_args(["--embedding", "grt", "--tt-threshold-rows", "1000", "--tt-min-compression", "1e6"])
+    with pytest.raises(ValueError, match=r"table 'cat_0': --tt-min-compression 1e\+06 is out of reach; rank 1"):
+        criteo_example.build_tables(args, "grt", cards)
