@@ -76,7 +76,7 @@ def build_tables(args: argparse.Namespace, embedding: str, cardinalities: Sequen
     """One table per categorical feature: a ``TTEmbeddingBagConfig`` when ``embedding`` is
     ``grt``/``tt`` and the table has at least ``--tt-threshold-rows`` rows, else a TorchRec
     ``EmbeddingBagConfig``. TT tables keep ``cache_fraction`` of their rows in a hot-row cache
-    (``cache_rows``; needs a torchrec_tt with the cache, docs/design.md section 9)."""
+    (``cache_rows``; needs a torchrec_tt with the cache, docs/design.md section 10)."""
     tables: List[EmbeddingBagConfig] = []
     for name, rows in zip(CAT_NAMES, cardinalities):
         common = dict(name=name, num_embeddings=int(rows), embedding_dim=args.embedding_dim, feature_names=[name],
