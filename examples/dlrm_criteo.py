@@ -66,7 +66,8 @@ from torchrec_tt.train_utils import (
 )
 
 EMBEDDINGS = ("grt", "tt", "dense")
-DEFAULT_EMB_LR = {"dense": 1.0, "grt": 0.1, "tt": 0.1}  # Adagrad of the tables: best of the README grid
+DEFAULT_EMB_LR = 1.0  # Adagrad of the TorchRec tables (every kind): best of the README grid for dense
+DEFAULT_TT_LR = 0.1  # Adagrad of the TT cores: best of the README grid for grt
 
 
 # ----------------------------------------------------------------------------- model
@@ -75,18 +76,50 @@ def build_tables(args: argparse.Namespace, embedding: str, cardinalities: Sequen
     """One table per categorical feature: a ``TTEmbeddingBagConfig`` when ``embedding`` is
     ``grt``/``tt`` and the table has at least ``--tt-threshold-rows`` rows, else a TorchRec
     ``EmbeddingBagConfig``. TT tables keep ``cache_fraction`` of their rows in a hot-row cache
-    (``cache_rows``; needs a torchrec_tt with the cache, docs/design.md section 9)."""
+    (``cache_rows``; needs a torchrec_tt with the cache, docs/design.md section 10)."""
     tables: List[EmbeddingBagConfig] = []
     for name, rows in zip(CAT_NAMES, cardinalities):
         common = dict(name=name, num_embeddings=int(rows), embedding_dim=args.embedding_dim, feature_names=[name],
                       pooling=PoolingType.SUM, weight_init_min=-args.init_scale, weight_init_max=args.init_scale)
         if embedding != "dense" and rows >= args.tt_threshold_rows:
             cache = {"cache_rows": int(round(cache_fraction * rows))} if cache_fraction > 0 else {}
-            tables.append(TTEmbeddingBagConfig(**common, tt_num_cores=args.tt_cores, variant=embedding,
-                                               tt_ranks=[args.tt_rank] * (args.tt_cores - 1), **cache))
+
+            def tt_table(rank: int) -> TTEmbeddingBagConfig:
+                return TTEmbeddingBagConfig(**common, tt_num_cores=args.tt_cores, variant=embedding,
+                                            tt_ranks=[rank] * (args.tt_cores - 1), **cache)
+
+            if args.tt_min_compression is None:
+                tables.append(tt_table(args.tt_rank))
+            else:
+                tables.append(tt_table(rank_for_compression(tt_table, args.tt_min_compression, name)))
         else:
             tables.append(EmbeddingBagConfig(**common))
     return tables
+
+
+def rank_for_compression(tt_table: Callable[[int], TTEmbeddingBagConfig], min_compression: float, name: str,
+                         max_rank: int = 512) -> int:
+    """The largest uniform inner rank ``r <= max_rank`` whose table ``tt_table(r)`` keeps a
+    compression (``compression_ratio()``: hot-row cache counted) of at least
+    ``min_compression``; raises ``ValueError`` naming the table when not even rank 1 does."""
+    if not tt_table(1).compression_ratio() >= min_compression:
+        raise ValueError(f"table '{name}': --tt-min-compression {min_compression:g} is out of reach; rank 1 "
+                         f"compresses it {tt_table(1).compression_ratio():.1f}x")
+
+    def keeps_it(rank: int) -> bool:
+        try:
+            return tt_table(rank).compression_ratio() >= min_compression
+        except ValueError:  # cores larger than the dense table: far below any useful target
+            return False
+
+    lo, hi = 1, max_rank  # compression falls as the rank grows: bisect for the last rank that keeps it
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if keeps_it(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def build_sparse_arch(tables: Sequence[EmbeddingBagConfig], sparse_grads: bool) -> nn.Module:
@@ -153,11 +186,11 @@ def cache_hits(cached: Dict[str, torch.Tensor], data: CriteoData, tables: Sequen
     return out
 
 
-def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float, batch_size: int, env: Dist,
-                sample: KeyedJaggedTensor, cache_lr: Optional[float] = None) -> nn.Module:
+def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float, tt_lr: float, batch_size: int,
+                env: Dist, sample: KeyedJaggedTensor, cache_lr: Optional[float] = None) -> nn.Module:
     """``DistributedModelParallel``: every table table-wise on one rank (TorchRec's sharder for
-    the dense tables, ours for the TT ones, one TT-aware planner for both; the tables'
-    Adagrad fused into backward), the MLPs data parallel."""
+    the dense tables at ``emb_lr``, ours for the TT ones at ``tt_lr``, one TT-aware planner for
+    both; the tables' Adagrad fused into backward), the MLPs data parallel."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import ParameterConstraints, Topology
@@ -168,9 +201,8 @@ def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float
     topology = Topology(world_size=env.world_size, compute_device=env.device.type, local_world_size=env.world_size)
     constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], pooling_factors=[1.0])
                    for t in tables}
-    fused = embedding_fused_params(emb_lr)
-    sharders = [EmbeddingBagCollectionSharder(fused_params=fused),
-                TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr, cache_lr))]
+    sharders = [EmbeddingBagCollectionSharder(fused_params=embedding_fused_params(emb_lr)),
+                TTEmbeddingBagCollectionSharder(fused_params=embedding_fused_params(tt_lr, cache_lr))]
     planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints, sample_batch=sample)
     plan = planner.collective_plan(model, sharders, env.pg)
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
@@ -195,6 +227,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tt-threshold-rows", type=int, default=1_000_000,
                    help="tables with at least this many rows are TT (grt/tt); Kaggle: the 5 largest")
     p.add_argument("--tt-rank", type=int, default=32, help="every inner TT rank")
+    p.add_argument("--tt-min-compression", type=float, default=None,
+                   help="instead of --tt-rank: per TT table, the largest uniform inner rank whose compression "
+                        "(hot-row cache counted) stays at least this, e.g. 100")
     p.add_argument("--tt-cores", type=int, default=3)
     p.add_argument("--init-scale", type=float, default=0.05, help="uniform init range of every table (TT: same variance)")
     p.add_argument("--dense-arch", type=ints, default=[64], help="hidden sizes of the dense arch (then embedding-dim)")
@@ -203,9 +238,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the MLPs")
-    p.add_argument("--emb-lr", type=float, default=None, help=f"Adagrad learning rate of the tables (default {DEFAULT_EMB_LR})")
+    p.add_argument("--emb-lr", type=float, default=DEFAULT_EMB_LR,
+                   help="Adagrad learning rate of the TorchRec (uncompressed) tables, in every --embedding kind")
+    p.add_argument("--tt-lr", type=float, default=DEFAULT_TT_LR, help="Adagrad learning rate of the TT cores")
     p.add_argument("--cache-lr", type=float, default=None,
-                   help="Adagrad learning rate of the TT tables' cached rows (default: the TT cores' rate)")
+                   help="Adagrad learning rate of the TT tables' cached rows (default: --emb-lr, as they are "
+                        "uncompressed rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
@@ -257,8 +295,9 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                        say: Callable[..., None], cache_fraction: float = 0.0) -> Dict[str, Any]:
     """Build, (shard,) train and evaluate one model; returns its results."""
     train, test = data["train"], data["test"]
-    emb_lr = args.emb_lr if args.emb_lr is not None else DEFAULT_EMB_LR[embedding]
-    results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "world_size": env.world_size,
+    emb_lr, tt_lr = args.emb_lr, (args.tt_lr if embedding != "dense" else None)
+    cache_lr = args.cache_lr if args.cache_lr is not None else emb_lr
+    results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "tt_lr": tt_lr, "world_size": env.world_size,
                                "backend": env.backend, "device": str(env.device), "args": vars(args),
                                "data": data["stats"]}
     t0 = time.perf_counter()
@@ -268,16 +307,16 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
     model: nn.Module = build_model(args, tables, sparse_grads=env.world_size == 1)
     cached = warm_up(model, train, args)
     if cached:
-        results["cache"] = {"fraction": cache_fraction, "rows": {n: len(c) for n, c in cached.items()},
+        results["cache"] = {"fraction": cache_fraction, "lr": cache_lr, "rows": {n: len(c) for n, c in cached.items()},
                             "train_hit_rate": cache_hits(cached, train, tables),
                             "test_hit_rate": cache_hits(cached, test, tables)}
     global_batch = args.batch_size * env.world_size
     if env.world_size > 1:
-        model = shard_model(model, tables, emb_lr, args.batch_size, env, train.batch(torch.arange(args.batch_size))[1],
-                            args.cache_lr)
+        model = shard_model(model, tables, emb_lr, args.tt_lr, args.batch_size, env,
+                            train.batch(torch.arange(args.batch_size))[1], cache_lr)
     else:
         model = model.to(env.device)
-    optimizer = Optimizers(model, args.lr, emb_lr, args.cache_lr)
+    optimizer = Optimizers(model, args.lr, emb_lr, cache_lr, tt_lr=args.tt_lr)
     results["build_seconds"] = time.perf_counter() - t0
 
     # ---- train: every rank takes its slice of each global batch (same permutation everywhere)
@@ -340,7 +379,8 @@ def layer_totals(r: Dict[str, Any]) -> Dict[str, float]:
 
 
 def format_report(r: Dict[str, Any]) -> str:
-    lines = ["", f"== {r['embedding']} | {r['world_size']} rank(s) ({r['backend']}) | table lr {r['emb_lr']} | "
+    lines = ["", f"== {r['embedding']} | {r['world_size']} rank(s) ({r['backend']}) | table lr {r['emb_lr']}"
+             + (f", TT cores lr {r['tt_lr']}" if r.get("tt_lr") is not None else "") + " | "
              f"data: {r['data']['source']}"]
     lines.append(f"{'table':<7} {'rows':>9} {'TT rows (p)':<16} {'ranks':<9} {'MiB':>9} {'dense MiB':>10} {'compression':>11}")
     for t in r["tables"]:
@@ -353,7 +393,7 @@ def format_report(r: Dict[str, Any]) -> str:
                  f"{tot['dense_bytes'] / 2**20:>10.2f} {tot['compression']:>10.1f}x")
     c = r.get("cache")
     if c:
-        lines.append(f"hot-row cache: {c['fraction']:g} of each TT table's rows ({sum(c['rows'].values())} rows); "
+        lines.append(f"hot-row cache: {c['fraction']:g} of each TT table's rows ({sum(c['rows'].values())} rows, lr {c['lr']}); "
                      f"TT lookups served by it: {100 * c['train_hit_rate']['all_tt']:.1f} % in training, "
                      f"{100 * c['test_hit_rate']['all_tt']:.1f} % in the test data")
     t, e = r["train"], r["eval"]

@@ -122,22 +122,34 @@ class Optimizers:
 
     Table parameters are those whose name contains ``"sparse_arch."``; sparse gradients
     (``nn.EmbeddingBag(sparse=True)``) are fine, torch's Adagrad updates only their rows.
-    ``cache_lr``: the learning rate of TT tables' cached rows (``cache_weight``; uncompressed
-    rows want a dense table's rate), default the cores'.
+    Learning rates: ``emb_lr`` for the dense tables; ``tt_lr`` for the TT cores (default
+    ``emb_lr``); ``cache_lr`` for TT tables' cached rows (``cache_weight``; uncompressed rows
+    may want a dense table's rate), default the cores'.
     """
 
-    def __init__(self, model: nn.Module, lr: float, emb_lr: float, cache_lr: Optional[float] = None) -> None:
-        tables, dense, cached = [], [], []
+    def __init__(self, model: nn.Module, lr: float, emb_lr: float, cache_lr: Optional[float] = None,
+                 tt_lr: Optional[float] = None) -> None:
+        from torchrec_tt.modules import TTEmbeddingBag
+
+        tt_lr = emb_lr if tt_lr is None else tt_lr
+        cache_lr = tt_lr if cache_lr is None else cache_lr
+        tt_params = {id(p) for m in model.modules() if isinstance(m, TTEmbeddingBag) for p in m.parameters()}
+        rate_of: Dict[str, float] = {}  # table parameters by name -> their Adagrad rate
+        dense = []
         for name, param in model.named_parameters():
             if not param.requires_grad or getattr(param, "_in_backward_optimizers", None):
                 continue  # stepped in backward by the sharded module's fused optimizer
-            if name.endswith(".cache_weight") and cache_lr is not None:
-                cached.append(param)
-                continue
-            (tables if "sparse_arch." in name else dense).append(param)
+            if name.endswith(".cache_weight"):
+                rate_of[name] = cache_lr
+            elif id(param) in tt_params:
+                rate_of[name] = tt_lr
+            elif "sparse_arch." in name:
+                rate_of[name] = emb_lr
+            else:
+                dense.append(param)
         self.optimizers = [torch.optim.Adam(dense, lr=lr)]
-        low = {n: p for n, p in model.named_parameters()
-               if any(p is t for t in tables + cached) and p.dtype in (torch.float16, torch.bfloat16)}
+        params = dict(model.named_parameters())
+        low = {n: params[n] for n in rate_of if params[n].dtype in (torch.float16, torch.bfloat16)}
         if low:
             # fp16/bf16 TT cores: fp32 Adagrad state and update, stochastic rounding (stepped in
             # backward, as when sharded); a plain torch Adagrad would keep bf16 state and lose
@@ -145,13 +157,14 @@ class Optimizers:
             from torchrec_tt import TTFusedOptimizer
 
             self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS},
-                                                  {n: {"lr": cache_lr} for n in low if n.endswith(".cache_weight")})
-            tables = [t for t in tables if not any(t is p for p in low.values())]
-            cached = [t for t in cached if not any(t is p for p in low.values())]
-        groups = [{"params": tables, "lr": emb_lr}] if tables else []
-        groups += [{"params": cached, "lr": cache_lr}] if cached else []
+                                                  {n: {"lr": rate_of[n]} for n in low})
+        groups: Dict[float, List[torch.Tensor]] = {}
+        for name, rate in rate_of.items():
+            if name not in low:
+                groups.setdefault(rate, []).append(params[name])
         if groups:
-            self.optimizers.append(torch.optim.Adagrad(groups, eps=ADAGRAD_EPS))
+            self.optimizers.append(torch.optim.Adagrad([{"params": g, "lr": r} for r, g in groups.items()],
+                                                       eps=ADAGRAD_EPS))
 
     def holding(self, param: torch.Tensor) -> Optional[torch.optim.Optimizer]:
         """The optimizer that steps ``param`` (e.g. for per-row state that moves with it)."""

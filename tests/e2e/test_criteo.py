@@ -281,3 +281,63 @@ def test_cache_fraction_fills_the_hottest_rows(criteo_example):
     assert cache["train_hit_rate"]["all_tt"] == pytest.approx(hits / lookups)
     tt = [t for t in results["grt+cache0.05"]["tables"] if t["ranks"] is not None]
     assert tt and all(t["cache_rows"] == cache["rows"][t["table"]] for t in tt)
+
+
+def test_tt_model_trains_its_torchrec_tables_at_the_dense_rate(criteo_example):
+    """Regression: a grt/tt model's TorchRec tables train at --emb-lr (the dense model's
+    tuned 1.0), its TT cores at --tt-lr and its cached rows at --cache-lr (default: the
+    cores'). They used to share one rate, so the 21 small tables of the TT model trained at
+    the cores' 0.1 and the AUC gap to the dense model was mostly theirs."""
+    from torchrec_tt import TTEmbeddingBag
+    from torchrec_tt.train_utils import Optimizers
+
+    args = criteo_example.parse_args(["--embedding", "grt", "--tt-threshold-rows", "40", "--tt-rank", "4"])
+    assert (args.emb_lr, args.tt_lr, args.cache_lr) == (1.0, 0.1, None)
+    cards = [60, 7, 45, 3] + [10] * 22
+    tables = criteo_example.build_tables(args, "grt", cards, cache_fraction=0.2)
+    model = criteo_example.build_model(args, tables, sparse_grads=True)
+    tt_bags = [m for m in model.modules() if isinstance(m, TTEmbeddingBag)]
+    assert len(tt_bags) == 2 and all(b.config.cache_rows > 0 for b in tt_bags)
+
+    def rates(optimizers):
+        return {name: next(g["lr"] for g in optimizers.holding(p).param_groups if any(q is p for q in g["params"]))
+                for name, p in model.named_parameters()}
+
+    for cache_lr, expected_cache_lr in ((None, args.tt_lr), (0.5, 0.5)):
+        by_name = rates(Optimizers(model, args.lr, args.emb_lr, cache_lr, tt_lr=args.tt_lr))
+        for name, rate in by_name.items():
+            if name.endswith(".cache_weight"):
+                assert rate == expected_cache_lr, name
+            elif ".cores." in name:
+                assert rate == args.tt_lr, name
+            elif "sparse_arch." in name:
+                assert rate == args.emb_lr, name
+            else:
+                assert rate == args.lr, name
+        assert sum(".cores." in n for n in by_name) == 6 and sum(n.endswith(".weight") and "embedding_bags" in n
+                                                                 for n in by_name) == 24
+
+
+def test_tt_min_compression_picks_the_largest_rank_per_table(criteo_example):
+    """--tt-min-compression: each TT table takes the largest uniform rank whose compression,
+    cache counted, stays at the floor (one rank more would break it); an unreachable floor
+    raises ValueError naming the table."""
+    import dataclasses
+
+    from torchrec_tt import TTEmbeddingBagConfig
+
+    cards = [60_000, 7, 45_000, 3] + [10] * 22
+    for extra, fraction in (([], 0.0), (["--cache-fraction", "0.01"], 0.01)):
+        args = criteo_example.parse_args(["--embedding", "grt", "--tt-threshold-rows", "1000",
+                                          "--tt-min-compression", "20", *extra])
+        tt = [t for t in criteo_example.build_tables(args, "grt", cards, fraction) if isinstance(t, TTEmbeddingBagConfig)]
+        assert [t.name for t in tt] == ["cat_0", "cat_2"]
+        for t in tt:
+            rank = t.tt_ranks[0]
+            assert t.tt_ranks == [rank, rank] and t.compression_ratio() >= 20 and (t.cache_rows > 0) == (fraction > 0)
+            bigger = dataclasses.replace(t, tt_ranks=[rank + 1, rank + 1])
+            assert bigger.compression_ratio() < 20
+        assert tt[0].tt_ranks[0] > tt[1].tt_ranks[0]  # the larger table affords the higher rank
+    args = criteo_example.parse_args(["--embedding", "grt", "--tt-threshold-rows", "1000", "--tt-min-compression", "1e6"])
+    with pytest.raises(ValueError, match=r"table 'cat_0': --tt-min-compression 1e\+06 is out of reach; rank 1"):
+        criteo_example.build_tables(args, "grt", cards)
