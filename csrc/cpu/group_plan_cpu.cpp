@@ -62,12 +62,13 @@ void build_group_plan_cpu(
 
   // Pass 1: order each bag's lookups by (group, j); bag_seg[b + 1] = number of distinct groups.
   const FastDivmod divmod(last_rows);
-  at::parallel_for(0, batch_size, kBagGrain, [&](int64_t b_begin, int64_t b_end) {
+  const int32_t* const cache_slot = cache.slot;
+  at::parallel_for(0, batch_size, kBagGrain, [=, &divmod](int64_t b_begin, int64_t b_end) {
     BagOrderScratch scratch;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
-      order_bag_by_group(indices, cache.slot, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
+      order_bag_by_group(indices, cache_slot, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
       int64_t count = 0;
       for (int64_t k = lo; k < hi; ++k) {
         count += (k == lo || sgroup[k] != sgroup[k - 1]) ? 1 : 0;
@@ -82,7 +83,8 @@ void build_group_plan_cpu(
   const int64_t S = bag_seg[batch_size];
 
   // Pass 2: number the segments (a bag's cached lookups, group num_groups, form its cache segment).
-  at::parallel_for(0, batch_size, kBagGrain, [&](int64_t b_begin, int64_t b_end) {
+  // Captures by value: by reference, every store made the compiler reload the array pointers.
+  at::parallel_for(0, batch_size, kBagGrain, [=](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);

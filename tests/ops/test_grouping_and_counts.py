@@ -88,13 +88,15 @@ def test_group_plan_matches_brute_force(problem, index_dtype, device):
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_group_plan_orders_short_long_and_presorted_bags(index_dtype):
-    """Bags on each side of the compiled op's rank-sort / std::sort switch (96 lookups), bags that
-    are already in group order, and empty ones: lookups ordered by (group, position) per bag."""
+@pytest.mark.parametrize("num_groups", [40, 2**24], ids=["32-bit keys", "64-bit keys"])
+def test_group_plan_orders_short_long_and_presorted_bags(index_dtype, num_groups):
+    """Bags on each side of the compiled op's rank-sort / std::sort switch (192 lookups) and of the
+    32-bit keys' 256 positions, bags that are already in group order, and empty ones: lookups
+    ordered by (group, position) per bag. Group ids past 2^23 take 64-bit keys."""
     g = torch.Generator().manual_seed(0)
     last_rows = 7
-    lengths = [0, 1, 2, 45, 95, 96, 97, 300, 1500, 0, 40]
-    bags = [torch.randint(0, 40 * last_rows, (n,), generator=g) for n in lengths]
+    lengths = [0, 1, 2, 45, 95, 191, 192, 193, 256, 257, 300, 1500, 0, 40]
+    bags = [torch.randint(0, num_groups * last_rows, (n,), generator=g) for n in lengths]
     bags[-1] = torch.sort(bags[-1]).values  # already grouped: the early-out path
     indices = torch.cat(bags).to(index_dtype)
     offsets = torch.tensor([0] + lengths, dtype=index_dtype).cumsum(0).to(index_dtype)
@@ -105,6 +107,26 @@ def test_group_plan_orders_short_long_and_presorted_bags(index_dtype):
         order = unpack_plan(plan, indices.numel(), len(lengths))["sorted_lookup"].tolist()
         expected = sorted(range(indices.numel()), key=lambda j: (_bag_of_lookup(offsets, j), int(indices[j]) // last_rows, j))
         assert order == expected
+
+
+def test_group_plan_with_a_cache_orders_uncached_then_cached():
+    """A bag of 300 lookups of which 200 are cached: 100 ranked (rank sort) and positions past 256;
+    every bag's uncached lookups by (group, position), then its cached ones by position."""
+    if not uses_extension(torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(1)
+    last_rows, rows = 7, 280
+    lengths = [300, 45, 193, 0, 3]
+    indices = torch.randint(0, rows, (sum(lengths),), generator=g)
+    indices[:300][torch.randperm(300, generator=g)[:200]] = 0  # row 0 is cached
+    cache_ids = torch.tensor([0, 5, 17, 100])
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    plan = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, rows, cache_ids)
+    order = unpack_plan(plan, indices.numel(), len(lengths))["sorted_lookup"].tolist()
+    cached = set(cache_ids.tolist())
+    expected = sorted(range(indices.numel()), key=lambda j: (
+        _bag_of_lookup(offsets, j), int(indices[j]) in cached, -1 if int(indices[j]) in cached else int(indices[j]) // last_rows, j))
+    assert order == expected
 
 
 def _bag_of_lookup(offsets: torch.Tensor, j: int) -> int:

@@ -10,6 +10,12 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define TORCHREC_TT_PLAN_INLINE __attribute__((always_inline))
+#else
+#define TORCHREC_TT_PLAN_INLINE
+#endif
+
 namespace torchrec_tt::cpu {
 
 // (index / divisor, index % divisor) for 0 <= index without a hardware 64-bit division (25-40
@@ -46,6 +52,7 @@ class FastDivmod {
 // Per-thread scratch of order_bag_by_group.
 struct BagOrderScratch {
   std::vector<int64_t> key;
+  std::vector<int32_t> key32;
   std::vector<int64_t> group;
   std::vector<int64_t> last;
 };
@@ -97,7 +104,8 @@ inline void order_bag_by_group(
   scratch.last.assign(last + lo, last + hi);
   const int64_t* const g = scratch.group.data();
   const int64_t* const r = scratch.last.data();
-  const auto place = [&](int64_t k, int64_t t) {
+  // By value: captured by reference, the pointers were reloaded after every store.
+  const auto place = [=](int64_t k, int64_t t) TORCHREC_TT_PLAN_INLINE {
     perm[lo + k] = lo + t;
     group[lo + k] = g[t];
     last[lo + k] = r[t];
@@ -112,7 +120,25 @@ inline void order_bag_by_group(
       key[ranked] = (g[t] << kPositionBits) | t;
       ranked += g[t] < num_groups ? 1 : 0;
     }
-    if (ranked <= kRankSortMaxLookups) {
+    // 32-bit keys (group << 8 | position) when they fit: twice the compares per vector.
+    constexpr int kShortPositionBits = 8;
+        if (n <= (int64_t{1} << kShortPositionBits) && ranked <= kRankSortMaxLookups &&
+        num_groups < (int64_t{1} << (31 - kShortPositionBits))) {
+      scratch.key32.resize(static_cast<size_t>(ranked));
+      int32_t* const key32 = scratch.key32.data();
+      for (int64_t t = 0; t < ranked; ++t) {
+        const int64_t position = key[t] & ((int64_t{1} << kPositionBits) - 1);
+        key32[t] = static_cast<int32_t>(((key[t] >> kPositionBits) << kShortPositionBits) | position);
+      }
+      for (int64_t t = 0; t < ranked; ++t) {
+        const int32_t mine = key32[t];
+        int32_t below = 0;
+        for (int64_t u = 0; u < ranked; ++u) {
+          below += key32[u] < mine ? 1 : 0;
+        }
+        place(below, mine & ((1 << kShortPositionBits) - 1));
+      }
+    } else if (ranked <= kRankSortMaxLookups) {
       for (int64_t t = 0; t < ranked; ++t) {
         const int64_t mine = key[t];
         int64_t below = 0;
