@@ -6,8 +6,10 @@
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
-#include <optional>
 #include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
 #include <vector>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -124,19 +126,28 @@ inline void order_bag_by_group(
     constexpr int kShortPositionBits = 8;
         if (n <= (int64_t{1} << kShortPositionBits) && ranked <= kRankSortMaxLookups &&
         num_groups < (int64_t{1} << (31 - kShortPositionBits))) {
-      scratch.key32.resize(static_cast<size_t>(ranked));
+      // Eight keys' ranks at a time, each compared with every key (broadcast): no horizontal sum
+      // per key. The last block is padded with the largest key, whose ranks are not used.
+      typedef int32_t Lanes __attribute__((vector_size(32)));
+      constexpr int64_t kLanes = 8;
+      const int64_t padded = (ranked + kLanes - 1) / kLanes * kLanes;
+      scratch.key32.resize(static_cast<size_t>(padded));
       int32_t* const key32 = scratch.key32.data();
       for (int64_t t = 0; t < ranked; ++t) {
         const int64_t position = key[t] & ((int64_t{1} << kPositionBits) - 1);
         key32[t] = static_cast<int32_t>(((key[t] >> kPositionBits) << kShortPositionBits) | position);
       }
-      for (int64_t t = 0; t < ranked; ++t) {
-        const int32_t mine = key32[t];
-        int32_t below = 0;
+      std::fill(key32 + ranked, key32 + padded, std::numeric_limits<int32_t>::max());
+      for (int64_t block = 0; block < padded; block += kLanes) {
+        Lanes mine;
+        std::memcpy(&mine, key32 + block, sizeof(mine));
+        Lanes below = {};
         for (int64_t u = 0; u < ranked; ++u) {
-          below += key32[u] < mine ? 1 : 0;
+          below -= (Lanes{} + key32[u]) < mine; // true lanes are -1
         }
-        place(below, mine & ((1 << kShortPositionBits) - 1));
+        for (int64_t lane = 0; lane < kLanes && block + lane < ranked; ++lane) {
+          place(below[lane], mine[lane] & ((1 << kShortPositionBits) - 1));
+        }
       }
     } else if (ranked <= kRankSortMaxLookups) {
       for (int64_t t = 0; t < ranked; ++t) {
