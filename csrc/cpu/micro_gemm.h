@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -331,9 +332,50 @@ TORCHREC_TT_ALWAYS_INLINE T dot(int64_t n, const T* TORCHREC_TT_RESTRICT x, cons
   return sum;
 }
 
-// dst[cols x rows] = src[rows x cols]^T.
+#if defined(__AVX__)
+// dst (8 x 8, row stride ldd) = src (8 x 8, row stride lds)^T in registers: pairs of rows
+// interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+TORCHREC_TT_ALWAYS_INLINE void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm256_loadu_ps(src + i * lds);
+  }
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst[cols x rows] = src[rows x cols]^T. Float matrices whose sides are multiples of 8 go by 8 x 8
+// register blocks (the grt forward transposes every slot's Q, 16 x 32 at rank 32: element by
+// element that took as long as the chain product that made it).
 template <typename T>
 inline void transpose(int64_t rows, int64_t cols, const T* TORCHREC_TT_RESTRICT src, T* TORCHREC_TT_RESTRICT dst) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows % 8 == 0 && cols % 8 == 0) {
+      for (int64_t r = 0; r < rows; r += 8) {
+        for (int64_t c = 0; c < cols; c += 8) {
+          transpose_8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       dst[c * rows + r] = src[r * cols + c];

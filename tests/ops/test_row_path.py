@@ -60,3 +60,22 @@ def test_row_path_gradcheck():
     gen = torch.Generator().manual_seed(1)
     cores = [c.requires_grad_(True) for c in random_cores(P, Q, RANKS, generator=gen)]
     assert torch.autograd.gradcheck(lambda *cs: tt_embedding_bag(list(cs), indices, offsets, None, "mean", "grt"), cores)
+
+
+@pytest.mark.parametrize("q, ranks", [([4, 4, 4], [32, 32]), ([2, 4, 8], [8, 16]), ([4, 2, 2], [8, 8])])
+def test_float32_register_block_shapes_match_the_reference(q, ranks):
+    """float32 with N' and R' multiples of 8: Q's transposes go by 8 x 8 register blocks."""
+    p = [5, 6, 7]
+    gen = torch.Generator().manual_seed(2)
+    cores = [c.requires_grad_(True) for c in random_cores(p, q, ranks, dtype=torch.float32, generator=gen)]
+    indices = torch.randint(0, 210, (300,), generator=gen)
+    offsets = torch.tensor([0, 50, 120, 121, 300])
+    for variant in ("grt", "tt"):
+        out = tt_embedding_bag(cores, indices, offsets, None, "sum", variant)
+        ref = embedding_bag_ref([c.double() for c in cores], indices, offsets)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+        grad = torch.randn(out.shape, generator=gen)
+        got = grads_or_zeros(out, cores, grad)
+        want = grads_or_zeros(embedding_bag_ref(cores, indices, offsets), cores, grad)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
