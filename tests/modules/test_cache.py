@@ -329,9 +329,10 @@ def test_planner_prices_the_cache():
     assert math.isclose(cached.compression_ratio(), cached.dense_bytes() / (cached.storage_bytes() + cached.cache_bytes()))
 
 
-def test_compiled_fullgraph_uses_the_sync_free_split():
-    """``torch.compile(fullgraph=True)`` fails on a host read or a data-dependent size: the
-    trailing-bag split (the CUDA path) has neither."""
+def test_compiled_fullgraph_traces_both_cache_paths():
+    """``torch.compile(fullgraph=True)`` fails on a host read or a data-dependent size. Neither the
+    module (on CPU: the cache inside the compiled kernels) nor the trailing-bag split (the CUDA
+    path, forced here with ``compact=False``) has one."""
     torch.manual_seed(0)
     ebc = TTEmbeddingBagCollection([TTEmbeddingBagConfig(
         name="t", num_embeddings=ROWS, embedding_dim=8, feature_names=["f", "g"], tt_p_shapes=[4, 5, 5],
@@ -342,6 +343,16 @@ def test_compiled_fullgraph_uses_the_sync_free_split():
     kjt = KeyedJaggedTensor(keys=["f", "g"], values=torch.tensor([2, 3, 4, 6, 6, 9]), lengths=torch.tensor([2, 3, 0, 1]))
     compiled = torch.compile(ebc, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(kjt).values(), ebc(kjt).values())
+
+    bag = ebc.embedding_bags["t"]
+    ids, offsets = torch.tensor([2, 3, 4, 6, 6, 9]), torch.tensor([0, 2, 5, 5, 6])
+
+    def split(ids, offsets):
+        return cached_tt_embedding_bag(bag.compute_cores(), bag.cache_weight, bag.cache_ids, ids, offsets, None,
+                                       bag._pooling, bag.config.variant, compact=False)
+
+    torch.testing.assert_close(torch.compile(split, backend="eager", fullgraph=True)(ids, offsets),
+                               bag(ids, offsets))
 
 
 def test_planner_measures_the_hit_rate_and_the_sharder_sizes_the_cache():
