@@ -101,11 +101,11 @@ void build_group_plan_cpu(
     }
   });
   seg_start[S] = nnz;
+  // Hits: the lengths of the bags' cache segments (each bag's last, if any): O(B), not O(nnz).
   int64_t num_hits = 0;
-  if (cache.slot != nullptr) {
-    for (int64_t j = 0; j < nnz; ++j) {
-      num_hits += cache.slot[j] >= 0 ? 1 : 0;
-    }
+  for (int64_t b = 0; cache.slot != nullptr && b < batch_size; ++b) {
+    const int64_t s = bag_seg[b + 1] - 1;
+    num_hits += s >= bag_seg[b] && seg_group[s] == kCacheGroup ? seg_start[s + 1] - seg_start[s] : 0;
   }
 
   // Slots: distinct groups, ascending (cache segments have none: kCacheGroup).
@@ -216,7 +216,8 @@ template void build_group_plan_cpu<int32_t>(
 template void build_group_plan_cpu<int64_t>(
     const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, const PlanCache&, int64_t*);
 
-// Up to this many table rows per lookup, cache_slots_cpu maps ids through a temporary slot map.
+// Up to this many table rows per lookup, cache_slots_cpu maps ids through a temporary slot map (the
+// same rule as the split path's torchrec_tt.cache.cache_hits, _SLOT_MAP_ROWS_PER_LOOKUP).
 constexpr int64_t kSlotMapRowsPerLookup = 16;
 
 template <typename index_t>
