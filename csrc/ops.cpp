@@ -48,4 +48,11 @@ TORCH_LIBRARY(torchrec_tt, m) {
       "Tensor offsets, Tensor? per_sample_weights, int pooling_mode, int variant, "
       "bool per_sample_weights_requires_grad, Tensor? plan=None, Tensor? cache_weight=None, "
       "Tensor? cache_ids=None) -> (Tensor[] core_grads, Tensor psw_grad, Tensor cache_grad)");
+  // In-place sum of `tensor` over the world_size ranks of one host that share `segment` (uint8,
+  // mapped from one shared-memory file by every rank; layout in csrc/cpu/shm_all_reduce_cpu.cpp).
+  // step counts the calls on this segment from 1; every rank issues the same calls in the same
+  // order, like any collective. Raises after timeout_s when a rank does not arrive.
+  m.def(
+      "shm_all_reduce_(Tensor(a!) tensor, Tensor(b!) segment, int rank, int world_size, int step, "
+      "float timeout_s) -> ()");
 }

@@ -193,6 +193,8 @@ def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float
     both; the tables' Adagrad fused into backward), the MLPs data parallel."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    from torchrec_tt.distributed import ShmDataParallelWrapper
     from torchrec.distributed.planner import ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv, ShardingType
 
@@ -206,6 +208,7 @@ def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float
     planner = make_tt_planner(topology, batch_size=batch_size, constraints=constraints, sample_batch=sample)
     plan = planner.collective_plan(model, sharders, env.pg)
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
+                                    data_parallel_wrapper=ShmDataParallelWrapper(),
                                     plan=plan, sharders=sharders)
 
 
@@ -246,7 +249,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "uncompressed rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: OMP_NUM_THREADS if set, else cores / local ranks)")
     p.add_argument("--json", default=None, help="write the results to this JSON file (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--cache-fraction", type=_fractions, default=[0.0],

@@ -162,6 +162,8 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
     optimizer fused into backward), the rest data parallel. Returns the model and each
     table's sharding type."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    from torchrec_tt.distributed import ShmDataParallelWrapper
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv
 
@@ -186,6 +188,7 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
     plan = planner.collective_plan(model, sharders, env.pg)
     chosen = {name: p.sharding_type for name, p in plan.plan["sparse_arch"].items()}
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
+                                    data_parallel_wrapper=ShmDataParallelWrapper(),
                                     plan=plan, sharders=sharders), chosen
 
 
@@ -358,7 +361,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-users", type=int, default=20_000, help="users in the AUC evaluation (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: OMP_NUM_THREADS if set, else cores / local ranks)")
     p.add_argument("--json", default=None, help="write the results to this JSON file (rank 0)")
     p.add_argument("--save", default=None,
                    help="save the trained model's state_dict here, '{embedding}' is replaced (world size 1)")

@@ -244,6 +244,17 @@ def train_steps(
             "final_loss": sum(losses[-2:]) / max(1, len(losses[-2:]))}
 
 
+def threads_per_rank(requested: int, world_size: int) -> int:
+    """Intra-op threads of this rank: ``requested`` if > 0, else ``OMP_NUM_THREADS`` when set
+    (``launch/main_job.sh`` sets 1; torchrun sets 1 for several ranks), else the cores shared
+    evenly by this host's ranks."""
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
 def run_kinds(
     args: Any,
     prepare: Callable[[Any, Callable[..., None]], Any],
@@ -258,8 +269,7 @@ def run_kinds(
     kwargs)`` (default: one per ``args.embedding`` kind, no kwargs). Returns the results by
     name."""
     env = Dist(args.device)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads_per_rank(args.threads, env.world_size))
     torch.set_flush_denormal(True)  # optimizer state of rarely seen rows decays into (slow) denormals
     say = print if env.is_main else (lambda *a, **k: None)
     start = time.perf_counter()

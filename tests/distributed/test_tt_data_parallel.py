@@ -33,8 +33,11 @@ from tt_dist_testing import (
     train_step,
     tt_tables,
 )
+import torchrec_tt.distributed.optimizer as tt_optimizer
+from torchrec_tt.ops import HAS_EXTENSION
 from torchrec_tt.distributed import (
     ShardedTTEmbeddingBagCollection,
+    ShmAllReduce,
     TTEmbeddingBagCollectionSharder,
     load_tt_optimizer_state_dict,
     tt_optimizer_state_dict,
@@ -48,24 +51,28 @@ WIDTH = 3  # dense head output
 
 @contextmanager
 def count_collectives() -> Iterator[Dict[str, int]]:
-    """Count calls of ``all_reduce`` and ``all_to_all_single`` (TorchRec's all-to-alls use it)."""
-    counts = {"all_reduce": 0, "all_to_all_single": 0}
-    originals = {name: getattr(dist, name) for name in counts}
+    """Count calls of ``all_reduce`` and ``all_to_all_single`` (TorchRec's all-to-alls use it),
+    and the data-parallel gradient syncs (``host_all_reduce_``: shared memory or gloo)."""
+    counts = {"all_reduce": 0, "all_to_all_single": 0, "gradient_sync": 0}
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_to_all_single")}
+    original_sync = tt_optimizer.host_all_reduce_
 
-    def counting(name):
+    def counting(name, fn):
         def call(*args, **kwargs):
             counts[name] += 1
-            return originals[name](*args, **kwargs)
+            return fn(*args, **kwargs)
 
         return call
 
-    for name in counts:
-        setattr(dist, name, counting(name))
+    for name, fn in originals.items():
+        setattr(dist, name, counting(name, fn))
+    tt_optimizer.host_all_reduce_ = counting("gradient_sync", original_sync)
     try:
         yield counts
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+        tt_optimizer.host_all_reduce_ = original_sync
 
 
 def _sharded_tt(dmp) -> ShardedTTEmbeddingBagCollection:
@@ -94,13 +101,16 @@ def _train_and_compare(ctx, placements, variant: str, seed: int) -> None:
         with count_collectives() as counts:
             out = dmp(batches[rank])
             (out * weights[rank]).sum().backward()
-        # One all-reduce per step for all the data-parallel cores (DDP's reducer, which
-        # averages the dense head, calls the process group directly, not dist.all_reduce).
+        # One gradient all-reduce per step for all the data-parallel cores, through shared
+        # memory when the ranks share the host, else gloo (DDP's reducer, which averages the
+        # dense head, calls its comm hook or the process group, not dist.all_reduce).
         if all(p == "dp" for p in placements.values()):
             assert counts["all_to_all_single"] == 0, counts
         else:
             assert counts["all_to_all_single"] > 0, counts
-        assert counts["all_reduce"] == (1 if world_size > 1 and "dp" in placements.values() else 0), counts
+        syncs = 1 if world_size > 1 and "dp" in placements.values() else 0
+        assert counts["gradient_sync"] == syncs, counts
+        assert counts["all_reduce"] == (0 if ShmAllReduce.for_group(ctx.pg) is not None else syncs), counts
         dense.step()
         dense.zero_grad()
         ref_out = ref(concat_kjts(batches))
@@ -128,8 +138,10 @@ def _train_and_compare(ctx, placements, variant: str, seed: int) -> None:
                 assert torch.equal(value, other[key]), key
 
 
-def _training_worker(rank: int, world_size: int) -> None:
+def _training_worker(rank: int, world_size: int, shared_memory: bool) -> None:
+    os.environ["TORCHREC_TT_SHM_ALLREDUCE"] = "1" if shared_memory else "0"  # read on first use
     with rank_context(rank, world_size) as ctx:
+        assert (ShmAllReduce.for_group(ctx.pg) is not None) == (shared_memory and HAS_EXTENSION)
         _train_and_compare(ctx, ALL_DP, "grt", seed=1)
         _train_and_compare(ctx, MIXED, "tt", seed=2)
 
@@ -189,7 +201,10 @@ def _load_one_rank_worker(rank: int, world_size: int, path: str) -> None:
 
 class TTDataParallelTest(MultiProcessTestBase):
     def test_training_matches_unsharded_data_parallel_and_mixed(self) -> None:
-        self._run_multi_process_test(callable=_training_worker, world_size=2)
+        self._run_multi_process_test(callable=_training_worker, world_size=2, shared_memory=True)
+
+    def test_training_matches_unsharded_through_gloo(self) -> None:
+        self._run_multi_process_test(callable=_training_worker, world_size=2, shared_memory=False)
 
     def test_checkpoints_load_across_sharding_types_and_world_sizes(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:

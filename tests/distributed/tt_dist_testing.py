@@ -34,7 +34,7 @@ from torchrec.distributed.types import ShardedTensor, ShardingEnv, ShardingPlan
 
 import torchrec_tt.distributed  # noqa: F401  (imported here so the forkserver preloads it)
 from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
-from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder
+from torchrec_tt.distributed import ShmDataParallelWrapper, TTEmbeddingBagCollectionSharder
 
 TT_KERNEL = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
 ATOL = 1e-5  # float32 sharded vs unsharded
@@ -177,8 +177,11 @@ def interleaved_plan(
 
 
 def shard(model: SparseArch, pg, plan: ShardingPlan, sharders, device: torch.device) -> DistributedModelParallel:
-    """Shard ``model`` in place (``copy.deepcopy`` drops in-backward optimizer attributes)."""
-    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders, device=device)
+    """Shard ``model`` in place (``copy.deepcopy`` drops in-backward optimizer attributes); DDP
+    averages the dense part through shared memory where the ranks share the host (as the
+    examples do)."""
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders,
+                                    device=device, data_parallel_wrapper=ShmDataParallelWrapper())
 
 
 def copy_regular_tables(dmp: DistributedModelParallel, ref: SparseArch) -> None:

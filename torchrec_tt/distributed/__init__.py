@@ -42,3 +42,4 @@ from torchrec_tt.distributed.planner import (  # noqa: F401
 )
 from torchrec_tt.distributed.sharded_module import ShardedTTEmbeddingBagCollection  # noqa: F401
 from torchrec_tt.distributed.sharder import TTEmbeddingBagCollectionSharder  # noqa: F401
+from torchrec_tt.distributed.shm_all_reduce import ShmAllReduce, ShmDataParallelWrapper, host_all_reduce_  # noqa: F401

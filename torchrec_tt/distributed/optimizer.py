@@ -19,7 +19,8 @@ backward at a time per process (no nested, reentrant backward through TT lookups
 **Data-parallel tables** (docs/design.md, section 9). Their optimizers carry a process
 group (``grad_sync_group``). Before anything is stepped, :meth:`_DeferredSteps._apply`
 averages the stashed gradients of those cores over their group: one flat bucket per
-(group, dtype, device), one ``all_reduce`` each, in the order the optimizers were built
+(group, dtype, device), one all-reduce each (``host_all_reduce_``: shared memory between
+ranks of one host, else the group's backend), in the order the optimizers were built
 (identical on every rank), so every rank steps the same gradient and optimizer states
 stay identical. Every rank's backward must reach the same data-parallel tables (it does
 when their output feeds every rank's loss: an empty batch still yields zero gradients).
@@ -44,6 +45,8 @@ from torch import nn
 from torch.autograd import Variable
 import torchrec.optim as trec_optim
 from torchrec.optim.fused import FusedOptimizer
+
+from torchrec_tt.distributed.shm_all_reduce import host_all_reduce_
 
 OptimizerSpec = Tuple[Type[torch.optim.Optimizer], Dict[str, Any]]
 
@@ -248,7 +251,7 @@ def _average_data_parallel_grads(pending: List[_Pending]) -> List[_Pending]:
         positions.sort(key=lambda i: (pending[i][0]._sequence, pending[i][1]))
         group = pending[positions[0]][0].grad_sync_group
         flat = torch.cat([pending[i][3].reshape(-1) for i in positions])
-        dist.all_reduce(flat, group=group)
+        host_all_reduce_(flat, group)
         flat.div_(dist.get_world_size(group))
         for i, part in zip(positions, flat.split([pending[i][3].numel() for i in positions])):
             optimizer, key, param, grad = pending[i]
