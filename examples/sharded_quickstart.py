@@ -26,6 +26,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_tt import (
+    ShmDataParallelWrapper,
     TTEmbeddingBagCollection,
     TTEmbeddingBagCollectionSharder,
     TTEmbeddingBagConfig,
@@ -91,8 +92,11 @@ def main(rank: int, world_size: int, ckpt: str) -> None:
     constraints = {"movies": ParameterConstraints(pooling_factors=[22.0])}
     planner = make_tt_planner(topology, batch_size=BATCH, constraints=constraints, sample_batch=batch(0, rank)[0])
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    # ShmDataParallelWrapper: DDP (the dense part) averages through shared memory between ranks of
+    # one host, as the data-parallel TT tables do; elsewhere it is TorchRec's default wrapper.
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                   plan=plan, sharders=sharders, device=device)
+                                   plan=plan, sharders=sharders, device=device,
+                                   data_parallel_wrapper=ShmDataParallelWrapper())
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=1e-3))
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])

@@ -8,6 +8,7 @@ from torchrec_tt.init import from_dense, tt_to_dense  # noqa: F401
 from torchrec_tt.modules import TTEmbeddingBag, TTEmbeddingBagCollection  # noqa: F401
 from torchrec_tt.distributed import (  # noqa: F401  (after modules: the sharder wraps them)
     ShardedTTEmbeddingBagCollection,
+    ShmDataParallelWrapper,
     TTEmbeddingBagCollectionSharder,
     TTFusedOptimizer,
     TTPerfEstimator,

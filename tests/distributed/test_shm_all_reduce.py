@@ -98,6 +98,21 @@ def _late_rank_worker(rank: int, world_size: int) -> None:
         dist.barrier(group=ctx.pg)
 
 
+def _no_segment_worker(rank: int, world_size: int) -> None:
+    """Rank 0 cannot create the segment: every rank raises, none waits forever."""
+    import torchrec_tt.distributed.shm_all_reduce as shm_module
+
+    with rank_context(rank, world_size) as ctx:
+        if rank == 0:
+            shm_module._SHM_DIR = "/nonexistent-torchrec-tt-dir"
+        try:
+            ShmAllReduce(ctx.pg).all_reduce_(torch.ones(4))
+        except RuntimeError as err:
+            assert "rank 0 could not create" in str(err) and "TORCHREC_TT_SHM_ALLREDUCE=0" in str(err), err
+        else:
+            raise AssertionError("no error without a segment")
+
+
 def _switch_worker(rank: int, world_size: int) -> None:
     os.environ["TORCHREC_TT_SHM_ALLREDUCE"] = "0"
     with rank_context(rank, world_size) as ctx:
@@ -150,6 +165,9 @@ class ShmAllReduceTest(MultiProcessTestBase):
 
     def test_missing_rank_raises_after_timeout(self) -> None:
         self._run_multi_process_test(callable=_late_rank_worker, world_size=2)
+
+    def test_segment_failure_raises_on_every_rank(self) -> None:
+        self._run_multi_process_test(callable=_no_segment_worker, world_size=2)
 
     def test_ddp_buckets_match_gloo(self) -> None:
         self._run_multi_process_test(callable=_ddp_worker, world_size=2)

@@ -111,24 +111,38 @@ class ShmAllReduce:
         return cls._BY_GROUP[key][1]
 
     def _map_segment(self, nbytes: int) -> None:
-        """(Re)creates the segment with slots of at least ``nbytes`` (collective)."""
+        """(Re)creates the segment with slots of at least ``nbytes`` (collective). A rank that
+        cannot create or map it makes every rank raise ``RuntimeError`` (none is left waiting)."""
         slot = _slot_bytes(nbytes)
         total = self.world_size * _FLAG_BYTES + self.world_size * slot
-        name = [None]
+        created = [None]
         if self.rank == 0:
-            fd, path = tempfile.mkstemp(prefix="torchrec_tt_allreduce_", dir=_SHM_DIR)
             try:
-                os.ftruncate(fd, total)  # zero-filled: every flag at 0 ("done with step 0")
-            finally:
-                os.close(fd)
-            name = [path]
-        dist.broadcast_object_list(name, src=dist.get_global_rank(self.group, 0), group=self.group)
-        try:
-            segment = torch.from_file(name[0], shared=True, size=total, dtype=torch.uint8)
-        finally:
-            dist.barrier(group=self.group)  # every rank has mapped (or failed to map) the file
-            if self.rank == 0:
-                os.unlink(name[0])
+                fd, path = tempfile.mkstemp(prefix="torchrec_tt_allreduce_", dir=_SHM_DIR)
+                try:
+                    os.ftruncate(fd, total)  # zero-filled: every flag at 0 ("done with step 0")
+                finally:
+                    os.close(fd)
+                created = [("ok", path)]
+            except OSError as err:
+                created = [("error", f"rank 0 could not create a {total}-byte segment in {_SHM_DIR}: {err}")]
+        dist.broadcast_object_list(created, src=dist.get_global_rank(self.group, 0), group=self.group)
+        status, path = created[0]
+        segment, error = None, path if status == "error" else None
+        if error is None:
+            try:
+                segment = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+            except RuntimeError as err:
+                error = f"rank {self.rank} could not map {path}: {err}"
+        errors = [None] * self.world_size
+        dist.all_gather_object(errors, error, group=self.group)  # every rank has mapped it, or knows
+        if self.rank == 0 and status == "ok":
+            os.unlink(path)
+        if any(errors):
+            raise RuntimeError(
+                "ShmAllReduce: no shared-memory segment (set TORCHREC_TT_SHM_ALLREDUCE=0 to use the "
+                f"process group's backend): {'; '.join(e for e in errors if e)}"
+            )
         self._segment, self._slot_capacity, self._step = segment, slot, 0
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
