@@ -68,6 +68,7 @@ from torchrec_tt.train_utils import (
 EMBEDDINGS = ("grt", "tt", "dense")
 DEFAULT_EMB_LR = 1.0  # Adagrad of the TorchRec tables (every kind): best of the README grid for dense
 DEFAULT_TT_LR = 0.1  # Adagrad of the TT cores: best of the README grid for grt
+DEFAULT_TT_WARMUP_STEPS = 100  # linear warm-up of the cores' rate, unsharded (README: 4-seed AUC gap)
 
 
 # ----------------------------------------------------------------------------- model
@@ -244,6 +245,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--emb-lr", type=float, default=DEFAULT_EMB_LR,
                    help="Adagrad learning rate of the TorchRec (uncompressed) tables, in every --embedding kind")
     p.add_argument("--tt-lr", type=float, default=DEFAULT_TT_LR, help="Adagrad learning rate of the TT cores")
+    p.add_argument("--tt-warmup-steps", type=int, default=None,
+                   help=f"the TT cores' rate rises linearly to --tt-lr over this many steps (default "
+                        f"{DEFAULT_TT_WARMUP_STEPS} on 1 rank; 0: constant; N ranks: constant, their Adagrad is fused "
+                        "into backward, and a value > 0 raises)")
     p.add_argument("--cache-lr", type=float, default=None,
                    help="Adagrad learning rate of the TT tables' cached rows (default: --emb-lr, as they are "
                         "uncompressed rows)")
@@ -294,13 +299,28 @@ def _train_batches(train: CriteoData, args: argparse.Namespace, env: Dist):
             yield train.batch(order[s * global_batch + env.rank * args.batch_size:][: args.batch_size])
 
 
+def tt_warmup_steps(args: argparse.Namespace, world_size: int) -> int:
+    """The TT cores' warm-up steps: ``--tt-warmup-steps``, by default ``DEFAULT_TT_WARMUP_STEPS``
+    on 1 rank and 0 on N ranks (the sharded tables' Adagrad is fused into backward at a
+    constant rate); ``ValueError`` for a warm-up asked for on N ranks or a negative one."""
+    steps = args.tt_warmup_steps
+    if steps is None:
+        return DEFAULT_TT_WARMUP_STEPS if world_size == 1 else 0
+    if steps < 0 or (steps > 0 and world_size > 1):
+        raise ValueError(f"--tt-warmup-steps {steps}: expected >= 0, and 0 with {world_size} ranks (sharded tables "
+                         "step their Adagrad in backward at a constant rate)")
+    return steps
+
+
 def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data: Dict[str, Any],
                        say: Callable[..., None], cache_fraction: float = 0.0) -> Dict[str, Any]:
     """Build, (shard,) train and evaluate one model; returns its results."""
     train, test = data["train"], data["test"]
     emb_lr, tt_lr = args.emb_lr, (args.tt_lr if embedding != "dense" else None)
     cache_lr = args.cache_lr if args.cache_lr is not None else emb_lr
-    results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "tt_lr": tt_lr, "world_size": env.world_size,
+    tt_warmup = tt_warmup_steps(args, env.world_size)
+    results: Dict[str, Any] = {"embedding": embedding, "emb_lr": emb_lr, "tt_lr": tt_lr,
+                               "tt_warmup_steps": tt_warmup if embedding != "dense" else None, "world_size": env.world_size,
                                "backend": env.backend, "device": str(env.device), "args": vars(args),
                                "data": data["stats"]}
     t0 = time.perf_counter()
@@ -319,7 +339,7 @@ def train_and_evaluate(args: argparse.Namespace, embedding: str, env: Dist, data
                             train.batch(torch.arange(args.batch_size))[1], cache_lr)
     else:
         model = model.to(env.device)
-    optimizer = Optimizers(model, args.lr, emb_lr, cache_lr, tt_lr=args.tt_lr)
+    optimizer = Optimizers(model, args.lr, emb_lr, cache_lr, tt_lr=args.tt_lr, tt_warmup_steps=tt_warmup)
     results["build_seconds"] = time.perf_counter() - t0
 
     # ---- train: every rank takes its slice of each global batch (same permutation everywhere)
@@ -383,7 +403,8 @@ def layer_totals(r: Dict[str, Any]) -> Dict[str, float]:
 
 def format_report(r: Dict[str, Any]) -> str:
     lines = ["", f"== {r['embedding']} | {r['world_size']} rank(s) ({r['backend']}) | table lr {r['emb_lr']}"
-             + (f", TT cores lr {r['tt_lr']}" if r.get("tt_lr") is not None else "") + " | "
+             + (f", TT cores lr {r['tt_lr']}" if r.get("tt_lr") is not None else "")
+             + (f" (warm-up {r['tt_warmup_steps']} steps)" if r.get("tt_warmup_steps") else "") + " | "
              f"data: {r['data']['source']}"]
     lines.append(f"{'table':<7} {'rows':>9} {'TT rows (p)':<16} {'ranks':<9} {'MiB':>9} {'dense MiB':>10} {'compression':>11}")
     for t in r["tables"]:

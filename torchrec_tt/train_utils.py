@@ -125,10 +125,18 @@ class Optimizers:
     Learning rates: ``emb_lr`` for the dense tables; ``tt_lr`` for the TT cores (default
     ``emb_lr``); ``cache_lr`` for TT tables' cached rows (``cache_weight``; uncompressed rows
     may want a dense table's rate), default the cores'.
+
+    ``tt_warmup_steps``: the TT cores' rate rises linearly over that many steps (step ``t``,
+    0-based, uses ``tt_lr * min(1, (t + 1) / tt_warmup_steps)``; 0: constant). Adagrad's first
+    updates move every entry by about its rate whatever the gradient's scale, and TT core
+    entries are only ~0.1 (ranks 32), so at ``tt_lr`` 0.1 the first steps would all but
+    re-draw the cores; the warm-up keeps those steps small. Only for cores stepped here (fp32,
+    unsharded): fp16/bf16 cores are stepped in backward, so asking for a warm-up then raises
+    ``ValueError``.
     """
 
     def __init__(self, model: nn.Module, lr: float, emb_lr: float, cache_lr: Optional[float] = None,
-                 tt_lr: Optional[float] = None) -> None:
+                 tt_lr: Optional[float] = None, tt_warmup_steps: int = 0) -> None:
         from torchrec_tt.modules import TTEmbeddingBag
 
         tt_lr = emb_lr if tt_lr is None else tt_lr
@@ -158,13 +166,30 @@ class Optimizers:
 
             self.low_precision = TTFusedOptimizer(low, torch.optim.Adagrad, {"lr": emb_lr, "eps": ADAGRAD_EPS},
                                                   {n: {"lr": rate_of[n]} for n in low})
-        groups: Dict[float, List[torch.Tensor]] = {}
+        if tt_warmup_steps < 0 or (tt_warmup_steps > 0 and any(id(p) in tt_params for p in low.values())):
+            raise ValueError(f"Optimizers: tt_warmup_steps must be >= 0 and needs fp32 TT cores, got {tt_warmup_steps}")
+        groups: Dict[Tuple[float, bool], List[torch.Tensor]] = {}  # (rate, TT cores?) -> parameters
         for name, rate in rate_of.items():
             if name not in low:
-                groups.setdefault(rate, []).append(params[name])
+                is_core = id(params[name]) in tt_params and not name.endswith(".cache_weight")
+                groups.setdefault((rate, is_core), []).append(params[name])
+        self._tt_groups: List[Dict[str, Any]] = []  # the Adagrad groups of the TT cores (warmed up)
+        self._tt_warmup_steps, self._steps = tt_warmup_steps, 0
         if groups:
-            self.optimizers.append(torch.optim.Adagrad([{"params": g, "lr": r} for r, g in groups.items()],
-                                                       eps=ADAGRAD_EPS))
+            adagrad = torch.optim.Adagrad([{"params": g, "lr": r, "tt_cores": c} for (r, c), g in groups.items()],
+                                          eps=ADAGRAD_EPS)
+            self._tt_groups = [g for g in adagrad.param_groups if g["tt_cores"]]
+            for g in self._tt_groups:
+                g["peak_lr"] = g["lr"]
+            self.optimizers.append(adagrad)
+        self._warm_up_tt_rate()
+
+    def _warm_up_tt_rate(self) -> None:
+        """The TT cores' rate for the next step (during ``tt_warmup_steps``)."""
+        if self._tt_warmup_steps > 0:
+            scale = min(1.0, (self._steps + 1) / self._tt_warmup_steps)
+            for g in self._tt_groups:
+                g["lr"] = g["peak_lr"] * scale
 
     def holding(self, param: torch.Tensor) -> Optional[torch.optim.Optimizer]:
         """The optimizer that steps ``param`` (e.g. for per-row state that moves with it)."""
@@ -177,6 +202,8 @@ class Optimizers:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+        self._steps += 1
+        self._warm_up_tt_rate()
 
 
 # ----------------------------------------------------------------------------- runs

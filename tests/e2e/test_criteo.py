@@ -341,3 +341,36 @@ def test_tt_min_compression_picks_the_largest_rank_per_table(criteo_example):
     args = criteo_example.parse_args(["--embedding", "grt", "--tt-threshold-rows", "1000", "--tt-min-compression", "1e6"])
     with pytest.raises(ValueError, match=r"table 'cat_0': --tt-min-compression 1e\+06 is out of reach; rank 1"):
         criteo_example.build_tables(args, "grt", cards)
+
+
+def test_tt_cores_rate_warms_up_linearly(criteo_example):
+    """--tt-warmup-steps: the TT cores' Adagrad rate rises linearly to --tt-lr over that many
+    steps (step t uses tt_lr * (t + 1) / W), then stays; the TorchRec tables, the cached rows and
+    the MLPs keep their rates throughout, even when a rate equals the cores'. Default 100 on 1
+    rank, 0 on N ranks (fused Adagrad in backward); a warm-up asked for on N ranks raises."""
+    from torchrec_tt.train_utils import Optimizers
+
+    args = criteo_example.parse_args(["--embedding", "grt", "--tt-threshold-rows", "40", "--tt-rank", "4"])
+    assert args.tt_warmup_steps is None
+    assert criteo_example.tt_warmup_steps(args, 1) == criteo_example.DEFAULT_TT_WARMUP_STEPS == 100
+    assert criteo_example.tt_warmup_steps(args, 2) == 0
+    for argv, world_size in ((["--tt-warmup-steps", "5"], 2), (["--tt-warmup-steps", "-1"], 1)):
+        with pytest.raises(ValueError, match="--tt-warmup-steps"):
+            criteo_example.tt_warmup_steps(criteo_example.parse_args(argv), world_size)
+
+    cards = [60, 7, 45, 3] + [10] * 22
+    model = criteo_example.build_model(args, criteo_example.build_tables(args, "grt", cards, cache_fraction=0.2),
+                                       sparse_grads=True)
+    optimizers = Optimizers(model, args.lr, 0.4, 0.4, tt_lr=0.4, tt_warmup_steps=4)  # one rate for all tables
+
+    def rates():
+        return {name: next(g["lr"] for g in optimizers.holding(p).param_groups if any(q is p for q in g["params"]))
+                for name, p in model.named_parameters()}
+
+    for step, expected in enumerate([0.1, 0.2, 0.3, 0.4, 0.4, 0.4]):
+        by_name = rates()
+        cores = {n: r for n, r in by_name.items() if ".cores." in n}
+        assert len(cores) == 6 and all(r == pytest.approx(expected) for r in cores.values()), (step, cores)
+        assert all(r == 0.4 for n, r in by_name.items() if "sparse_arch." in n and ".cores." not in n)
+        assert all(r == args.lr for n, r in by_name.items() if "sparse_arch." not in n)
+        optimizers.step()  # no gradients: the rates advance all the same
