@@ -16,8 +16,9 @@
 //                    tensor = slot 0 + slot 1 + ... (in rank order: the same bits on every rank)
 //                    flag r = 2s
 //
-// Waits spin briefly, then yield, then sleep, so ranks that outnumber the cores still progress;
-// a rank that never arrives (it failed) turns into an error after timeout_s, not a hang.
+// Waits spin briefly, then yield, then sleep (wait_for_every_flag), so ranks that outnumber the
+// cores still progress; a rank that never arrives (it failed) turns into an error after
+// timeout_s, not a hang.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,6 +29,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <thread>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -39,9 +41,13 @@ namespace torchrec_tt::cpu {
 namespace {
 
 constexpr int64_t kFlagBytes = 64;  // one cache line per rank's flag
-constexpr int64_t kSpinsBeforeYield = 4096;
-constexpr int64_t kYieldsBeforeSleep = 1024;
+// A waiting rank spins for kSpinFor, then yields its core (returns at once when nothing else
+// wants it, so ranks with a core each keep reacting within microseconds) until kYieldFor, then
+// sleeps kSleep per check (ranks that outnumber the cores, or a long wait for a slow rank).
+constexpr auto kSpinFor = std::chrono::microseconds(20);
+constexpr auto kYieldFor = std::chrono::milliseconds(5);
 constexpr auto kSleep = std::chrono::microseconds(20);
+constexpr int64_t kSpinsPerClockRead = 64;
 constexpr int64_t kSumGrain = 1 << 16;
 
 static_assert(std::atomic<int64_t>::is_always_lock_free, "shared-memory flags need lock-free atomics");
@@ -67,28 +73,32 @@ void wait_for_every_flag(
     int64_t at_least,
     int64_t step,
     double timeout_s) {
+  using Clock = std::chrono::steady_clock;
+  std::optional<Clock::time_point> waiting_since;
   for (int64_t other = 0; other < world_size; ++other) {
     std::atomic<int64_t>* flag = flag_of(segment, other);
     int64_t spins = 0;
-    std::chrono::steady_clock::time_point waiting_since;
     while (flag->load(std::memory_order_acquire) < at_least) {
-      ++spins;
-      if (spins < kSpinsBeforeYield) {
+      if (++spins % kSpinsPerClockRead != 0) {
         cpu_relax();
         continue;
       }
-      if (spins == kSpinsBeforeYield) {
-        waiting_since = std::chrono::steady_clock::now();
-      } else if (
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - waiting_since).count() >
-          timeout_s) {
+      const Clock::time_point now = Clock::now();
+      if (!waiting_since) {
+        waiting_since = now;
+      }
+      const auto waited = now - *waiting_since;
+      if (waited < kSpinFor) {
+        continue;
+      }
+      if (std::chrono::duration<double>(waited).count() > timeout_s) {
         TORCH_CHECK(
             false,
             "shm_all_reduce_: rank ", other, " did not reach all-reduce step ", step, " within ",
             timeout_s, " s (flag ", flag->load(), ", expected >= ", at_least,
             "); a rank failed or the ranks issued different collectives");
       }
-      if (spins < kSpinsBeforeYield + kYieldsBeforeSleep) {
+      if (waited < kYieldFor) {
         std::this_thread::yield();
       } else {
         std::this_thread::sleep_for(kSleep);

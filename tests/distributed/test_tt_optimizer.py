@@ -128,3 +128,39 @@ def test_load_rejects_missing_parameters() -> None:
     optimizer = TTFusedOptimizer(dict(_module().named_parameters()), torch.optim.SGD, {"lr": 0.1})
     with pytest.raises(ValueError, match="missing parameters.*cores.1"):
         optimizer.load_state_dict({"state": {"embedding_bags.t.cores.0": {}}})
+
+
+@pytest.mark.parametrize(
+    "optimizer_class, kwargs",
+    [(torch.optim.Adagrad, {"lr": 0.1, "eps": 1e-8}), (torch.optim.Adam, {"lr": 0.01}), (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})],
+)
+def test_deferred_steps_of_many_cores_match_one_by_one(optimizer_class, kwargs) -> None:
+    """The deferred step combines cores with equal settings into one optimizer step: the same
+    bits, parameters and state, as stepping each core's optimizer alone; a core with its own
+    rate (kwargs override) and a core with a step hook still step on their own."""
+    from torchrec_tt.distributed.optimizer import _STEPPERS, _step_pending
+
+    shapes = [(5, 1, 2, 3), (5, 3, 2, 3), (4, 3, 2, 1), (6, 1, 4, 2)]
+    names = [f"embedding_bags.t{i // 3}.cores.{i % 3}" for i in range(len(shapes))]
+    torch.manual_seed(0)
+    combined = {n: torch.nn.Parameter(torch.randn(s)) for n, s in zip(names, shapes)}
+    alone = {n: torch.nn.Parameter(p.detach().clone()) for n, p in combined.items()}
+    override = {names[3]: {"lr": 0.3}}
+    a = TTFusedOptimizer(combined, optimizer_class, kwargs, override)
+    b = TTFusedOptimizer(alone, optimizer_class, kwargs, override)
+    hook_calls = []
+    a._optimizers[names[2]].register_step_post_hook(lambda *args: hook_calls.append(1))
+    for _ in range(3):
+        grads = {n: torch.randn(s) for n, s in zip(names, shapes)}
+        _step_pending([(a, n, p, grads[n]) for n, p in combined.items()])
+        for n, p in alone.items():
+            b._step_one(n, p, grads[n])
+        assert all(p.grad is None for p in combined.values())
+    assert len(hook_calls) == 3  # the hooked core stepped through its own optimizer
+    assert any(cls is optimizer_class for cls, _ in _STEPPERS)  # the two plain cores stepped together
+    for n in names:
+        assert torch.equal(combined[n], alone[n]), n
+    state_a, state_b = a.state_dict()["state"], b.state_dict()["state"]
+    for n in names:
+        for key, value in state_b[n].items():
+            assert torch.equal(torch.as_tensor(state_a[n][key]), torch.as_tensor(value)), (n, key)

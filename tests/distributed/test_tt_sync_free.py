@@ -24,7 +24,7 @@ from tt_dist_testing import SparseArch, feature_sizes, interleaved_plan, make_kj
 from torchrec_tt import TTEmbeddingBagConfig
 from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder
 from torchrec_tt.distributed.embedding_kernel import TTEmbeddingBagKernel
-from torchrec_tt.distributed.optimizer import TTFusedOptimizer
+import torchrec_tt.distributed.optimizer as tt_optimizer
 
 aten = torch.ops.aten
 # ATen ops whose CUDA kernels copy a value or an output size to the host.
@@ -75,18 +75,18 @@ def record_syncs() -> Iterator[List[str]]:
 @contextmanager
 def outside_optimizer_steps(seen: List[str]) -> Iterator[None]:
     """Drop what torch's optimizers record (their ``step`` counters are host tensors)."""
-    step_one = TTFusedOptimizer._step_one
+    step_pending = tt_optimizer._step_pending
 
-    def step(self, *args):
+    def step(*args):
         mark = len(seen)
-        step_one(self, *args)
+        step_pending(*args)
         del seen[mark:]
 
-    TTFusedOptimizer._step_one = step
+    tt_optimizer._step_pending = step
     try:
         yield
     finally:
-        TTFusedOptimizer._step_one = step_one
+        tt_optimizer._step_pending = step_pending
 
 
 @contextmanager

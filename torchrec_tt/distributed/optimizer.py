@@ -36,6 +36,7 @@ import copy
 import itertools
 import re
 import threading
+from collections import defaultdict
 from enum import Enum
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
@@ -219,8 +220,7 @@ class _DeferredSteps:
         # Check everything first: a step either happens for every core or for none.
         for optimizer, key, param, grad in pending:
             check_state_shapes(key, param, optimizer._optimizers[key].state.get(optimizer._shadows.get(key, param), {}))
-        for optimizer, key, param, grad in pending:
-            optimizer._step_one(key, param, grad)
+        _step_pending(pending)
 
     def discard(self, optimizer: "TTFusedOptimizer") -> None:
         with self._lock:
@@ -257,6 +257,60 @@ def _average_data_parallel_grads(pending: List[_Pending]) -> List[_Pending]:
             optimizer, key, param, grad = pending[i]
             pending[i] = (optimizer, key, param, part.view_as(grad))
     return pending
+
+
+# (optimizer class, hyperparameters) -> a torch optimizer that steps several cores at once.
+_STEPPERS: Dict[Tuple[type, Tuple[Tuple[str, Any], ...]], torch.optim.Optimizer] = {}
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> Optional[Tuple[Tuple[str, Any], ...]]:
+    """The single param group's settings as a hashable key, or ``None`` (unhashable values, or
+    step hooks on this optimizer, which a combined step would bypass)."""
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return None
+    settings = tuple(sorted((k, v) for k, v in optimizer.param_groups[0].items() if k != "params"))
+    try:
+        hash(settings)
+    except TypeError:
+        return None
+    return settings
+
+
+def _step_pending(pending: List[_Pending]) -> None:
+    """Steps the stashed cores. Cores whose torch optimizers share class and settings step as
+    one optimizer: one ``step()`` call instead of one per core, whose fixed cost is most of a
+    small core's step. The optimizer runs the same ops on each tensor, so the result is the
+    same bits, and the state stays in each core's own optimizer (the combined one only borrows
+    it). fp16/bf16 cores (fp32 stand-ins) and optimizers with step hooks step one by one."""
+    together: Dict[Tuple[type, Tuple[Tuple[str, Any], ...]], List[_Pending]] = {}
+    for entry in pending:
+        optimizer, key, param, grad = entry
+        own = optimizer._optimizers[key]
+        settings = None if key in optimizer._shadows else _hyperparameters(own)
+        if settings is None:
+            optimizer._step_one(key, param, grad)
+        else:
+            together.setdefault((type(own), settings), []).append(entry)
+    for batch_key, entries in together.items():
+        if len(entries) == 1:
+            optimizer, key, param, grad = entries[0]
+            optimizer._step_one(key, param, grad)
+            continue
+        owners = [optimizer._optimizers[key] for optimizer, key, _, _ in entries]
+        stepper = _STEPPERS.get(batch_key)
+        if stepper is None:
+            stepper = _STEPPERS[batch_key] = copy.copy(owners[0])  # fresh hooks, shares nothing mutable below
+        params = [param for _, _, param, _ in entries]
+        stepper.param_groups = [{**owners[0].param_groups[0], "params": params}]
+        stepper.state = defaultdict(dict, {param: own.state[param] for param, own in zip(params, owners)})
+        for _, _, param, grad in entries:
+            param.grad = grad
+        try:
+            stepper.step()
+        finally:
+            for param in params:
+                param.grad = None
+            stepper.param_groups, stepper.state = [], defaultdict(dict)  # hold no core between steps
 
 
 class TTFusedOptimizer(FusedOptimizer):
