@@ -88,16 +88,27 @@ inline void order_bag_by_group(
   const int64_t n = hi - lo;
   bool sorted = true;
   int64_t prev = -1;
-  for (int64_t j = lo; j < hi; ++j) {
-    int64_t g = divmod.divmod(static_cast<int64_t>(indices[j]), &last[j]);
-    if (cache_slot != nullptr && cache_slot[j] >= 0) {
-      g = num_groups;
-      last[j] = cache_slot[j];
+  if (cache_slot == nullptr) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t g = divmod.divmod(static_cast<int64_t>(indices[j]), &last[j]);
+      group[j] = g;
+      perm[j] = j;
+      sorted &= g >= prev;
+      prev = g;
     }
-    group[j] = g;
-    perm[j] = j;
-    sorted &= g >= prev;
-    prev = g;
+  } else {
+    // Selects, not branches: hits are scattered through a bag, so a branch on them would
+    // mispredict about as often as they occur.
+    for (int64_t j = lo; j < hi; ++j) {
+      int64_t r;
+      const int64_t slot = cache_slot[j];
+      const int64_t g = slot >= 0 ? num_groups : divmod.divmod(static_cast<int64_t>(indices[j]), &r);
+      last[j] = slot >= 0 ? slot : r;
+      group[j] = g;
+      perm[j] = j;
+      sorted &= g >= prev;
+      prev = g;
+    }
   }
   if (sorted) {
     return;
@@ -164,10 +175,12 @@ inline void order_bag_by_group(
         place(k, key[k] & ((int64_t{1} << kPositionBits) - 1));
       }
     }
+    // The cached lookups, in position order. Every lookup is written at k, which only a cached one
+    // advances (the next write overwrites the others): no branch on the scattered hits, and k < n
+    // holds at every write.
     for (int64_t t = 0, k = ranked; k < n; ++t) {
-      if (g[t] == num_groups) {
-        place(k++, t);
-      }
+      place(k, t);
+      k += g[t] == num_groups ? 1 : 0;
     }
     return;
   }
