@@ -610,7 +610,7 @@ def format_report(r: Dict[str, Any]) -> str:
         if "with_cache_s" in c:
             lines.append(f"  {c['table']} forward+backward per batch: {1e3 * c['with_cache_s']:.2f} ms with the cache, "
                          f"{1e3 * c['without_cache_s']:.2f} ms without "
-                         f"({1 - c['with_cache_s'] / c['without_cache_s']:.1%} less)")
+                         f"({c['with_cache_s'] / c['without_cache_s'] - 1:+.1%} with the cache)")
     return "\n".join(lines)
 
 
