@@ -7,6 +7,7 @@ sizes that regrow the segment; the fallbacks; a rank that never arrives; DDP's b
 """
 
 import os
+import tempfile
 import time
 import unittest
 from datetime import timedelta
@@ -113,6 +114,25 @@ def _no_segment_worker(rank: int, world_size: int) -> None:
             raise AssertionError("no error without a segment")
 
 
+def _other_shm_worker(rank: int, world_size: int) -> None:
+    """Rank 1 maps another file (as in a container with its own /dev/shm): every rank raises."""
+    with rank_context(rank, world_size) as ctx:
+        if rank == 1:
+            real_from_file = torch.from_file
+
+            def elsewhere(path, shared, size, dtype):
+                with tempfile.NamedTemporaryFile(dir="/dev/shm") as other:
+                    return real_from_file(other.name, shared=shared, size=size, dtype=dtype)
+
+            torch.from_file = elsewhere
+        try:
+            ShmAllReduce(ctx.pg).all_reduce_(torch.ones(4))
+        except RuntimeError as err:
+            assert "rank 1 does not share rank 0's /dev/shm" in str(err), err
+        else:
+            raise AssertionError("no error although rank 1 mapped another file")
+
+
 def _switch_worker(rank: int, world_size: int) -> None:
     os.environ["TORCHREC_TT_SHM_ALLREDUCE"] = "0"
     with rank_context(rank, world_size) as ctx:
@@ -168,6 +188,9 @@ class ShmAllReduceTest(MultiProcessTestBase):
 
     def test_segment_failure_raises_on_every_rank(self) -> None:
         self._run_multi_process_test(callable=_no_segment_worker, world_size=2)
+
+    def test_ranks_without_a_common_shm_raise(self) -> None:
+        self._run_multi_process_test(callable=_other_shm_worker, world_size=2)
 
     def test_ddp_buckets_match_gloo(self) -> None:
         self._run_multi_process_test(callable=_ddp_worker, world_size=2)

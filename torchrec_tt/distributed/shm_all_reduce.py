@@ -37,9 +37,9 @@ _DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
 def _host_identity() -> str:
-    """This machine, as far as a shared /dev/shm goes: host name and boot id (containers on one
-    host share a host name only when they share the kernel, and then /dev/shm may still differ,
-    which the segment's open fails on loudly)."""
+    """This machine, as far as a shared /dev/shm goes: host name and boot id. (Ranks that match
+    yet do not share /dev/shm, e.g. in separate containers, are caught when the segment is
+    mapped: every rank then raises.)"""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
@@ -121,17 +121,23 @@ class ShmAllReduce:
                 fd, path = tempfile.mkstemp(prefix="torchrec_tt_allreduce_", dir=_SHM_DIR)
                 try:
                     os.ftruncate(fd, total)  # zero-filled: every flag at 0 ("done with step 0")
+                    token = os.urandom(16)  # in slot 0 until the first step: proves the others see this file
+                    os.pwrite(fd, token, self.world_size * _FLAG_BYTES)
                 finally:
                     os.close(fd)
-                created = [("ok", path)]
+                created = [("ok", path, token)]
             except OSError as err:
-                created = [("error", f"rank 0 could not create a {total}-byte segment in {_SHM_DIR}: {err}")]
+                created = [("error", f"rank 0 could not create a {total}-byte segment in {_SHM_DIR}: {err}", b"")]
         dist.broadcast_object_list(created, src=dist.get_global_rank(self.group, 0), group=self.group)
-        status, path = created[0]
+        status, path, token = created[0]
         segment, error = None, path if status == "error" else None
         if error is None:
             try:
                 segment = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+                start = self.world_size * _FLAG_BYTES
+                if bytes(segment[start : start + len(token)].tolist()) != token:
+                    # Same host name and boot id, yet another /dev/shm (e.g. separate containers).
+                    error = f"rank {self.rank} does not share rank 0's {_SHM_DIR} ({path} differs)"
             except RuntimeError as err:
                 error = f"rank {self.rank} could not map {path}: {err}"
         errors = [None] * self.world_size
