@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
 
@@ -33,7 +34,6 @@ _SHM_DIR = "/dev/shm"
 _FLAG_BYTES = 64  # csrc/cpu/shm_all_reduce_cpu.cpp: one cache line per rank's flag
 _MIN_SLOT_BYTES = 1 << 20
 _DTYPES = (torch.float32, torch.float64)
-_DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
 def _host_identity() -> str:
@@ -69,10 +69,11 @@ class ShmAllReduce:
     Args:
         group (dist.ProcessGroup): the ranks to sum over (gloo).
         timeout (timedelta): how long a rank waits for the others inside one call before it
-            raises ``RuntimeError`` (a rank failed) instead of hanging.
+            raises ``RuntimeError`` (a rank failed) instead of hanging; default: torch's
+            process-group default (30 min), the wait gloo would allow.
     """
 
-    def __init__(self, group: dist.ProcessGroup, timeout: timedelta = _DEFAULT_TIMEOUT) -> None:
+    def __init__(self, group: dist.ProcessGroup, timeout: timedelta = default_pg_timeout) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
