@@ -101,11 +101,14 @@ void build_group_plan_cpu(
     }
   });
   seg_start[S] = nnz;
-  // Hits: the lengths of the bags' cache segments (each bag's last, if any): O(B), not O(nnz).
+  // Hits and cache segments: the bags' cache segments (each bag's last, if any): O(B), not O(nnz).
   int64_t num_hits = 0;
+  int64_t num_cache_segments = 0;
   for (int64_t b = 0; cache.slot != nullptr && b < batch_size; ++b) {
     const int64_t s = bag_seg[b + 1] - 1;
-    num_hits += s >= bag_seg[b] && seg_group[s] == kCacheGroup ? seg_start[s + 1] - seg_start[s] : 0;
+    const bool cached = s >= bag_seg[b] && seg_group[s] == kCacheGroup;
+    num_hits += cached ? seg_start[s + 1] - seg_start[s] : 0;
+    num_cache_segments += cached ? 1 : 0;
   }
 
   // Slots: distinct groups, ascending (cache segments have none: kCacheGroup).
@@ -146,7 +149,6 @@ void build_group_plan_cpu(
       }
     });
   }
-  const int64_t num_cache_segments = std::count(seg_slot, seg_slot + S, kCacheGroup);
 
   // Segments bucketed by slot: a counting sort (ascending segment id within a slot) over contiguous
   // ranges of segments, each with its own histogram, so that the scatter (random writes, the

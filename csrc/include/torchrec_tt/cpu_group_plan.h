@@ -135,7 +135,7 @@ inline void order_bag_by_group(
     }
     // 32-bit keys (group << 8 | position) when they fit: twice the compares per vector.
     constexpr int kShortPositionBits = 8;
-        if (n <= (int64_t{1} << kShortPositionBits) && ranked <= kRankSortMaxLookups &&
+    if (n <= (int64_t{1} << kShortPositionBits) && ranked <= kRankSortMaxLookups &&
         num_groups < (int64_t{1} << (31 - kShortPositionBits))) {
       // Eight keys' ranks at a time, each compared with every key (broadcast): no horizontal sum
       // per key. The last block is padded with the largest key, whose ranks are not used.
