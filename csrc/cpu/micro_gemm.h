@@ -308,6 +308,50 @@ TORCHREC_TT_ALWAYS_INLINE void axpy(int64_t n, T alpha, const T* TORCHREC_TT_RES
   }
 }
 
+// y[0, n) += sum over i < count of alpha(i) * x(i)[0, n): a gather-sum of rows (a bag's cached
+// rows, a segment's last-core slices). The same arithmetic in the same order as `count` axpy calls,
+// so the same bits, but each block of y stays in registers across all rows: one load and store of y
+// per block instead of one per row (the axpy loop was bound by y's store-to-load round trips).
+template <typename T, typename Alpha, typename Row>
+TORCHREC_TT_ALWAYS_INLINE void sum_rows_into(int64_t n, int64_t count, const Alpha& alpha, const Row& row, T* y) {
+  constexpr int W = VecTraits<T>::kLanes;
+  constexpr int kBlock = 8; // vectors of y per block: 8 accumulators + a broadcast + a load fit AVX2's 16
+  int64_t t = 0;
+  for (; t + kBlock * W <= n; t += kBlock * W) {
+    vec_t<T> acc[kBlock];
+#pragma GCC unroll 8
+    for (int v = 0; v < kBlock; ++v) {
+      acc[v] = vload(y + t + v * W);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const vec_t<T> a = vbroadcast(static_cast<T>(alpha(i)));
+      const T* x = row(i) + t;
+#pragma GCC unroll 8
+      for (int v = 0; v < kBlock; ++v) {
+        acc[v] = acc[v] + a * vload(x + v * W);
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < kBlock; ++v) {
+      vstore(y + t + v * W, acc[v]);
+    }
+  }
+  for (; t + W <= n; t += W) {
+    vec_t<T> acc = vload(y + t);
+    for (int64_t i = 0; i < count; ++i) {
+      acc = acc + vbroadcast(static_cast<T>(alpha(i))) * vload(row(i) + t);
+    }
+    vstore(y + t, acc);
+  }
+  for (; t < n; ++t) {
+    T acc = y[t];
+    for (int64_t i = 0; i < count; ++i) {
+      acc += static_cast<T>(alpha(i)) * row(i)[t];
+    }
+    y[t] = acc;
+  }
+}
+
 // sum_t x[t] * y[t].
 template <typename T>
 TORCHREC_TT_ALWAYS_INLINE T dot(int64_t n, const T* TORCHREC_TT_RESTRICT x, const T* TORCHREC_TT_RESTRICT y) {

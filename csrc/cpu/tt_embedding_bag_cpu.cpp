@@ -347,9 +347,11 @@ inline void segment_reduce(
     scalar_t scale,
     scalar_t* acc) {
   std::fill(acc, acc + numel, scalar_t(0));
-  for (int64_t k = k0; k < k1; ++k) {
-    axpy(numel, scale * coef.weight(plan.v.sorted_lookup[k]), slices + plan.v.sorted_last[k] * numel, acc);
-  }
+  const int64_t* lookup = plan.v.sorted_lookup + k0;
+  const int64_t* last = plan.v.sorted_last + k0;
+  sum_rows_into(
+      numel, k1 - k0, [&](int64_t i) { return scale * coef.weight(lookup[i]); },
+      [&](int64_t i) { return slices + last[i] * numel; }, acc);
 }
 
 // A scratch array whose entries are not initialized (std::vector would zero-fill, a full pass over
@@ -489,19 +491,64 @@ void for_each_slot_chunk(const PlanRef& plan, int64_t per_slot, const F& f) {
   }
 }
 
-// Fills buf[(u - lo) * cl.size ...] with the prefix chain of every slot u in [lo, hi).
+// The order in which the slot-major passes visit the slots [lo, hi) (docs/design.md section 3.2):
+// by the digit of the last middle core, ascending slot within a digit (a stable counting sort).
+// Consecutive slots then share that core's slice (R x n R', 16 KB at rank 32) while it sits in L1;
+// in slot order (the last digit varies fastest) every slot read another slice of a core of MBs,
+// from L3 or DRAM. weight_prefix holds the cumulative weight(u) along that order
+// (weighted_parallel_for's prefix).
+struct SlotOrder {
+  std::vector<int64_t> slot; // visit position -> slot
+  std::vector<int64_t> weight_prefix; // (hi - lo + 1)
+};
+
+template <typename W>
+SlotOrder slot_visit_order(const TTLayout& L, const PlanRef& plan, int64_t lo, int64_t hi, const W& weight) {
+  SlotOrder order;
+  const int64_t n = hi - lo;
+  order.slot.resize(static_cast<size_t>(n));
+  order.weight_prefix.resize(static_cast<size_t>(n + 1));
+  const int64_t* group = plan.v.slot_group;
+  if (L.d < 3) { // no middle core
+    for (int64_t i = 0; i < n; ++i) {
+      order.slot[i] = lo + i;
+    }
+  } else {
+    const int64_t m = L.m[L.d - 2]; // group = (..., i_{d-2}) in radix m: its last digit is group % m
+    std::vector<int64_t> next(static_cast<size_t>(m + 1), 0);
+    for (int64_t u = lo; u < hi; ++u) {
+      ++next[group[u] % m + 1];
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      next[i + 1] += next[i];
+    }
+    for (int64_t u = lo; u < hi; ++u) {
+      order.slot[next[group[u] % m]++] = u;
+    }
+  }
+  order.weight_prefix[0] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    order.weight_prefix[i + 1] = order.weight_prefix[i] + weight(order.slot[i]);
+  }
+  return order;
+}
+
+// Fills buf[i * cl.size ...] with the prefix chain of the slot order.slot[i], for the slots [lo, hi)
+// (stored in visit order: the passes that read them back stream through the buffer).
 template <typename scalar_t, typename index_t>
 void chains_of_slots(
     const Batch<scalar_t, index_t>& in,
     const PlanRef& plan,
     int64_t lo,
     int64_t hi,
+    const SlotOrder& order,
     scalar_t* buf) {
-  at::parallel_for(lo, hi, 16, [&](int64_t u_begin, int64_t u_end) {
+  at::parallel_for(0, hi - lo, 16, [&](int64_t i_begin, int64_t i_end) {
     int64_t digits[kMaxCores];
-    for (int64_t u = u_begin; u < u_end; ++u) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      const int64_t u = order.slot[i];
       group_digits(in.L, plan.v.slot_group[u], digits);
-      prefix_chain(in.L, in.cl, in.cores, digits, buf + (u - lo) * in.cl.size);
+      prefix_chain(in.L, in.cl, in.cores, digits, buf + i * in.cl.size);
     }
   });
 }
@@ -619,11 +666,15 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
   const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
+    // Cost of a slot ~ its segments plus its chain (about 4 segments' worth).
+    const SlotOrder order = slot_visit_order(in.L, plan, 0, plan.num_slots, [&](int64_t u) {
+      return 2 * (plan.v.slot_segment_start[u + 1] - plan.v.slot_segment_start[u]) + 8;
+    });
     weighted_parallel_for(
         plan.num_slots,
         max_parts,
-        [&](int64_t u) { return 2 * plan.v.slot_segment_start[u] + 8 * u; },
-        [&](int64_t part, int64_t u_begin, int64_t u_end) {
+        [&](int64_t i) { return order.weight_prefix[i]; },
+        [&](int64_t part, int64_t i_begin, int64_t i_end) {
           T* yT = partial.part(part);
           std::vector<T> chain(static_cast<size_t>(in.cl.size));
           std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
@@ -633,7 +684,8 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
           Scratch<T> lt_rows; // (D n_l x R')
           Scratch<T> w_t; // (D n_l x N')
           int64_t digits[kMaxCores];
-          for (int64_t u = u_begin; u < u_end; ++u) {
+          for (int64_t i = i_begin; i < i_end; ++i) {
+            const int64_t u = order.slot[i];
             const int64_t first = plan.v.slot_segment_start[u];
             const int64_t count = plan.v.slot_segment_start[u + 1] - first;
             gather_slot_segments(in, plan, yT, first, count, segs);
@@ -680,10 +732,13 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
       transpose(in.nl, in.np, partial.part(0) + b * in.N, out + b * in.N);
       int64_t k0 = 0, k1 = 0;
       plan.cache_lookups(b, &k0, &k1);
+      // The bag's cached rows (add_cached_row for each, one register-held sum).
       const T scale = in.coef.scale(b);
-      for (int64_t k = k0; k < k1; ++k) {
-        add_cached_row(in, plan.v.sorted_lookup[k], plan.v.sorted_last[k], scale, out + b * in.N);
-      }
+      const int64_t* lookup = plan.v.sorted_lookup + k0;
+      const int64_t* slot = plan.v.sorted_last + k0;
+      sum_rows_into(
+          in.N, k1 - k0, [&](int64_t i) { return scale * in.coef.weight(lookup[i]); },
+          [&](int64_t i) { return in.cache + slot[i] * in.N; }, out + b * in.N);
     }
   });
 }
@@ -821,6 +876,8 @@ void backward_grt(
   using T = scalar_t;
   if (dcache != nullptr) {
     // The cache segments, bag by bag (a cached row's gradient sums over bags: no race, deterministic).
+    // Bucketing the hits by slot first, for register-held sums per cached row, measured slower:
+    // these scattered axpys do not wait on their own stores (consecutive hits hit other rows).
     RECORD_FUNCTION("torchrec_tt::grt_backward::cache", std::vector<c10::IValue>());
     for (int64_t b = 0; b < in.batch_size; ++b) {
       int64_t k0 = 0, k1 = 0;
@@ -875,17 +932,20 @@ void backward_grt(
   for_each_slot_chunk(plan, chain_bytes, [&](int64_t u_lo, int64_t u_hi) {
     chains = arena<T>(Arena::kChains, (u_hi - u_lo) * in.cl.size);
     douts = arena<T>(Arena::kSliceGrads, (u_hi - u_lo) * dout_size);
+    // Cost of a slot ~ its segments (two products each) plus its chain (about 8 segments' worth).
+    const SlotOrder order = slot_visit_order(in.L, plan, u_lo, u_hi, [&](int64_t u) {
+      return 2 * (slot_seg_start[u + 1] - slot_seg_start[u]) + 8;
+    });
     {
       RECORD_FUNCTION("torchrec_tt::grt_backward::prefixes", std::vector<c10::IValue>());
-      chains_of_slots(in, plan, u_lo, u_hi, chains);
+      chains_of_slots(in, plan, u_lo, u_hi, order, chains);
     }
     {
       RECORD_FUNCTION("torchrec_tt::grt_backward::slots", std::vector<c10::IValue>());
-      // Cost of a slot ~ its segments (two products each) plus its chain (about 8 segments' worth).
       weighted_parallel_for(
           u_hi - u_lo,
           max_parts,
-          [&](int64_t i) { return 2 * slot_seg_start[u_lo + i] + 8 * i; },
+          [&](int64_t i) { return order.weight_prefix[i]; },
           [&](int64_t part, int64_t i_begin, int64_t i_end) {
             T* dslice0 = part_grads.part(part) + core_offset[0];
             T* dlast_t = part_grads.part(part) + core_offset[in.L.d - 1];
@@ -913,12 +973,13 @@ void backward_grt(
               }
               axpy(in.L.slice_numel(0), T(1), cur, dslice0 + digits[0] * in.L.slice_numel(0));
             };
-            for (int64_t u = u_lo + i_begin; u < u_lo + i_end; ++u) {
+            for (int64_t i = i_begin; i < i_end; ++i) {
+              const int64_t u = order.slot[i];
               const int64_t first = slot_seg_start[u];
               const int64_t count = slot_seg_start[u + 1] - first;
-              const T* q = chains + (u - u_lo) * in.cl.size + in.cl.offset[in.L.d - 2];
+              const T* q = chains + i * in.cl.size + in.cl.offset[in.L.d - 2];
               gather_slot_segments(in, plan, grad_out, first, count, segs);
-              T* dout = douts + (u - u_lo) * dout_size;
+              T* dout = douts + i * dout_size;
               // dQ (N' x R') is dOut of the last middle core (or dA_0 when d = 2).
               T* cur = in.L.d > 2 ? dout + dout_offset[in.L.d - 2] : dA0.data();
               slot_rows.collect(plan, segs);
@@ -966,11 +1027,16 @@ void backward_grt(
                     gT.data(), /*ldc=*/in.rp);
                 T* st = s_t.data() + i * in.last_numel;
                 std::fill(st, st + in.last_numel, T(0));
+                const int64_t* seg_lookups = sorted_lookups + seg.lookup_begin;
+                const int64_t* seg_last = sorted_last + seg.lookup_begin;
+                sum_rows_into(
+                    in.last_numel, seg.lookup_end - seg.lookup_begin,
+                    [&](int64_t e) { return seg.scale * in.coef.weight(seg_lookups[e]); },
+                    [&](int64_t e) { return last_t.data() + seg_last[e] * in.last_numel; }, st);
                 for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
                   const int64_t j = sorted_lookups[k];
                   const T c = seg.scale * in.coef.weight(j);
                   const T* lt = last_t.data() + sorted_last[k] * in.last_numel;
-                  axpy(in.last_numel, c, lt, st);
                   axpy(in.last_numel, c, gT.data(), dlast_t + sorted_last[k] * in.last_numel);
                   if (psw_grad != nullptr) {
                     psw_grad[j] = seg.scale * dot(in.last_numel, lt, gT.data());
@@ -1000,14 +1066,15 @@ void backward_grt(
         group_digits(in.L, slot_group[u], digits);
         ++digit_start[digits[k] + 1];
       }
+      // digit_slots holds visit positions (where the chains and dOut blocks are stored).
       for (int64_t i = 0; i < m; ++i) {
         digit_start[i + 1] += digit_start[i];
       }
       {
         std::vector<int64_t> fill(digit_start.begin(), digit_start.end() - 1);
-        for (int64_t u = u_lo; u < u_hi; ++u) {
-          group_digits(in.L, slot_group[u], digits);
-          digit_slots[fill[digits[k]]++] = u - u_lo;
+        for (int64_t i = 0; i < u_hi - u_lo; ++i) {
+          group_digits(in.L, slot_group[order.slot[i]], digits);
+          digit_slots[fill[digits[k]]++] = i;
         }
       }
       const int64_t rows = in.L.chain_rows(k - 1);

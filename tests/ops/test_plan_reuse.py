@@ -120,18 +120,23 @@ _CHUNKED_RUN = """
 import torch, torchrec_tt
 from torchrec_tt import tt_embedding_bag
 torch.manual_seed(0)
-cores = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(5, 1, 2, 3), (6, 3, 2, 4), (7, 4, 2, 1)]]
-lengths = torch.randint(0, 12, (40,))
-offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-indices = torch.randint(0, 210, (int(offsets[-1]),))
-weights = torch.rand(indices.numel(), dtype=torch.float64, requires_grad=True)
-grad = torch.randn(40, 8, dtype=torch.float64)
-results = []
-for variant in ("grt", "tt"):  # tt: per-lookup chains, no slot chunks
-    out = tt_embedding_bag(cores, indices, offsets, weights, pooling="mean", variant=variant)
-    results.append([out] + list(torch.autograd.grad(out, cores + [weights], grad)))
-for got, want in zip(*results):
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+shapes = {3: [(5, 1, 2, 3), (6, 3, 2, 4), (7, 4, 2, 1)], 4: [(3, 1, 2, 3), (4, 3, 1, 2), (5, 2, 2, 3), (4, 3, 2, 1)]}
+for d, core_shapes in shapes.items():  # d = 4: two middle cores, the slot visit order keys on the last
+    cores = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in core_shapes]
+    num_rows = 1
+    for s in core_shapes:
+        num_rows *= s[0]
+    lengths = torch.randint(0, 12, (40,))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    indices = torch.randint(0, num_rows, (int(offsets[-1]),))
+    weights = torch.rand(indices.numel(), dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(40, 8, dtype=torch.float64)
+    results = []
+    for variant in ("grt", "tt"):  # tt: per-lookup chains, no slot chunks
+        out = tt_embedding_bag(cores, indices, offsets, weights, pooling="mean", variant=variant)
+        results.append([out] + list(torch.autograd.grad(out, cores + [weights], grad)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 print("chunked ok")
 """
 
