@@ -380,7 +380,7 @@ class Scratch {
 // The large per-call buffers (at most the scratch budget each) live in grow-only arenas of the
 // calling thread: a fresh allocation would be mapped page by page on first touch, and the kernel's
 // zeroing of those pages costs as much as the products that fill them (tens of MB per batch).
-enum class Arena : int { kOutputs = 0, kCoreGrads, kChains, kSliceGrads, kCount };
+enum class Arena : int { kOutputs = 0, kCoreGrads, kChains, kSliceGrads, kSegments, kCount };
 
 template <typename T>
 T* arena(Arena which, int64_t n) {
@@ -563,37 +563,63 @@ struct SlotSegment {
   T scale;
 };
 
-// The segments [first, first + count) of a slot's list, gathered in stages. A slot's segments lie
-// all over the plan (one per bag that touches the group), so every read here misses the cache on
-// large batches; issued stage by stage they are independent loads that overlap, where reading each
-// segment's fields just before use made a chain of dependent misses per segment. The last stage
-// prefetches what the lookup loop reads next and each segment's bag row of `rows` (row stride N:
-// the incoming gradient in the backward, the output accumulator in the forward).
+// A slot's segments: a view of `count` consecutive entries of slot_segment_fields' array.
+template <typename T>
+struct SlotSegments {
+  const SlotSegment<T>* first;
+  int64_t count;
+
+  const SlotSegment<T>* begin() const {
+    return first;
+  }
+  const SlotSegment<T>* end() const {
+    return first + count;
+  }
+  const SlotSegment<T>& operator[](int64_t i) const {
+    return first[i];
+  }
+};
+
+// Every slotted segment's fields, in the order of the plan's slot lists (slot_segment), read in one
+// parallel pass per call. A slot's segments lie all over the plan (one per bag that touches the
+// group), so these reads miss the cache on large batches: in a loop that does nothing else many of
+// them are in flight at once, where the slot loops, gathering a slot's few segments between its
+// products, waited on them (a fifth of the 10M forward's time).
 template <typename scalar_t, typename index_t>
-void gather_slot_segments(
+const SlotSegment<scalar_t>* slot_segment_fields(const Batch<scalar_t, index_t>& in, const PlanRef& plan) {
+  const int64_t n = plan.v.slot_segment_start[plan.num_slots];
+  SlotSegment<scalar_t>* fields = arena<SlotSegment<scalar_t>>(Arena::kSegments, n);
+  at::parallel_for(0, n, 4096, [&](int64_t i_begin, int64_t i_end) {
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      const int64_t s = plan.v.slot_segment[i];
+      const int64_t bag = plan.v.segment_bag[s];
+      fields[i] = {bag, plan.v.segment_start[s], plan.v.segment_start[s + 1], in.coef.scale(bag)};
+    }
+  });
+  return fields;
+}
+
+// Slot u's segments, with what the slot's lookup loop reads next prefetched: the segments' sorted
+// lookups and each segment's bag row of `rows` (row stride N: the incoming gradient in the backward,
+// the output accumulator in the forward).
+template <typename scalar_t, typename index_t>
+SlotSegments<scalar_t> slot_segments(
     const Batch<scalar_t, index_t>& in,
     const PlanRef& plan,
+    const SlotSegment<scalar_t>* fields,
     const scalar_t* rows,
-    int64_t first,
-    int64_t count,
-    std::vector<SlotSegment<scalar_t>>& segs) {
-  segs.resize(static_cast<size_t>(count));
-  const int64_t* slot_segs = plan.v.slot_segment + first;
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t s = slot_segs[i];
-    segs[i].bag = plan.v.segment_bag[s];
-    segs[i].lookup_begin = plan.v.segment_start[s];
-    segs[i].lookup_end = plan.v.segment_start[s + 1];
-  }
-  for (int64_t i = 0; i < count; ++i) {
-    segs[i].scale = in.coef.scale(segs[i].bag);
-    __builtin_prefetch(plan.v.sorted_lookup + segs[i].lookup_begin);
-    __builtin_prefetch(plan.v.sorted_last + segs[i].lookup_begin);
-    const char* g = reinterpret_cast<const char*>(rows + segs[i].bag * in.N);
+    int64_t u) {
+  const int64_t first = plan.v.slot_segment_start[u];
+  const SlotSegments<scalar_t> segs{fields + first, plan.v.slot_segment_start[u + 1] - first};
+  for (const SlotSegment<scalar_t>& seg : segs) {
+    __builtin_prefetch(plan.v.sorted_lookup + seg.lookup_begin);
+    __builtin_prefetch(plan.v.sorted_last + seg.lookup_begin);
+    const char* g = reinterpret_cast<const char*>(rows + seg.bag * in.N);
     for (int64_t byte = 0; byte < in.N * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
       __builtin_prefetch(g + byte);
     }
   }
+  return segs;
 }
 
 // The distinct last digits (rows of the group) used by a slot's segments: rows[i] for i < count, and
@@ -605,7 +631,7 @@ struct SlotRows {
   explicit SlotRows(int64_t last_rows) : pos(static_cast<size_t>(last_rows), -1) {}
 
   template <typename T>
-  void collect(const PlanRef& plan, const std::vector<SlotSegment<T>>& segs) {
+  void collect(const PlanRef& plan, const SlotSegments<T>& segs) {
     rows.clear();
     for (const SlotSegment<T>& seg : segs) {
       for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
@@ -666,6 +692,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
   const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
+    const SlotSegment<T>* fields = slot_segment_fields(in, plan);
     // Cost of a slot ~ its segments plus its chain (about 4 segments' worth).
     const SlotOrder order = slot_visit_order(in.L, plan, 0, plan.num_slots, [&](int64_t u) {
       return 2 * (plan.v.slot_segment_start[u + 1] - plan.v.slot_segment_start[u]) + 8;
@@ -679,16 +706,14 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
           std::vector<T> chain(static_cast<size_t>(in.cl.size));
           std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
           std::vector<T> s_buf(static_cast<size_t>(in.last_numel)); // S_s (R' x n_l)
-          std::vector<SlotSegment<T>> segs;
           SlotRows slot_rows(in.L.last_rows());
           Scratch<T> lt_rows; // (D n_l x R')
           Scratch<T> w_t; // (D n_l x N')
           int64_t digits[kMaxCores];
           for (int64_t i = i_begin; i < i_end; ++i) {
             const int64_t u = order.slot[i];
-            const int64_t first = plan.v.slot_segment_start[u];
-            const int64_t count = plan.v.slot_segment_start[u + 1] - first;
-            gather_slot_segments(in, plan, yT, first, count, segs);
+            const SlotSegments<T> segs = slot_segments(in, plan, fields, yT, u);
+            const int64_t count = segs.count;
             group_digits(in.L, plan.v.slot_group[u], digits);
             transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
             slot_rows.collect(plan, segs);
@@ -903,6 +928,7 @@ void backward_grt(
 
   const TransposedCores<T> cores_t(in.L, in.cores);
   const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+  const SlotSegment<T>* fields = slot_segment_fields(in, plan);
 
   // Per-part gradients: cores 0..d-2 as the cores, the last core transposed (m_l, n_l, R').
   int64_t core_offset[kMaxCores + 1] = {};
@@ -954,7 +980,6 @@ void backward_grt(
             Scratch<T> s_t; // S_s^T (n_l x R') per segment of the slot
             Scratch<T> dw; // dW_l (N' x n_l) per distinct row of the slot (row path)
             std::vector<GemmSegment<T>> operands;
-            std::vector<SlotSegment<T>> segs;
             SlotRows slot_rows(in.L.last_rows());
             int64_t digits[kMaxCores];
             // Down the chain from dQ (in cur): dA_{k-1} (rows x R[k]) = dOut_k (rows x cols) @
@@ -975,10 +1000,9 @@ void backward_grt(
             };
             for (int64_t i = i_begin; i < i_end; ++i) {
               const int64_t u = order.slot[i];
-              const int64_t first = slot_seg_start[u];
-              const int64_t count = slot_seg_start[u + 1] - first;
+              const SlotSegments<T> segs = slot_segments(in, plan, fields, grad_out, u);
+              const int64_t count = segs.count;
               const T* q = chains + i * in.cl.size + in.cl.offset[in.L.d - 2];
-              gather_slot_segments(in, plan, grad_out, first, count, segs);
               T* dout = douts + i * dout_size;
               // dQ (N' x R') is dOut of the last middle core (or dA_0 when d = 2).
               T* cur = in.L.d > 2 ? dout + dout_offset[in.L.d - 2] : dA0.data();
