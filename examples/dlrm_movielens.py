@@ -35,6 +35,7 @@ N ranks (``DistributedModelParallel``; gloo on CPU, nccl on GPUs)::
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -273,10 +274,11 @@ def cache_hit_counts(modules: Sequence[nn.Module], tables: Sequence[EmbeddingBag
     return {n: {"hits": int(h), "lookups": int(l)} for n, (h, l) in zip(names, totals.cpu().tolist())}
 
 
-def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 5) -> Dict[str, float]:
+def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 21) -> Dict[str, float]:
     """Forward+backward seconds per batch of one table with its cache and without it (all
-    lookups through the TT op, same cores), on the same batches, alternating; the fastest of
-    ``repeats`` (on a shared machine, noise only adds time)."""
+    lookups through the TT op, same cores), on the same batches, alternating: the medians of
+    ``repeats`` and the median of the repeats' ratios (``ratio``; drift in the machine's speed
+    between repeats cancels in a ratio of neighbours)."""
     from torchrec_tt.ops import tt_embedding_bag
 
     def run(cached: bool) -> float:
@@ -290,7 +292,9 @@ def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 5) -
 
     run(True), run(False)  # warm-up
     times = [(run(True), run(False)) for _ in range(repeats)]
-    return {"with_cache_s": min(t[0] for t in times), "without_cache_s": min(t[1] for t in times)}
+    return {"with_cache_s": statistics.median(t[0] for t in times),
+            "without_cache_s": statistics.median(t[1] for t in times),
+            "ratio": statistics.median(t[0] / t[1] for t in times), "repeats": repeats}
 
 
 def cache_report(args: argparse.Namespace, model: nn.Module, tables: Sequence[EmbeddingBagConfig], data: "Prepared",
@@ -610,7 +614,8 @@ def format_report(r: Dict[str, Any]) -> str:
         if "with_cache_s" in c:
             lines.append(f"  {c['table']} forward+backward per batch: {1e3 * c['with_cache_s']:.2f} ms with the cache, "
                          f"{1e3 * c['without_cache_s']:.2f} ms without "
-                         f"({c['with_cache_s'] / c['without_cache_s'] - 1:+.1%} with the cache)")
+                         f"(medians of {c['repeats']} alternating repeats; median ratio {c['ratio'] - 1:+.1%} "
+                         f"with the cache)")
     return "\n".join(lines)
 
 
