@@ -153,7 +153,11 @@ def _model(seed: int) -> SparseArch:
 
 
 def _checkpoint_worker(rank: int, world_size: int, path: str) -> None:
-    """Train under one plan, save; load under the other plan (and back): bit-exact state and outputs."""
+    """Train under one plan, save; load under the other plan (and back): bit-exact state, and the
+    same outputs up to float rounding: a table that moves between data-parallel and table-wise
+    is computed over another batch (one rank's bags or every rank's), and the grt kernels' order
+    of summation in a bag depends on the batch (each slot takes the row or the segment path from
+    the whole batch's counts)."""
     with rank_context(rank, world_size) as ctx:
         sharders = [TTEmbeddingBagCollectionSharder(fused_params=ADAGRAD)]
         width = 16 * 2 + 8 + 12
@@ -181,7 +185,7 @@ def _checkpoint_worker(rank: int, world_size: int, path: str) -> None:
             for key, value in optimizer_state.items():
                 for name, tensor in value.items():
                     assert torch.equal(torch.as_tensor(reloaded[key][name]), torch.as_tensor(tensor)), (key, name)
-            assert torch.equal(loaded(batch), expected)
+            torch.testing.assert_close(loaded(batch), expected, rtol=1e-6, atol=1e-6)
             dist.barrier(group=ctx.pg)
 
 
