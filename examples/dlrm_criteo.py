@@ -194,12 +194,10 @@ def shard_model(model: DLRM, tables: Sequence[EmbeddingBagConfig], emb_lr: float
     both; the tables' Adagrad fused into backward), the MLPs data parallel."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-
-    from torchrec_tt.distributed import ShmDataParallelWrapper
     from torchrec.distributed.planner import ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv, ShardingType
 
-    from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder, make_tt_planner
+    from torchrec_tt.distributed import ShmDataParallelWrapper, TTEmbeddingBagCollectionSharder, make_tt_planner
 
     topology = Topology(world_size=env.world_size, compute_device=env.device.type, local_world_size=env.world_size)
     constraints = {t.name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], pooling_factors=[1.0])

@@ -163,10 +163,10 @@ def shard_model(model: DLRMLike, embedding: str, emb_lr: float, batch_size: int,
     optimizer fused into backward), the rest data parallel. Returns the model and each
     table's sharding type."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
-
-    from torchrec_tt.distributed import ShmDataParallelWrapper
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv
+
+    from torchrec_tt.distributed import ShmDataParallelWrapper
 
     # Topology of torchrun's launch: nnodes x nproc_per_node (LOCAL_WORLD_SIZE).
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
