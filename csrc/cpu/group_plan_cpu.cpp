@@ -346,11 +346,16 @@ at::Tensor group_plan_cpu(
     const index_t* off = offsets.data_ptr<index_t>();
     check_offsets_values_cpu(op, off, batch_size, nnz);
     check_indices_range_cpu(op, idx, nnz, num_rows);
-    int64_t max_index = -1;
-    for (int64_t j = 0; j < nnz; ++j) {
-      max_index = std::max<int64_t>(max_index, static_cast<int64_t>(idx[j]));
+    // Groups of the table when its size is known (indices are checked against it), else of the
+    // largest index.
+    int64_t num_groups = (num_rows + last_rows - 1) / last_rows;
+    if (num_rows < 0) {
+      int64_t max_index = -1;
+      for (int64_t j = 0; j < nnz; ++j) {
+        max_index = std::max<int64_t>(max_index, static_cast<int64_t>(idx[j]));
+      }
+      num_groups = max_index < 0 ? 0 : max_index / last_rows + 1;
     }
-    const int64_t num_groups = max_index < 0 ? 0 : max_index / last_rows + 1;
     std::vector<int32_t> slots;
     PlanCache cache;
     if (cache_ids.has_value()) {

@@ -55,6 +55,7 @@ class FastDivmod {
 struct BagOrderScratch {
   std::vector<int64_t> key;
   std::vector<int32_t> key32;
+  std::vector<int32_t> rank;
   std::vector<int64_t> group;
   std::vector<int64_t> last;
 };
@@ -70,7 +71,8 @@ constexpr int64_t kRankSortMaxLookups = 192;
 // group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. With
 // cache_slot (nullable; -1: not cached), a cached lookup takes group num_groups (after every real
 // group: the bag's cached lookups come last, in position order) and last = its cache slot. Keys are
-// (group << 20 | position): distinct, so a key's rank is its place. Bags of 2^20 or more lookups, or
+// (group << 20 | position): distinct, so a key's rank is its place; bags of up to 256 lookups whose
+// groups fit 23 bits use 32-bit keys (group << 8 | position). Bags of 2^20 or more lookups, or
 // groups past 2^43, sort (group, position) pairs instead (never, in practice).
 template <typename index_t>
 inline void order_bag_by_group(
@@ -85,82 +87,92 @@ inline void order_bag_by_group(
     int64_t* group,
     int64_t* last) {
   constexpr int kPositionBits = 20;
+  constexpr int kShortPositionBits = 8;
+  typedef int32_t Lanes __attribute__((vector_size(32)));
+  constexpr int64_t kLanes = 8;
+  constexpr int64_t kBlock = 2 * kLanes; // keys ranked per pass over the bag: two independent sums
   const int64_t n = hi - lo;
+  const bool short_keys =
+      n <= (int64_t{1} << kShortPositionBits) && num_groups < (int64_t{1} << (31 - kShortPositionBits));
+  scratch.group.resize(static_cast<size_t>(n));
+  scratch.last.resize(static_cast<size_t>(n));
+  scratch.key32.resize(static_cast<size_t>(short_keys ? (n + kBlock - 1) / kBlock * kBlock : 0));
+  int64_t* const g = scratch.group.data();
+  int64_t* const r = scratch.last.data();
+  int32_t* const key32 = scratch.key32.data();
+  // Groups and last digits, the 32-bit keys of the uncached lookups (in position order), and
+  // whether the bag is already in order.
   bool sorted = true;
   int64_t prev = -1;
-  if (cache_slot == nullptr) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t g = divmod.divmod(static_cast<int64_t>(indices[j]), &last[j]);
-      group[j] = g;
-      perm[j] = j;
-      sorted &= g >= prev;
-      prev = g;
+  int64_t ranked = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    int64_t rem;
+    int64_t q;
+    if (cache_slot == nullptr) {
+      q = divmod.divmod(static_cast<int64_t>(indices[lo + t]), &rem);
+    } else {
+      // Selects, not branches: hits are scattered through a bag, so a branch on them would
+      // mispredict about as often as they occur.
+      int64_t digit;
+      const int64_t slot = cache_slot[lo + t];
+      const int64_t quotient = slot >= 0 ? num_groups : divmod.divmod(static_cast<int64_t>(indices[lo + t]), &digit);
+      rem = slot >= 0 ? slot : digit;
+      q = quotient;
     }
-  } else {
-    // Selects, not branches: hits are scattered through a bag, so a branch on them would
-    // mispredict about as often as they occur.
-    for (int64_t j = lo; j < hi; ++j) {
-      int64_t r;
-      const int64_t slot = cache_slot[j];
-      const int64_t g = slot >= 0 ? num_groups : divmod.divmod(static_cast<int64_t>(indices[j]), &r);
-      last[j] = slot >= 0 ? slot : r;
-      group[j] = g;
-      perm[j] = j;
-      sorted &= g >= prev;
-      prev = g;
+    g[t] = q;
+    r[t] = rem;
+    if (short_keys) {
+      key32[ranked] = static_cast<int32_t>((q << kShortPositionBits) | t);
     }
+    ranked += q < num_groups ? 1 : 0;
+    sorted &= q >= prev;
+    prev = q;
   }
-  if (sorted) {
-    return;
-  }
-  scratch.group.assign(group + lo, group + hi);
-  scratch.last.assign(last + lo, last + hi);
-  const int64_t* const g = scratch.group.data();
-  const int64_t* const r = scratch.last.data();
   // By value: captured by reference, the pointers were reloaded after every store.
   const auto place = [=](int64_t k, int64_t t) TORCHREC_TT_PLAN_INLINE {
     perm[lo + k] = lo + t;
     group[lo + k] = g[t];
     last[lo + k] = r[t];
   };
-  if (n < (int64_t{1} << kPositionBits) && num_groups + 1 < (int64_t{1} << (62 - kPositionBits))) {
-    // Only the uncached lookups are ranked; the cached ones (group num_groups) follow them in
-    // position order.
+  if (sorted) {
+    for (int64_t t = 0; t < n; ++t) {
+      place(t, t);
+    }
+    return;
+  }
+  if (short_keys && ranked <= kRankSortMaxLookups) {
+    // Sixteen keys' ranks per pass, each compared with every key (broadcast), as two independent
+    // vector sums: no horizontal sum per key, and two dependency chains instead of one. The last
+    // block is padded with the largest key, whose ranks are not used.
+    const int64_t padded = (ranked + kBlock - 1) / kBlock * kBlock;
+    std::fill(key32 + ranked, key32 + padded, std::numeric_limits<int32_t>::max());
+    scratch.rank.resize(static_cast<size_t>(padded));
+    int32_t* const rank = scratch.rank.data();
+    for (int64_t block = 0; block < padded; block += kBlock) {
+      Lanes mine0, mine1;
+      std::memcpy(&mine0, key32 + block, sizeof(mine0));
+      std::memcpy(&mine1, key32 + block + kLanes, sizeof(mine1));
+      Lanes below0 = {}, below1 = {};
+      for (int64_t u = 0; u < ranked; ++u) {
+        const Lanes key = Lanes{} + key32[u];
+        below0 -= key < mine0; // true lanes are -1
+        below1 -= key < mine1;
+      }
+      std::memcpy(rank + block, &below0, sizeof(below0));
+      std::memcpy(rank + block + kLanes, &below1, sizeof(below1));
+    }
+    for (int64_t i = 0; i < ranked; ++i) {
+      place(rank[i], key32[i] & ((1 << kShortPositionBits) - 1));
+    }
+  } else if (n < (int64_t{1} << kPositionBits) && num_groups + 1 < (int64_t{1} << (62 - kPositionBits))) {
     scratch.key.resize(static_cast<size_t>(n));
     int64_t* const key = scratch.key.data();
-    int64_t ranked = 0;
+    ranked = 0;
     for (int64_t t = 0; t < n; ++t) {
       key[ranked] = (g[t] << kPositionBits) | t;
       ranked += g[t] < num_groups ? 1 : 0;
     }
-    // 32-bit keys (group << 8 | position) when they fit: twice the compares per vector.
-    constexpr int kShortPositionBits = 8;
-    if (n <= (int64_t{1} << kShortPositionBits) && ranked <= kRankSortMaxLookups &&
-        num_groups < (int64_t{1} << (31 - kShortPositionBits))) {
-      // Eight keys' ranks at a time, each compared with every key (broadcast): no horizontal sum
-      // per key. The last block is padded with the largest key, whose ranks are not used.
-      typedef int32_t Lanes __attribute__((vector_size(32)));
-      constexpr int64_t kLanes = 8;
-      const int64_t padded = (ranked + kLanes - 1) / kLanes * kLanes;
-      scratch.key32.resize(static_cast<size_t>(padded));
-      int32_t* const key32 = scratch.key32.data();
-      for (int64_t t = 0; t < ranked; ++t) {
-        const int64_t position = key[t] & ((int64_t{1} << kPositionBits) - 1);
-        key32[t] = static_cast<int32_t>(((key[t] >> kPositionBits) << kShortPositionBits) | position);
-      }
-      std::fill(key32 + ranked, key32 + padded, std::numeric_limits<int32_t>::max());
-      for (int64_t block = 0; block < padded; block += kLanes) {
-        Lanes mine;
-        std::memcpy(&mine, key32 + block, sizeof(mine));
-        Lanes below = {};
-        for (int64_t u = 0; u < ranked; ++u) {
-          below -= (Lanes{} + key32[u]) < mine; // true lanes are -1
-        }
-        for (int64_t lane = 0; lane < kLanes && block + lane < ranked; ++lane) {
-          place(below[lane], mine[lane] & ((1 << kShortPositionBits) - 1));
-        }
-      }
-    } else if (ranked <= kRankSortMaxLookups) {
+    if (ranked <= kRankSortMaxLookups) {
       for (int64_t t = 0; t < ranked; ++t) {
         const int64_t mine = key[t];
         int64_t below = 0;
@@ -175,24 +187,25 @@ inline void order_bag_by_group(
         place(k, key[k] & ((int64_t{1} << kPositionBits) - 1));
       }
     }
-    // The cached lookups, in position order. Every lookup is written at k, which only a cached one
-    // advances (the next write overwrites the others): no branch on the scattered hits, and k < n
-    // holds at every write.
-    for (int64_t t = 0, k = ranked; k < n; ++t) {
-      place(k, t);
-      k += g[t] == num_groups ? 1 : 0;
+  } else {
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+      order[t] = t;
+    }
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return g[a] < g[b] || (g[a] == g[b] && a < b);
+    });
+    for (int64_t k = 0; k < n; ++k) {
+      place(k, order[k]);
     }
     return;
   }
-  std::vector<int64_t> order(static_cast<size_t>(n));
-  for (int64_t t = 0; t < n; ++t) {
-    order[t] = t;
-  }
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return g[a] < g[b] || (g[a] == g[b] && a < b);
-  });
-  for (int64_t k = 0; k < n; ++k) {
-    place(k, order[k]);
+  // The cached lookups, in position order. Every lookup is written at k, which only a cached one
+  // advances (the next write overwrites the others): no branch on the scattered hits, and k < n
+  // holds at every write.
+  for (int64_t t = 0, k = ranked; k < n; ++t) {
+    place(k, t);
+    k += g[t] == num_groups ? 1 : 0;
   }
 }
 
