@@ -80,7 +80,7 @@ def _cpu_arch_flags() -> list:
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp", "csrc/tt_embedding_bag_autograd.cpp"] + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3"] + _cpu_arch_flags()
     link_args = []

@@ -1,5 +1,6 @@
 // Schemas of every torchrec_tt op, defined once. Implementations register per device:
-// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA); fake kernels and autograd live in torchrec_tt/ops.py.
+// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA), csrc/tt_embedding_bag_autograd.cpp (autograd, every
+// device); fake kernels live in torchrec_tt/ops.py.
 // Semantics: see docs/design.md section 1 and the op docstrings in torchrec_tt/ops.py.
 
 #include <Python.h>

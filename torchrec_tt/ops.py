@@ -192,7 +192,7 @@ def group_plan(indices: torch.Tensor, offsets: torch.Tensor, last_rows: int) -> 
 
 
 def _register_extension_ops() -> None:
-    """Fake kernels and autograd for the compiled ops (registered once per process)."""
+    """Fake kernels for the compiled ops (registered once per process)."""
 
     @torch.library.register_fake("torchrec_tt::group_plan")
     def _group_plan_fake(indices, offsets, last_rows, num_rows=-1, cache_ids=None):
@@ -218,41 +218,7 @@ def _register_extension_ops() -> None:
         cache_grad = torch.empty_like(cache_weight) if cache_weight is not None else cores[0].new_empty(0)
         return [torch.empty_like(c) for c in cores], weights_grad, cache_grad
 
-    def _setup_context(ctx, inputs, output):
-        cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan, cache_weight, cache_ids = inputs
-        # The dispatcher drops trailing arguments equal to their defaults (None) from the call, and
-        # the backward must return one gradient per argument actually passed.
-        optional = (plan, cache_weight, cache_ids)
-        ctx.num_inputs = 6 + max((i + 1 for i, t in enumerate(optional) if t is not None), default=0)
-        ctx.num_cores = len(cores)
-        ctx.pooling_mode, ctx.variant = pooling_mode, variant
-        ctx.psw_requires_grad = per_sample_weights is not None and per_sample_weights.requires_grad
-        ctx.save_for_backward(*cores, indices, offsets, per_sample_weights, plan, cache_weight, cache_ids)
-
-    def _backward(ctx, grad_output):
-        *cores, indices, offsets, per_sample_weights, plan, cache_weight, cache_ids = ctx.saved_tensors
-        core_grads, psw_grad, cache_grad = torch.ops.torchrec_tt.tt_embedding_bag_backward(
-            grad_output.contiguous(),
-            cores,
-            indices,
-            offsets,
-            per_sample_weights,
-            ctx.pooling_mode,
-            ctx.variant,
-            ctx.psw_requires_grad,
-            plan,
-            cache_weight,
-            cache_ids,
-        )
-        grads = (
-            list(core_grads), None, None, psw_grad if ctx.psw_requires_grad else None, None, None, None,
-            cache_grad if cache_weight is not None else None, None,
-        )
-        return grads[: ctx.num_inputs]
-
-    torch.library.register_autograd(
-        "torchrec_tt::tt_embedding_bag", _backward, setup_context=_setup_context
-    )
+    # Autograd is registered in C++ (csrc/tt_embedding_bag_autograd.cpp).
 
 
 if HAS_EXTENSION:
