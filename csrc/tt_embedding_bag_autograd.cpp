@@ -78,14 +78,15 @@ class TTEmbeddingBagFunction : public torch::autograd::Function<TTEmbeddingBagFu
     {
       // The device kernel (or the fake one), not this function again.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = forward_op().call(cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan, cache_weight, cache_ids);
+      out = forward_op().call(
+          cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan, cache_weight, cache_ids);
     }
+    // Absent optional tensors are saved as undefined ones (present() turns them back).
     variable_list saved(cores.begin(), cores.end());
-    for (const std::optional<at::Tensor>& t :
-         {std::optional<at::Tensor>(indices), std::optional<at::Tensor>(offsets), per_sample_weights, plan,
-          cache_weight, cache_ids}) {
-      saved.push_back(t.value_or(at::Tensor()));
-    }
+    saved.insert(
+        saved.end(),
+        {indices, offsets, per_sample_weights.value_or(at::Tensor()), plan.value_or(at::Tensor()),
+         cache_weight.value_or(at::Tensor()), cache_ids.value_or(at::Tensor())});
     ctx->save_for_backward(saved);
     ctx->saved_data["num_cores"] = static_cast<int64_t>(cores.size());
     ctx->saved_data["pooling_mode"] = pooling_mode;

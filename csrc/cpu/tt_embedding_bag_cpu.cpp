@@ -6,9 +6,9 @@
 // weight times 1/L_b for mean pooling).
 //
 //   variant tt : per lookup, the full chain, then y_b += c_j * W[idx_j].
-//   variant grt: driven by the batch's packed plan (plan_layout.h; built once per batch, passed in
-//                by the front-end, saved by the autograd function and reused by the backward; docs/design.md
-//                section 3).
+//   variant grt: driven by the batch's packed plan (plan_layout.h; built once per batch by the
+//                front-end, saved by the autograd function and reused by the backward;
+//                docs/design.md section 3).
 //                Both passes are slot-major: a slot's prefix Q (one per distinct group) is computed
 //                once and used while it sits in L1 by every segment (bag) of that group.
 //                Forward: per segment S_s = sum_j c_j L_j (intra-group) and y_b += Q S_s

@@ -15,10 +15,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 from torchrec.distributed.types import ShardingEnv
 
-from tt_dist_testing import rank_context
+from tt_dist_testing import FailFastMultiProcessTestBase, rank_context
 from torchrec_tt.distributed import ShmAllReduce, ShmDataParallelWrapper, host_all_reduce_
 from torchrec_tt.ops import HAS_EXTENSION
 
@@ -176,7 +175,7 @@ def _ddp_worker(rank: int, world_size: int) -> None:
 
 
 @unittest.skipUnless(HAS_EXTENSION, "the shared-memory all-reduce is a compiled op (TORCHREC_TT_DISABLE_EXTENSION=1)")
-class ShmAllReduceTest(MultiProcessTestBase):
+class ShmAllReduceTest(FailFastMultiProcessTestBase):
     def test_sums_match_gloo_two_ranks(self) -> None:
         self._run_multi_process_test(callable=_sums_worker, world_size=2)
 
@@ -196,6 +195,6 @@ class ShmAllReduceTest(MultiProcessTestBase):
         self._run_multi_process_test(callable=_ddp_worker, world_size=2)
 
 
-class ShmAllReduceSwitchTest(MultiProcessTestBase):
+class ShmAllReduceSwitchTest(FailFastMultiProcessTestBase):
     def test_env_switch_uses_gloo(self) -> None:
         self._run_multi_process_test(callable=_switch_worker, world_size=2)

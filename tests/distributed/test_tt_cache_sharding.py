@@ -15,9 +15,9 @@ import unittest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.model_parallel import get_unwrapped_module
-from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 
 from tt_dist_testing import (
+    FailFastMultiProcessTestBase,
     ATOL,
     BATCH_SIZE,
     SparseArch,
@@ -119,7 +119,7 @@ def _load_worker(rank: int, world_size: int, path: str) -> None:
             torch.testing.assert_close(plain(global_batch), saved["output"], atol=ATOL, rtol=0)
 
 
-class TTCacheShardingTest(MultiProcessTestBase):
+class TTCacheShardingTest(FailFastMultiProcessTestBase):
     def test_cached_tables_train_populate_and_checkpoint_across_world_sizes(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "ckpt.pt")

@@ -17,9 +17,9 @@ from typing import Dict, Iterator
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 
 from tt_dist_testing import (
+    FailFastMultiProcessTestBase,
     ATOL,
     BATCH_SIZE,
     SparseArch,
@@ -203,7 +203,7 @@ def _load_one_rank_worker(rank: int, world_size: int, path: str) -> None:
         assert torch.equal(dmp(saved["global"]), plain(saved["global"]))
 
 
-class TTDataParallelTest(MultiProcessTestBase):
+class TTDataParallelTest(FailFastMultiProcessTestBase):
     def test_training_matches_unsharded_data_parallel_and_mixed(self) -> None:
         self._run_multi_process_test(callable=_training_worker, world_size=2, shared_memory=True)
 

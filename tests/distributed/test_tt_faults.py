@@ -20,11 +20,10 @@ import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import KeyedJaggedTensor
-from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 from torchrec.optim import apply_optimizer_in_backward
 
 from torchrun_bad_id import with_bad_id
-from tt_dist_testing import SparseArch, interleaved_plan, loss_weights, rank_batches, rank_context, shard, tt_params, tt_tables
+from tt_dist_testing import FailFastMultiProcessTestBase, SparseArch, interleaved_plan, loss_weights, rank_batches, rank_context, shard, tt_params, tt_tables
 from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from torchrec_tt import modules as tt_modules
 from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder, TTFusedOptimizer
@@ -318,7 +317,7 @@ def _validation_worker(rank: int, world_size: int) -> None:
             tt_modules.validate_lookups = original
 
 
-class TTShardedFaultsTest(MultiProcessTestBase):
+class TTShardedFaultsTest(FailFastMultiProcessTestBase):
     def test_failed_step_changes_no_rank(self) -> None:
         start = time.perf_counter()
         self._run_multi_process_test(callable=_sharded_faults_worker, world_size=2)
@@ -328,3 +327,24 @@ class TTShardedFaultsTest(MultiProcessTestBase):
         start = time.perf_counter()
         self._run_multi_process_test(callable=_validation_worker, world_size=2)
         print(f"sharded validation: {time.perf_counter() - start:.2f}s")
+
+
+# ---------------------------------------------------------------------------- the multi-process runner
+def _rank_1_fails_before_joining(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise ValueError("rank 1 fails before it joins the process group")
+    with rank_context(rank, world_size):  # rank 0 waits here for rank 1 (gloo: up to 30 minutes)
+        pass
+
+
+class FailFastRunnerTest(FailFastMultiProcessTestBase):
+    def test_a_failing_rank_stops_the_others(self) -> None:
+        """A rank that fails while another waits for it (here in the process group's rendezvous)
+        fails the test at once, with the failing rank's error; the waiting rank is terminated."""
+        start = time.perf_counter()
+        with self.assertRaises(AssertionError) as error:
+            self._run_multi_process_test(callable=_rank_1_fails_before_joining, world_size=2)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 60, f"the failure took {elapsed:.1f} s to surface"
+        message = str(error.exception)
+        assert "rank 1 of 2 failed" in message and "rank 1 fails before it joins the process group" in message, message

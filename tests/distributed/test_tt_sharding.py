@@ -18,12 +18,12 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import Topology
-from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 from torchrec.optim import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from tt_dist_testing import (
+    FailFastMultiProcessTestBase,
     ATOL,
     BATCH_SIZE,
     SparseArch,
@@ -289,7 +289,7 @@ def _errors_worker(rank: int, world_size: int) -> None:
             ), e
 
 
-class TTShardingTest(MultiProcessTestBase):
+class TTShardingTest(FailFastMultiProcessTestBase):
     def _timed(self, label: str, **kwargs) -> None:
         start = time.perf_counter()
         self._run_multi_process_test(**kwargs)

@@ -18,9 +18,8 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchrec import KeyedJaggedTensor
-from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 
-from tt_dist_testing import SparseArch, feature_sizes, interleaved_plan, make_kjt, rank_context, shard, tt_tables
+from tt_dist_testing import FailFastMultiProcessTestBase, SparseArch, feature_sizes, interleaved_plan, make_kjt, rank_context, shard, tt_tables
 from torchrec_tt import TTEmbeddingBagConfig
 from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder
 from torchrec_tt.distributed.embedding_kernel import TTEmbeddingBagKernel
@@ -170,7 +169,7 @@ def _sync_worker(rank: int, world_size: int) -> None:
             raise AssertionError("the batch has no f2 ids")
 
 
-class TTSyncFreeTest(MultiProcessTestBase):
+class TTSyncFreeTest(FailFastMultiProcessTestBase):
     def test_sharded_path_reads_no_device_values(self) -> None:
         self._run_multi_process_test(callable=_sync_worker, world_size=2)
 

@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.test_utils.multi_process import MultiProcessTestBase
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from tt_dist_testing import interleaved_plan, make_kjt, rank_context, shard, tt_tables
+from tt_dist_testing import FailFastMultiProcessTestBase, interleaved_plan, make_kjt, rank_context, shard, tt_tables
 from torchrec_tt import TTEmbeddingBagCollection
 from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder
 
@@ -90,7 +89,7 @@ def _pipeline_worker(rank: int, world_size: int) -> None:
                 torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=0, msg=f"{placements}: {key}")
 
 
-class TTTrainPipelineTest(MultiProcessTestBase):
+class TTTrainPipelineTest(FailFastMultiProcessTestBase):
     def test_train_pipeline_sparse_dist_matches_plain_loop(self) -> None:
         self._run_multi_process_test(callable=_pipeline_worker, world_size=2)
 

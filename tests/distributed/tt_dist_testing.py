@@ -4,10 +4,14 @@ Workers run in separate processes (TorchRec's ``MultiProcessTestBase``); everyth
 use lives here, at module level, so it pickles by name.
 """
 
+import functools
 import importlib.abc
+import multiprocessing
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
 class _HideExtension(importlib.abc.MetaPathFinder):
@@ -29,7 +33,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, table_wise
-from torchrec.distributed.test_utils.multi_process import MultiProcessContext
+from torchrec.distributed.test_utils.multi_process import MultiProcessContext, MultiProcessTestBase
 from torchrec.distributed.types import ShardedTensor, ShardingEnv, ShardingPlan
 
 import torchrec_tt.distributed  # noqa: F401  (imported here so the forkserver preloads it)
@@ -40,6 +44,43 @@ TT_KERNEL = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
 ATOL = 1e-5  # float32 sharded vs unsharded
 BATCH_SIZE = 6
 MAX_BAG = 6
+
+
+def _run_rank(worker: Callable[..., None], **kwargs: Any) -> None:
+    """A rank's worker, its exception sent back as text (tracebacks may hold unpicklable frames)."""
+    try:
+        worker(**kwargs)
+    except Exception as e:
+        raise RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}") from None
+
+
+class FailFastMultiProcessTestBase(MultiProcessTestBase):
+    """TorchRec's ``MultiProcessTestBase`` that fails as soon as one rank fails.
+
+    TorchRec's waits for the ranks in order, so a rank that fails while rank 0 waits for it in a
+    collective held the test until gloo's 30-minute timeout. Here the other ranks are terminated
+    (the pool is closed) and the failing rank's traceback is reported.
+    """
+
+    def _run_multi_process_test(self, *, callable: Callable[..., None], world_size: int = 2, **kwargs: Any) -> None:
+        ctx = multiprocessing.get_context(self._mp_init_mode)
+        with ctx.Pool(processes=world_size) as pool:  # leaving it terminates the workers
+            pending = {
+                rank: pool.apply_async(
+                    functools.partial(_run_rank, callable, **kwargs, rank=rank, world_size=world_size)
+                )
+                for rank in range(world_size)
+            }
+            while pending:
+                for rank, result in list(pending.items()):
+                    if not result.ready():
+                        continue
+                    del pending[rank]
+                    try:
+                        result.get()
+                    except Exception as e:
+                        self.fail(f"rank {rank} of {world_size} failed (the other ranks were stopped):\n{e}")
+                time.sleep(0.02)
 
 
 def rank_context(rank: int, world_size: int, backend: str = "gloo", **kwargs) -> MultiProcessContext:
