@@ -106,7 +106,7 @@ class TTEmbeddingBagFunction : public torch::autograd::Function<TTEmbeddingBagFu
     const at::Tensor& offsets = saved[d + 1];
     const std::optional<at::Tensor> cache_weight = present(saved[d + 4]);
     auto [core_grads, psw_grad, cache_grad] = backward_op().call(
-        grad_outputs[0].contiguous(), cores, indices, offsets, present(saved[d + 2]),
+        grad_outputs[0], cores, indices, offsets, present(saved[d + 2]),
         ctx->saved_data["pooling_mode"].toInt(), ctx->saved_data["variant"].toInt(), psw_requires_grad,
         present(saved[d + 3]), cache_weight, present(saved[d + 5]));
     variable_list grads(core_grads.begin(), core_grads.end());
@@ -118,23 +118,19 @@ class TTEmbeddingBagFunction : public torch::autograd::Function<TTEmbeddingBagFu
   }
 };
 
-at::Tensor tt_embedding_bag_autograd(
-    at::TensorList cores,
-    const at::Tensor& indices,
-    const at::Tensor& offsets,
-    const std::optional<at::Tensor>& per_sample_weights,
-    int64_t pooling_mode,
-    int64_t variant,
-    const std::optional<at::Tensor>& plan,
-    const std::optional<at::Tensor>& cache_weight,
-    const std::optional<at::Tensor>& cache_ids) {
-  return TTEmbeddingBagFunction::apply(
-      cores, indices, offsets, per_sample_weights, pooling_mode, variant, plan, cache_weight, cache_ids);
-}
+// The Autograd-key kernel: TTEmbeddingBagFunction::apply with the op's unboxed signature.
+template <typename Signature>
+struct AutogradKernel;
+template <typename... Args>
+struct AutogradKernel<at::Tensor(Args...)> {
+  static at::Tensor call(Args... args) {
+    return TTEmbeddingBagFunction::apply(args...);
+  }
+};
 
 } // namespace
 } // namespace torchrec_tt
 
 TORCH_LIBRARY_IMPL(torchrec_tt, Autograd, m) {
-  m.impl("tt_embedding_bag", &torchrec_tt::tt_embedding_bag_autograd);
+  m.impl("tt_embedding_bag", &torchrec_tt::AutogradKernel<torchrec_tt::ForwardSignature>::call);
 }

@@ -115,9 +115,8 @@ inline void order_bag_by_group(
       // mispredict about as often as they occur.
       int64_t digit;
       const int64_t slot = cache_slot[lo + t];
-      const int64_t quotient = slot >= 0 ? num_groups : divmod.divmod(static_cast<int64_t>(indices[lo + t]), &digit);
+      q = slot >= 0 ? num_groups : divmod.divmod(static_cast<int64_t>(indices[lo + t]), &digit);
       rem = slot >= 0 ? slot : digit;
-      q = quotient;
     }
     g[t] = q;
     r[t] = rem;
