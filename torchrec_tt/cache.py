@@ -31,7 +31,7 @@ def empty_cache_ids(cache_rows: int, device: Optional[torch.device] = None) -> t
 
 # Up to this many table rows per looked-up id, cache_hits maps ids to slots through a temporary
 # (num_rows,) table (one gather per id) instead of a binary search per id. The compiled CPU kernels'
-# hit test follows the same rule (csrc/cpu/group_plan_cpu.cpp, kSlotMapRowsPerLookup).
+# hit test follows the same rule (csrc/include/torchrec_tt/cpu_group_plan.h, kRowMapRowsPerLookup).
 _SLOT_MAP_ROWS_PER_LOOKUP = 16
 
 

@@ -97,6 +97,15 @@ def _batch_plan(
         raise
 
 
+def _records_backward(
+    cores: List[torch.Tensor], per_sample_weights: Optional[torch.Tensor], cache_weight: Optional[torch.Tensor]
+) -> bool:
+    """Whether autograd records this call (a backward may follow and read its plan)."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*cores, per_sample_weights, cache_weight)
+    )
+
+
 def fuses_cache(device: torch.device) -> bool:
     """Whether the compiled kernels on ``device`` serve hot-row cache hits themselves (CPU);
     elsewhere :func:`torchrec_tt.cache.cached_tt_embedding_bag` splits them off."""
@@ -150,8 +159,10 @@ def tt_embedding_bag(
     if uses_extension(indices.device):
         _check_values_outside_kernels(per_sample_weights)
         cache = () if cache_weight is None else (cache_weight, cache_ids)
-        # grt: the batch's plan is built once here; autograd saves it for the backward.
-        plan = _batch_plan(cores, indices, offsets, per_sample_weights, mode, var, cache) if var == Variant.GRT else None
+        # grt: the batch's plan is built once here when autograd will save it for the backward;
+        # without one (inference) the CPU kernel runs over the batch's distinct rows instead.
+        needs_plan = var == Variant.GRT and _records_backward(cores, per_sample_weights, cache_weight)
+        plan = _batch_plan(cores, indices, offsets, per_sample_weights, mode, var, cache) if needs_plan else None
         return torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, per_sample_weights, mode, var, plan, *cache)
     return _python_ops.tt_embedding_bag_python(cores, indices, offsets, per_sample_weights, mode, var)
 

@@ -294,6 +294,15 @@ inline void gemm(
   multi_gemm<kAccumulate>(M, N, one, 1, alpha, a_row, a_col, ldb, C, ldc);
 }
 
+// Prefetches the cache lines of x[0, n) into L1.
+template <typename T>
+TORCHREC_TT_ALWAYS_INLINE void prefetch_row(const T* x, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(x);
+  for (int64_t byte = 0; byte < n * static_cast<int64_t>(sizeof(T)); byte += 64) {
+    __builtin_prefetch(bytes + byte);
+  }
+}
+
 // y[0, n) += alpha * x[0, n).
 template <typename T>
 TORCHREC_TT_ALWAYS_INLINE void axpy(int64_t n, T alpha, const T* TORCHREC_TT_RESTRICT x, T* TORCHREC_TT_RESTRICT y) {

@@ -39,6 +39,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_scratch.h"
 #include "micro_gemm.h"
 #include "torchrec_tt/checks.h"
 #include "torchrec_tt/cpu_group_plan.h"
@@ -335,62 +336,6 @@ inline void cached_row_backward(
   }
 }
 
-// acc (`numel` entries) = sum over the plan's sorted lookups [k0, k1) of
-// scale * w_j * slices[last_j] (each slice `numel` contiguous entries).
-template <typename scalar_t, typename index_t>
-inline void segment_reduce(
-    const PlanRef& plan,
-    int64_t k0,
-    int64_t k1,
-    const scalar_t* slices,
-    int64_t numel,
-    const BagCoefficients<scalar_t, index_t>& coef,
-    scalar_t scale,
-    scalar_t* acc) {
-  std::fill(acc, acc + numel, scalar_t(0));
-  const int64_t* lookup = plan.v.sorted_lookup + k0;
-  const int64_t* last = plan.v.sorted_last + k0;
-  sum_rows_into(
-      numel, k1 - k0, [&](int64_t i) { return scale * coef.weight(lookup[i]); },
-      [&](int64_t i) { return slices + last[i] * numel; }, acc);
-}
-
-// A scratch array whose entries are not initialized (std::vector would zero-fill, a full pass over
-// memory the kernels overwrite anyway).
-template <typename T>
-class Scratch {
- public:
-  void resize(int64_t n) {
-    if (n > capacity_) {
-      data_.reset(new T[static_cast<size_t>(n)]);
-      capacity_ = n;
-    }
-  }
-  T* data() {
-    return data_.get();
-  }
-  const T* data() const {
-    return data_.get();
-  }
-
- private:
-  std::unique_ptr<T[]> data_;
-  int64_t capacity_ = 0;
-};
-
-// The large per-call buffers (at most the scratch budget each) live in grow-only arenas of the
-// calling thread: a fresh allocation would be mapped page by page on first touch, and the kernel's
-// zeroing of those pages costs as much as the products that fill them (tens of MB per batch).
-enum class Arena : int { kOutputs = 0, kCoreGrads, kChains, kSliceGrads, kSegments, kCount };
-
-template <typename T>
-T* arena(Arena which, int64_t n) {
-  thread_local Scratch<T> buffers[static_cast<int>(Arena::kCount)];
-  Scratch<T>& buf = buffers[static_cast<int>(which)];
-  buf.resize(n);
-  return buf.data();
-}
-
 // Per-worker accumulators (`parts` buffers of rows x row entries, zeroed, in the calling thread's
 // arena `which`), summed in part order.
 template <typename T>
@@ -503,13 +448,14 @@ struct SlotOrder {
   std::vector<int64_t> weight_prefix; // (hi - lo + 1)
 };
 
+// group[u]: the group of slot u (the plan's slot_group, or the distinct groups of a plan-free
+// forward).
 template <typename W>
-SlotOrder slot_visit_order(const TTLayout& L, const PlanRef& plan, int64_t lo, int64_t hi, const W& weight) {
+SlotOrder slot_visit_order(const TTLayout& L, const int64_t* group, int64_t lo, int64_t hi, const W& weight) {
   SlotOrder order;
   const int64_t n = hi - lo;
   order.slot.resize(static_cast<size_t>(n));
   order.weight_prefix.resize(static_cast<size_t>(n + 1));
-  const int64_t* group = plan.v.slot_group;
   if (L.d < 3) { // no middle core
     for (int64_t i = 0; i < n; ++i) {
       order.slot[i] = lo + i;
@@ -615,10 +561,7 @@ SlotSegments<scalar_t> slot_segments(
   for (const SlotSegment<scalar_t>& seg : segs) {
     __builtin_prefetch(plan.v.sorted_lookup + seg.lookup_begin);
     __builtin_prefetch(plan.v.sorted_last + seg.lookup_begin);
-    const char* g = reinterpret_cast<const char*>(rows + seg.bag * in.N);
-    for (int64_t byte = 0; byte < in.N * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
-      __builtin_prefetch(g + byte);
-    }
+    prefetch_row(rows + seg.bag * in.N, in.N);
   }
   return segs;
 }
@@ -636,12 +579,15 @@ struct SlotRows {
     rows.clear();
     for (const SlotSegment<T>& seg : segs) {
       for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
-        const int64_t l = plan.v.sorted_last[k];
-        if (pos[l] < 0) {
-          pos[l] = static_cast<int32_t>(rows.size());
-          rows.push_back(l);
-        }
+        add(plan.v.sorted_last[k]);
       }
+    }
+  }
+  // Adds row l if not yet collected.
+  void add(int64_t l) {
+    if (pos[l] < 0) {
+      pos[l] = static_cast<int32_t>(rows.size());
+      rows.push_back(l);
     }
   }
   void reset_row_positions() {
@@ -669,6 +615,61 @@ inline void gather_slices(const T* last_t, const std::vector<int64_t>& rows, int
   }
 }
 
+// A slot-major forward worker's state for its current slot (group): the chain and Q^T (R' x N'),
+// the slot's distinct rows and their products, the segment sum S. Used by the plan-driven
+// forward_grt and the plan-free forward_grt_groups, which differ only in where a slot's lookups
+// come from.
+template <typename scalar_t, typename index_t>
+struct SlotForwardWorker {
+  using T = scalar_t;
+  const Batch<T, index_t>& in;
+  const T* last_t; // transposed_last_core
+  std::vector<T> chain;
+  std::vector<T> qT; // Q^T (R' x N')
+  std::vector<T> s_buf; // S (R' x n_l)
+  SlotRows rows;
+  Scratch<T> lt_rows; // (D n_l x R')
+  Scratch<T> w_t; // (D n_l x N')
+
+  SlotForwardWorker(const Batch<T, index_t>& batch, const T* last_core_t)
+      : in(batch),
+        last_t(last_core_t),
+        chain(static_cast<size_t>(batch.cl.size)),
+        qT(static_cast<size_t>(batch.rp * batch.np)),
+        s_buf(static_cast<size_t>(batch.last_numel)),
+        rows(batch.L.last_rows()) {}
+
+  // Q^T of `group`, kept in L1 for the slot's products.
+  void load_prefix(int64_t group) {
+    int64_t digits[kMaxCores];
+    group_digits(in.L, group, digits);
+    transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
+  }
+  // Row path: W^T (D n_l x N') = [L_l^T] (D n_l x R') @ Q^T (R' x N') of the collected rows, one
+  // register-tiled GEMM; row rows.pos[l] of the result is W_l^T.
+  const T* row_products() {
+    const int64_t num_rows = rows.count();
+    lt_rows.resize(num_rows * in.last_numel);
+    w_t.resize(num_rows * in.N);
+    gather_slices(last_t, rows.rows, in.last_numel, lt_rows.data());
+    gemm</*kAccumulate=*/false>(
+        num_rows * in.nl, in.np, in.rp, T(1), lt_rows.data(), /*a_row=*/in.rp, /*a_col=*/1, qT.data(),
+        /*ldb=*/in.np, w_t.data(), /*ldc=*/in.np);
+    return w_t.data();
+  }
+  // Segment path: S = sum_t alpha(t) L_{last(t)} over `count` lookups, then yT_b (n_l x N') +=
+  // S^T (n_l x R') @ Q^T (R' x N').
+  template <typename Alpha, typename Last>
+  void add_segment(int64_t count, const Alpha& alpha, const Last& last, T* y_b) {
+    std::fill(s_buf.begin(), s_buf.end(), T(0));
+    sum_rows_into(
+        in.last_numel, count, alpha, [&](int64_t t) { return in.core_last + last(t) * in.last_numel; }, s_buf.data());
+    gemm</*kAccumulate=*/true>(
+        in.nl, in.np, in.rp, T(1), s_buf.data(), /*a_row=*/1, /*a_col=*/in.nl, qT.data(), /*ldb=*/in.np, y_b,
+        /*ldc=*/in.np);
+  }
+};
+
 // grt forward over the plan, slot-major: per slot u (parallel over slots, balanced by segment
 // count) its chain, Q_u^T (R' x N') kept in the worker's L1, then either
 //   segment path: per segment s of the slot (bag b) S_s = sum_j c_j L_j (R' x n_l) and
@@ -695,7 +696,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
     RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
     const SlotSegment<T>* fields = slot_segment_fields(in, plan);
     // Cost of a slot ~ its segments plus its chain (about 4 segments' worth).
-    const SlotOrder order = slot_visit_order(in.L, plan, 0, plan.num_slots, [&](int64_t u) {
+    const SlotOrder order = slot_visit_order(in.L, plan.v.slot_group, 0, plan.num_slots, [&](int64_t u) {
       return 2 * (plan.v.slot_segment_start[u + 1] - plan.v.slot_segment_start[u]) + 8;
     });
     weighted_parallel_for(
@@ -704,49 +705,32 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
         [&](int64_t i) { return order.weight_prefix[i]; },
         [&](int64_t part, int64_t i_begin, int64_t i_end) {
           T* yT = partial.part(part);
-          std::vector<T> chain(static_cast<size_t>(in.cl.size));
-          std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
-          std::vector<T> s_buf(static_cast<size_t>(in.last_numel)); // S_s (R' x n_l)
-          SlotRows slot_rows(in.L.last_rows());
-          Scratch<T> lt_rows; // (D n_l x R')
-          Scratch<T> w_t; // (D n_l x N')
-          int64_t digits[kMaxCores];
+          SlotForwardWorker<T, index_t> worker(in, last_t.data());
           for (int64_t i = i_begin; i < i_end; ++i) {
             const int64_t u = order.slot[i];
             const SlotSegments<T> segs = slot_segments(in, plan, fields, yT, u);
-            const int64_t count = segs.count;
-            group_digits(in.L, plan.v.slot_group[u], digits);
-            transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
-            slot_rows.collect(plan, segs);
-            const int64_t num_rows = slot_rows.count();
-            if (num_rows <= kRowPathRowsPerSegment * count) {
-              lt_rows.resize(num_rows * in.last_numel);
-              w_t.resize(num_rows * in.N);
-              gather_slices(last_t.data(), slot_rows.rows, in.last_numel, lt_rows.data());
-              // W^T (D n_l x N') = [L_l^T] (D n_l x R') @ Q_u^T (R' x N')
-              gemm</*kAccumulate=*/false>(
-                  num_rows * in.nl, in.np, in.rp, T(1), lt_rows.data(), /*a_row=*/in.rp, /*a_col=*/1,
-                  qT.data(), /*ldb=*/in.np, w_t.data(), /*ldc=*/in.np);
+            worker.load_prefix(plan.v.slot_group[u]);
+            worker.rows.collect(plan, segs);
+            if (worker.rows.count() <= kRowPathRowsPerSegment * segs.count) {
+              const T* w_t = worker.row_products();
               for (const SlotSegment<T>& seg : segs) {
                 T* y_b = yT + seg.bag * in.N;
                 for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
                   axpy(
                       in.N, seg.scale * in.coef.weight(plan.v.sorted_lookup[k]),
-                      w_t.data() + slot_rows.pos[plan.v.sorted_last[k]] * in.N, y_b);
+                      w_t + worker.rows.pos[plan.v.sorted_last[k]] * in.N, y_b);
                 }
               }
-              slot_rows.reset_row_positions();
+              worker.rows.reset_row_positions();
               continue;
             }
-            slot_rows.reset_row_positions();
+            worker.rows.reset_row_positions();
             for (const SlotSegment<T>& seg : segs) {
-              segment_reduce(
-                  plan, seg.lookup_begin, seg.lookup_end, in.core_last, in.last_numel, in.coef,
-                  seg.scale, s_buf.data());
-              // yT_b (n_l x N') += S_s^T (n_l x R') @ Q_u^T (R' x N')
-              gemm</*kAccumulate=*/true>(
-                  in.nl, in.np, in.rp, T(1), s_buf.data(), /*a_row=*/1, /*a_col=*/in.nl, qT.data(),
-                  /*ldb=*/in.np, yT + seg.bag * in.N, /*ldc=*/in.np);
+              const int64_t* lookup = plan.v.sorted_lookup + seg.lookup_begin;
+              const int64_t* last = plan.v.sorted_last + seg.lookup_begin;
+              worker.add_segment(
+                  seg.lookup_end - seg.lookup_begin, [&](int64_t t) { return seg.scale * in.coef.weight(lookup[t]); },
+                  [&](int64_t t) { return last[t]; }, yT + seg.bag * in.N);
             }
           }
         });
@@ -769,6 +753,201 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
   });
 }
 
+
+// grt forward without a plan, when no backward will read one (inference; docs/design.md section
+// 3.4), over the batch's distinct rows (distinct_rows_cpu):
+//   rows (parallel over the distinct groups, in slot visit order): per group its chain, Q_g^T, and
+//        its D_g rows W_r^T = L_l^T @ Q_g^T as one GEMM (M = D_g n_l) into a rows buffer, each
+//        distinct row once per batch;
+//   bags (parallel over bags, balanced by lookups): y_b = sum_j c_j W_{r_j}, an embedding bag over
+//        the rows buffer with the bag's sum held in registers, then its cached rows.
+// No (bag, group) grouping at all: the plan costs as much as the products on small tables (0.5 of
+// 1.7 ms on the paper table). Each output row is written once: deterministic for any thread count.
+// grt forward without a plan when forward_grt_rows does not apply (inference; docs/design.md section
+// 3.4), slot-major over the batch's lookups ordered by (group, position) (lookups_by_group_cpu): per
+// group (parallel over groups, balanced by lookups) its chain and Q_g^T, then the plan-driven
+// forward's per-slot choice (kRowPathRowsPerSegment) with the group's bag runs as its segments:
+//   row path: its distinct rows W_l^T = L_l^T @ Q_g^T as one GEMM, then yT_b += c_j W_l^T per lookup;
+//   segment path: per bag run S = sum_j c_j L_j and yT_b += S^T @ Q_g^T;
+// into the worker's own output accumulator; the accumulators are summed in part order and
+// transposed into the output, with the bags' cached rows. The same products as forward_grt without
+// building the plan (5.4 of 35 ms on the 10M table). Deterministic for a fixed thread count.
+template <typename scalar_t, typename index_t>
+void forward_grt_groups(const Batch<scalar_t, index_t>& in, const LookupsByGroup& lookups, scalar_t* out) {
+  using T = scalar_t;
+  const int64_t max_parts = std::max<int64_t>(
+      1,
+      std::min<int64_t>(
+          available_threads(),
+          scratch_budget_bytes() / std::max<int64_t>(1, in.batch_size * in.N * static_cast<int64_t>(sizeof(T)))));
+  PartBuffers<T> partial(Arena::kOutputs, max_parts, in.batch_size, in.N);
+  {
+    RECORD_FUNCTION("torchrec_tt::grt_forward::groups", std::vector<c10::IValue>());
+    const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+    const int64_t* const start = lookups.start.data();
+    // Cost of a group ~ two units per lookup (its row's share of the products and its axpy) plus
+    // its chain, the weights of the plan-driven forward.
+    const SlotOrder order = slot_visit_order(in.L, lookups.group.data(), 0, lookups.num_groups(), [&](int64_t u) {
+      return 2 * (start[u + 1] - start[u]) + 8;
+    });
+    weighted_parallel_for(
+        lookups.num_groups(),
+        max_parts,
+        [&](int64_t i) { return order.weight_prefix[i]; },
+        [&](int64_t part, int64_t i_begin, int64_t i_end) {
+          T* yT = partial.part(part);
+          SlotForwardWorker<T, index_t> worker(in, last_t.data());
+          for (int64_t i = i_begin; i < i_end; ++i) {
+            const int64_t u = order.slot[i];
+            const GroupedLookup* group_lookups = lookups.lookups + start[u];
+            const int64_t n = start[u + 1] - start[u];
+            for (int64_t k = 0; k < n; ++k) { // the accumulator rows, while the products run
+              prefetch_row(yT + static_cast<int64_t>(group_lookups[k].bag) * in.N, in.N);
+            }
+            worker.load_prefix(lookups.group[u]);
+            worker.rows.rows.clear();
+            int64_t segments = 0; // the group's lookups are in bag order: a segment per run of a bag
+            for (int64_t k = 0; k < n; ++k) {
+              worker.rows.add(group_lookups[k].last);
+              segments += k == 0 || group_lookups[k].bag != group_lookups[k - 1].bag ? 1 : 0;
+            }
+            if (worker.rows.count() <= kRowPathRowsPerSegment * segments) {
+              const T* w_t = worker.row_products();
+              for (int64_t k = 0; k < n; ++k) {
+                const GroupedLookup& r = group_lookups[k];
+                axpy(
+                    in.N, in.coef.scale(r.bag) * in.coef.weight(r.lookup), w_t + worker.rows.pos[r.last] * in.N,
+                    yT + static_cast<int64_t>(r.bag) * in.N);
+              }
+              worker.rows.reset_row_positions();
+              continue;
+            }
+            worker.rows.reset_row_positions();
+            for (int64_t k = 0, k_end = 0; k < n; k = k_end) { // per bag run
+              const int64_t b = group_lookups[k].bag;
+              for (k_end = k + 1; k_end < n && group_lookups[k_end].bag == b; ++k_end) {
+              }
+              const T scale = in.coef.scale(b);
+              const GroupedLookup* run = group_lookups + k;
+              worker.add_segment(
+                  k_end - k, [&](int64_t t) { return scale * in.coef.weight(run[t].lookup); },
+                  [&](int64_t t) { return static_cast<int64_t>(run[t].last); }, yT + b * in.N);
+            }
+          }
+        });
+  }
+  RECORD_FUNCTION("torchrec_tt::grt_forward::reduce", std::vector<c10::IValue>());
+  const int32_t* const cache_slot = in.cache_slot;
+  at::parallel_for(0, in.batch_size, 64, [&](int64_t b_begin, int64_t b_end) {
+    partial.sum_into_first(b_begin, b_end, in.N);
+    const std::vector<T> zero(static_cast<size_t>(cache_slot == nullptr ? 0 : in.N), T(0));
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      transpose(in.nl, in.np, partial.part(0) + b * in.N, out + b * in.N);
+      if (cache_slot == nullptr) {
+        continue;
+      }
+      // The bag's cached rows; an uncached lookup adds a zero row with coefficient 0.
+      const int64_t lo = static_cast<int64_t>(in.offsets[b]);
+      const T scale = in.coef.scale(b);
+      const int32_t* slot = cache_slot + lo;
+      sum_rows_into(
+          in.N, static_cast<int64_t>(in.offsets[b + 1]) - lo,
+          [&](int64_t t) { return slot[t] >= 0 ? scale * in.coef.weight(lo + t) : T(0); },
+          [&](int64_t t) { return slot[t] >= 0 ? in.cache + slot[t] * in.N : zero.data(); }, out + b * in.N);
+    }
+  });
+}
+
+// Lookups ahead whose row the plan-free forward's bag pass prefetches (paper table, in-process
+// alternation: 0 / 4 / 8 / 16 / 32 ahead gave a 0.85 / 0.82 / 0.80 / 0.79 / 0.81 ms forward).
+constexpr int64_t kRowPrefetchAhead = 16;
+
+template <typename scalar_t, typename index_t>
+void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& rows, scalar_t* out) {
+  using T = scalar_t;
+  const int64_t num_groups = rows.num_groups();
+  const int64_t* const group_start = rows.group_row_start.data();
+  T* const w_t = arena<T>(Arena::kRows, rows.count() * in.N); // (D, n_l x N')
+  {
+    RECORD_FUNCTION("torchrec_tt::grt_forward::rows", std::vector<c10::IValue>());
+    const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+    // Cost of a group ~ its rows' products plus its chain (about 8 rows' worth at n_l = 4).
+    const SlotOrder order = slot_visit_order(in.L, rows.group.data(), 0, num_groups, [&](int64_t u) {
+      return group_start[u + 1] - group_start[u] + 8;
+    });
+    weighted_parallel_for(
+        num_groups,
+        available_threads(),
+        [&](int64_t i) { return order.weight_prefix[i]; },
+        [&](int64_t, int64_t i_begin, int64_t i_end) {
+          std::vector<T> chain(static_cast<size_t>(in.cl.size));
+          std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
+          Scratch<T> lt_rows; // (D_g n_l x R')
+          int64_t digits[kMaxCores];
+          for (int64_t i = i_begin; i < i_end; ++i) {
+            const int64_t u = order.slot[i];
+            const int64_t g = rows.group[u];
+            const int64_t first = group_start[u];
+            const int64_t count = group_start[u + 1] - first;
+            group_digits(in.L, g, digits);
+            transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
+            const int64_t group_first_row = g * in.L.last_rows();
+            lt_rows.resize(count * in.last_numel);
+            for (int64_t c = 0; c < count; ++c) {
+              const T* slice = last_t.data() + (rows.row[first + c] - group_first_row) * in.last_numel;
+              std::copy(slice, slice + in.last_numel, lt_rows.data() + c * in.last_numel);
+            }
+            // [W_r^T] (D_g n_l x N') = [L_l^T] (D_g n_l x R') @ Q_g^T (R' x N')
+            gemm</*kAccumulate=*/false>(
+                count * in.nl, in.np, in.rp, T(1), lt_rows.data(), /*a_row=*/in.rp, /*a_col=*/1, qT.data(),
+                /*ldb=*/in.np, w_t + first * in.N, /*ldc=*/in.np);
+          }
+        });
+  }
+  RECORD_FUNCTION("torchrec_tt::grt_forward::bags", std::vector<c10::IValue>());
+  const int32_t* const id = rows.id.data();
+  const int32_t* const cache_slot = in.cache_slot;
+  weighted_parallel_for(
+      in.batch_size,
+      available_threads(),
+      [&](int64_t b) { return static_cast<int64_t>(in.offsets[b]) + b; },
+      [&](int64_t, int64_t b_begin, int64_t b_end) {
+        // A cached lookup adds a zero row with coefficient 0 to the uncached sum (and an uncached one
+        // to the cached sum): no branch on the scattered hits.
+        const std::vector<T> zero(static_cast<size_t>(in.N), T(0));
+        std::vector<T> yT(static_cast<size_t>(in.N));
+        const int64_t j_last = std::max<int64_t>(0, static_cast<int64_t>(in.offsets[b_end]) - 1);
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          const int64_t lo = static_cast<int64_t>(in.offsets[b]);
+          const int64_t count = static_cast<int64_t>(in.offsets[b + 1]) - lo;
+          const T scale = in.coef.scale(b);
+          const index_t* idx = in.indices + lo;
+          std::fill(yT.begin(), yT.end(), T(0));
+          if (cache_slot == nullptr) {
+            sum_rows_into(
+                in.N, count, [&](int64_t t) { return scale * in.coef.weight(lo + t); },
+                [&](int64_t t) {
+                  // The rows were written by every worker: they come from L3 or another core.
+                  const int64_t ahead = std::min<int64_t>(lo + t + kRowPrefetchAhead, j_last);
+                  prefetch_row(w_t + id[static_cast<int64_t>(in.indices[ahead])] * in.N, in.N);
+                  return w_t + id[static_cast<int64_t>(idx[t])] * in.N;
+                },
+                yT.data());
+            transpose(in.nl, in.np, yT.data(), out + b * in.N);
+            continue;
+          }
+          const int32_t* slot = cache_slot + lo;
+          sum_rows_into(
+              in.N, count, [&](int64_t t) { return slot[t] < 0 ? scale * in.coef.weight(lo + t) : T(0); },
+              [&](int64_t t) { return slot[t] < 0 ? w_t + id[static_cast<int64_t>(idx[t])] * in.N : zero.data(); },
+              yT.data());
+          transpose(in.nl, in.np, yT.data(), out + b * in.N);
+          sum_rows_into(
+              in.N, count, [&](int64_t t) { return slot[t] >= 0 ? scale * in.coef.weight(lo + t) : T(0); },
+              [&](int64_t t) { return slot[t] >= 0 ? in.cache + slot[t] * in.N : zero.data(); }, out + b * in.N);
+        }
+      });
+}
 
 // ----------------------------------------------------------------------------------------------
 // Backward.
@@ -960,7 +1139,7 @@ void backward_grt(
     chains = arena<T>(Arena::kChains, (u_hi - u_lo) * in.cl.size);
     douts = arena<T>(Arena::kSliceGrads, (u_hi - u_lo) * dout_size);
     // Cost of a slot ~ its segments (two products each) plus its chain (about 8 segments' worth).
-    const SlotOrder order = slot_visit_order(in.L, plan, u_lo, u_hi, [&](int64_t u) {
+    const SlotOrder order = slot_visit_order(in.L, plan.v.slot_group, u_lo, u_hi, [&](int64_t u) {
       return 2 * (slot_seg_start[u + 1] - slot_seg_start[u]) + 8;
     });
     {
@@ -1274,8 +1453,37 @@ at::Tensor tt_embedding_bag_cpu(
     scalar_t* y = out.data_ptr<scalar_t>();
     TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_embedding_bag_cpu_idx", [&] {
       const auto batch = make_batch<scalar_t, index_t>(in, cache, mean);
-      if (static_cast<Variant>(variant) == Variant::kGRT) {
-        const at::Tensor p = grt_plan(op, plan, batch, cache);
+      const TTLayout& L = in.layout;
+      const bool grt = static_cast<Variant>(variant) == Variant::kGRT;
+      // A given plan is checked against the batch whichever pass runs.
+      const std::optional<at::Tensor> given = grt && plan.has_value()
+          ? std::optional<at::Tensor>(check_plan_cpu(op, *plan, in.nnz, in.batch_size, L.last_rows(), cache.rows()))
+          : std::nullopt;
+      // The passes over the batch's distinct rows or its lookups by group (docs/design.md section
+      // 3.4): without a plan (no backward will read one; the front-end passes it when autograd
+      // records), and the distinct-row pass also with one, which it does not need (but not with a
+      // cache then: the per-lookup cache slots come with the plan's cache segments).
+      const bool distinct_rows_pass = grt && distinct_rows_fit(in.nnz, L.num_rows()) &&
+          (!given.has_value() || cache.rows() == 0);
+      const std::optional<DistinctRows> rows = distinct_rows_pass
+          ? std::optional<DistinctRows>(distinct_rows_cpu(
+                batch.indices, batch.offsets, batch.cache_slot, in.batch_size, in.nnz, L.num_rows(), L.last_rows()))
+          : std::nullopt;
+      // Each distinct row once when that is at most the plan path's products (the per-slot rule of
+      // forward_grt over the whole batch; a given plan counts the segments exactly).
+      const int64_t segments = !rows.has_value()
+          ? 0
+          : given.has_value() ? PlanRef(*given, in.nnz, in.batch_size).num_segments : rows->num_segments;
+      if (rows.has_value() && rows->count() <= kRowPathRowsPerSegment * segments) {
+        forward_grt_rows(batch, *rows, y);
+      } else if (grt && !given.has_value() && lookups_by_group_fit(in.nnz, in.batch_size, L.num_groups(), L.last_rows())) {
+        forward_grt_groups(
+            batch,
+            lookups_by_group_cpu(
+                batch.indices, batch.offsets, batch.cache_slot, in.batch_size, in.nnz, L.last_rows(), L.num_groups()),
+            y);
+      } else if (grt) {
+        const at::Tensor p = given.has_value() ? *given : grt_plan(op, plan, batch, cache);
         forward_grt(batch, PlanRef(p, in.nnz, in.batch_size), y);
       } else {
         forward_tt(batch, y);

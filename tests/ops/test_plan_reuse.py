@@ -58,10 +58,17 @@ def test_forward_backward_builds_the_plan_once():
     assert counts.get("torchrec_tt::grt::build_plan", 0) == 0
 
 
-def test_op_without_a_plan_builds_its_own():
+def test_ops_without_a_plan():
+    """The forward op given no plan does not group the batch (its distinct-row path, docs/design.md
+    section 3.4); the backward op given none builds its own."""
     cores = random_cores([5, 6, 7], [2, 2, 2], [3, 4])
     indices, offsets = _batch()
-    counts = _event_counts(lambda: torch.ops.torchrec_tt.tt_embedding_bag(cores, indices, offsets, None, 0, 1))
+    ops = torch.ops.torchrec_tt
+    counts = _event_counts(lambda: ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1))
+    assert counts.get("torchrec_tt::grt::distinct_rows") == 1
+    assert counts.get("torchrec_tt::grt::build_plan", 0) == 0
+    grad = torch.ones(offsets.numel() - 1, 8, dtype=cores[0].dtype)
+    counts = _event_counts(lambda: ops.tt_embedding_bag_backward(grad, cores, indices, offsets, None, 0, 1, False))
     assert counts.get("torchrec_tt::grt::build_plan") == 1
 
 
@@ -72,7 +79,8 @@ def test_given_plan_and_built_plan_agree_bitwise(dtype):
     ops = torch.ops.torchrec_tt
     plan = ops.group_plan(indices, offsets, 7)
     grad = torch.randn(offsets.numel() - 1, 8, dtype=dtype)
-    assert torch.equal(
+    # Without a plan the forward takes its distinct-row path: another summation order.
+    torch.testing.assert_close(
         ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1, plan),
         ops.tt_embedding_bag(cores, indices, offsets, None, 0, 1),
     )

@@ -16,6 +16,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 P, Q, RANKS = [3, 4, 6], [2, 1, 2], [3, 2]  # 72 rows, groups of 6 rows (id // 6)
+# The same batches in a 720-row table: over 16 rows per lookup, so the forward takes the plan-driven
+# slot pass; in the 72-row table it takes the distinct-row pass when the batch has no more distinct
+# rows than segments (docs/design.md section 3.4). The backward always runs on the plan.
+TABLES = {"72-rows": P, "720-rows": [30, 4, 6]}
 
 
 def _batch(kind: str):
@@ -33,9 +37,11 @@ def _batch(kind: str):
 @pytest.mark.parametrize("kind", ["rows", "segments", "mixed"])
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_both_paths_match_the_reference(kind, pooling, weighted):
+@pytest.mark.parametrize("table", list(TABLES))
+def test_both_paths_match_the_reference(kind, pooling, weighted, table):
+    p = TABLES[table]
     indices, offsets = _batch(kind)
-    config = TTEmbeddingBagConfig(name="t", num_embeddings=72, embedding_dim=4, tt_p_shapes=P, tt_q_shapes=Q,
+    config = TTEmbeddingBagConfig(name="t", num_embeddings=p[0] * 24, embedding_dim=4, tt_p_shapes=p, tt_q_shapes=Q,
                                   tt_ranks=RANKS)
     counts = count_ops(config, indices, offsets)
     rows_on_row_path = {"rows": counts.num_distinct_rows, "segments": 0}.get(kind)
@@ -44,9 +50,13 @@ def test_both_paths_match_the_reference(kind, pooling, weighted):
     else:
         assert 0 < counts.num_row_path_slots_rows < counts.num_distinct_rows
     gen = torch.Generator().manual_seed(0)
-    cores = [c.requires_grad_(True) for c in random_cores(P, Q, RANKS, generator=gen)]
+    cores = [c.requires_grad_(True) for c in random_cores(p, Q, RANKS, generator=gen)]
     psw = torch.rand(indices.numel(), generator=gen, dtype=torch.float64, requires_grad=True) if weighted else None
-    out = tt_embedding_bag(cores, indices, offsets, psw, pooling, "grt")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = tt_embedding_bag(cores, indices, offsets, psw, pooling, "grt")
+    phases = {e.key for e in prof.key_averages()}
+    slot_pass = table == "720-rows" or counts.num_distinct_rows > counts.num_segments
+    assert ("torchrec_tt::grt_forward::slots" in phases) == slot_pass, phases
     ref = embedding_bag_ref(cores, indices, offsets, psw, pooling)
     torch.testing.assert_close(out, ref, **tolerances(torch.float64))
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)

@@ -5,9 +5,11 @@
 
 All variants run in one process on the same inputs, after warm-up, interleaved within
 every repeat; the medians over repeats are reported, next to the same machine's large
-``torch.mm`` rate (the practical roof). A profiled pass then splits grt's forward+backward
-into its phases (plan, prefixes, bags, slots, ...; docs/design.md section 4) and, on CUDA,
-counts kernel launches per call. Writes ``<out>/bench_<device>.json`` and ``.png``.
+``torch.mm`` rate (the practical roof). The forward is timed without autograd (inference: grt
+builds no plan) and, for grt, also with autograd recording (a training step's forward, which
+builds the plan for the backward). Profiled passes then split grt's forward+backward and its
+inference forward into their phases (plan, prefixes, rows, slots, ...; docs/design.md section 3)
+and, on CUDA, count kernel launches per call. Writes ``<out>/bench_<device>.json`` and ``.png``.
 """
 
 import argparse
@@ -78,12 +80,21 @@ def _time(fn: Callable[[], None], device: torch.device, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def mm_roof(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of a large fp32 ``torch.mm`` on ``device`` (the practical roof)."""
+MM_SIZE = 2048
+
+
+def mm_call(device: torch.device, size: int = MM_SIZE) -> Callable[[], None]:
+    """One large fp32 ``torch.mm`` (2 size^3 FLOPs) on ``device``: the practical roof."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    _time(lambda: torch.mm(a, b), device, 2)
-    return 2 * size**3 / statistics.median(_time(lambda: torch.mm(a, b), device, 3) for _ in range(repeats))
+    return lambda: torch.mm(a, b)
+
+
+def mm_roof(device: torch.device, size: int = MM_SIZE, repeats: int = 5) -> float:
+    """Median FLOP/s of a large fp32 ``torch.mm`` on ``device``."""
+    mm = mm_call(device, size)
+    _time(mm, device, 2)
+    return 2 * size**3 / statistics.median(_time(mm, device, 3) for _ in range(repeats))
 
 
 def grt_phases(fwd_bwd: Callable[[], None], device: torch.device, iters: int) -> Dict:
@@ -146,27 +157,38 @@ def run_config(
         module = dense if variant == "dense" else bags[variant]
         args = (indices, offsets[:-1]) if variant == "dense" else (indices, offsets)
 
-        def fwd() -> None:
+        def fwd() -> None:  # inference: without autograd, grt builds no plan (docs/design.md 3.4)
             with torch.no_grad():
                 module(*args)
+
+        def fwd_recorded() -> None:  # a training step's forward: grt builds the plan for backward
+            module(*args)
 
         def fwd_bwd() -> None:
             module.zero_grad(set_to_none=True)
             module(*args).backward(grad)
 
-        return fwd, fwd_bwd
+        return fwd, fwd_recorded, fwd_bwd
 
     variants = ["grt", "tt", "dense"]
-    fns = {(v, phase): f for v in variants for phase, f in zip(("fwd", "fwd_bwd"), forward(v))}
+    fns = {(v, phase): f for v in variants for phase, f in zip(("fwd", "fwd_recorded", "fwd_bwd"), forward(v))
+           if phase != "fwd_recorded" or v == "grt"}
+    # The roof is timed in every repeat too, next to the variants: the machine's speed drifts by
+    # tens of percent between minutes, so a roof measured once would not match the samples.
+    fns[("mm", "roof")] = mm_call(device)
     for fn in fns.values():
         _time(fn, device, warmup)
     samples: Dict[str, List[float]] = {f"{v}/{p}": [] for v, p in fns}
     for _ in tqdm(range(repeats), desc=f"{cfg.name} on {device.type}", leave=False):
         for (v, p), fn in fns.items():
-            samples[f"{v}/{p}"].append(_time(fn, device, iters))
+            samples[f"{v}/{p}"].append(_time(fn, device, 1 if v == "mm" else iters))
+    del fns[("mm", "roof")]
+    mm_samples = samples.pop("mm/roof")
+    mm_flops_per_s = 2 * MM_SIZE**3 / statistics.median(mm_samples)
     medians = {k: statistics.median(s) for k, s in samples.items()}
     phases = grt_phases(fns[("grt", "fwd_bwd")], device, max(1, iters))
-    flops = {"grt/fwd": counts.grt_flops, "tt/fwd": counts.tt_flops,
+    phases["inference_phases_ms"] = grt_phases(fns[("grt", "fwd")], device, max(1, iters))["phases_ms"]
+    flops = {"grt/fwd": counts.grt_flops, "grt/fwd_recorded": counts.grt_flops, "tt/fwd": counts.tt_flops,
              "grt/fwd_bwd": counts.grt_flops + counts.grt_backward_flops,
              "tt/fwd_bwd": counts.tt_flops + counts.tt_backward_flops}
     return {
@@ -175,6 +197,8 @@ def run_config(
         "compression": tt_config.compression_ratio(),
         "core_bytes": tt_config.storage_bytes(),
         "dense_bytes": tt_config.dense_bytes(),
+        "mm_flops_per_s": mm_flops_per_s,
+        "mm_samples_ms": [x * 1e3 for x in mm_samples],
         "median_ms": {k: v * 1e3 for k, v in medians.items()},
         "samples_ms": {k: [x * 1e3 for x in s] for k, s in samples.items()},
         "useful_flops_per_s": {k: f / medians[k] for k, f in flops.items()},
@@ -274,13 +298,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     }
     peak = fp32_peak(name) if device.type == "cuda" else None
     print(f"device: {name}   compiled kernels: {record['compiled_kernels']}   torch {torch.__version__}   "
-          f"large torch.mm: {roof / 1e9:.1f} GFLOP/s")
+          f"large torch.mm at the start: {roof / 1e9:.1f} GFLOP/s")
     for res in record["results"]:
         c, med, oc = res["config"], res["median_ms"], res["op_counts"]
+        roof = res["mm_flops_per_s"]  # timed in the same repeats as the variants
         print(f"\n[{c['name']}] rows {c['num_rows']:,} p={c['p_shapes']} q={c['q_shapes']} ranks={c['ranks']} "
               f"B={c['batch_size']} P={oc['pooling_factor']:.1f} P_G={oc['groups_per_bag']:.2f} "
               f"U={oc['num_distinct_groups']}  cores {res['core_bytes'] / 1e6:.2f} MB, "
               f"compression {res['compression']:.1f}x")
+        print(f"  large torch.mm in these repeats (the % of mm below): {roof / 1e9:.1f} GFLOP/s")
         print(f"  {'variant':<8}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd GFLOP/s':>13}{'% of mm':>9}"
               + ("  % fp32 peak" if peak else ""))
         for v in ("grt", "tt", "dense"):
@@ -290,6 +316,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             if peak and fl:
                 line += f"  {100 * fl / peak:>10.2f}%"
             print(line)
+        rec = res["useful_flops_per_s"]["grt/fwd_recorded"]
+        print(f"  grt forward with autograd recording (builds the plan for backward): {med['grt/fwd_recorded']:.3f} ms, "
+              f"{rec / 1e9:.1f} GFLOP/s, {100 * rec / roof:.0f}% of mm")
         seg = res["grt_fwd_segment_path_flops_per_s"]
         print(f"  grt fwd over the segment path's FLOPs ({res['grt_segment_path_flops'] / 1e6:.0f} MFLOP instead of "
               f"{oc['grt_flops'] / 1e6:.0f}): {seg / 1e9:.1f} GFLOP/s, {100 * seg / roof:.0f}% of mm")
@@ -297,6 +326,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         ph = res["grt_phases"]
         print("  grt fwd+bwd phases (ms/call): "
               + ", ".join(f"{k.removeprefix('torchrec_tt::')} {v:.2f}" for k, v in sorted(ph["phases_ms"].items())))
+        print("  grt inference forward phases (ms/call): "
+              + ", ".join(f"{k.removeprefix('torchrec_tt::')} {v:.3f}"
+                          for k, v in sorted(ph["inference_phases_ms"].items())))
         if "cuda_launches_per_fwd_bwd" in ph:
             print(f"  CUDA launches per grt fwd+bwd: {ph['cuda_launches_per_fwd_bwd']:.0f}")
     os.makedirs(args.out, exist_ok=True)

@@ -215,10 +215,95 @@ struct PlanCache {
   const int32_t* slot = nullptr; // (nnz,) cache slot of each lookup, -1 when not cached
 };
 
+// Up to this many table rows per lookup, a map over the table's rows (the cache slots below, the
+// distinct rows of a plan-free forward) is cheaper than searching: filling and scanning it costs
+// about as much as the batch's own pass. torchrec_tt/cache.py (_SLOT_MAP_ROWS_PER_LOOKUP) follows
+// the same rule.
+constexpr int64_t kRowMapRowsPerLookup = 16;
+
+// The distinct rows that a batch's uncached lookups read, numbered in ascending row order, so that
+// the rows of one group are consecutive (docs/design.md section 3.4): all that the grt forward needs
+// when no backward will read a (bag, group) plan.
+struct DistinctRows {
+  std::vector<int32_t> id; // (num_rows,) id[r] = number of row r among the distinct rows (read only
+                           // for rows the batch uses)
+  std::vector<int64_t> row; // (D,) the distinct rows, ascending
+  std::vector<int64_t> group; // (G,) the distinct groups, ascending
+  std::vector<int64_t> group_row_start; // (G + 1,) group[i]'s rows are row[group_row_start[i] .. [i + 1])
+  int64_t num_segments = 0; // S, the distinct (bag, group) pairs of the uncached lookups, estimated
+                            // from a sample of the bags (exact for up to 64 bags)
+
+  int64_t count() const {
+    return static_cast<int64_t>(row.size());
+  }
+  int64_t num_groups() const {
+    return static_cast<int64_t>(group.size());
+  }
+};
+
+// Whether distinct_rows_cpu applies: a map of num_rows entries is affordable (kRowMapRowsPerLookup)
+// and row numbers fit its int32 ids.
+inline bool distinct_rows_fit(int64_t nnz, int64_t num_rows) {
+  return num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz && nnz < (int64_t{1} << 31);
+}
+
+// The distinct rows of a validated batch (indices in [0, num_rows)), and its segment count (est.);
+// lookups with cache_slot[j] >= 0 (nullable) are left out. Requires distinct_rows_fit(nnz, num_rows).
+template <typename index_t>
+DistinctRows distinct_rows_cpu(
+    const index_t* indices,
+    const index_t* offsets,
+    const int32_t* cache_slot,
+    int64_t batch_size,
+    int64_t nnz,
+    int64_t num_rows,
+    int64_t last_rows);
+
+// One lookup of a batch bucketed by group (LookupsByGroup).
+struct GroupedLookup {
+  int32_t group;
+  int32_t bag;
+  int32_t last; // last digit (row % last_rows)
+  int32_t lookup; // position j in the batch
+};
+
+// The uncached lookups of a batch ordered by (group, position) (a stable radix sort; docs/design.md
+// section 3.4): what the slot-major grt forward needs when no backward will read a (bag, group)
+// plan and the table is too large for distinct_rows_cpu.
+struct LookupsByGroup {
+  std::vector<int64_t> group; // (G,) the distinct groups, ascending
+  std::vector<int64_t> start; // (G + 1,) group[i]'s lookups are lookups[start[i] .. start[i + 1])
+  const GroupedLookup* lookups = nullptr; // in the calling thread's arena (csrc/cpu/cpu_scratch.h):
+                                          // valid until its next lookups_by_group_cpu call
+
+  int64_t num_groups() const {
+    return static_cast<int64_t>(group.size());
+  }
+};
+
+// Whether lookups_by_group_cpu applies: groups (and the cached lookups' num_groups), positions,
+// bags and last digits fit int32.
+inline bool lookups_by_group_fit(int64_t nnz, int64_t batch_size, int64_t num_groups, int64_t last_rows) {
+  constexpr int64_t kInt32Max = (int64_t{1} << 31) - 1;
+  return num_groups < kInt32Max && nnz <= kInt32Max && batch_size <= kInt32Max && last_rows <= kInt32Max;
+}
+
+// The lookups of a validated batch (indices in [0, num_groups * last_rows)) by group; lookups with
+// cache_slot[j] >= 0 (nullable) are left out. Requires lookups_by_group_fit.
+template <typename index_t>
+LookupsByGroup lookups_by_group_cpu(
+    const index_t* indices,
+    const index_t* offsets,
+    const int32_t* cache_slot,
+    int64_t batch_size,
+    int64_t nnz,
+    int64_t last_rows,
+    int64_t num_groups);
+
 // Cache slot of every lookup (-1: not cached) against the sorted distinct ids `cache_ids` (K; empty
 // slots hold ids >= num_rows). Through a temporary slot map of the table's rows when
-// 0 < num_rows <= 16 nnz (one load per lookup; the map is bounded by the batch's size), else a binary
-// search per lookup. indices are validated (non-negative, below num_rows when num_rows >= 0).
+// 0 < num_rows <= kRowMapRowsPerLookup nnz (one load per lookup; the map is bounded by the batch's
+// size), else a binary search per lookup. indices are validated (non-negative, below num_rows when num_rows >= 0).
 template <typename index_t>
 std::vector<int32_t> cache_slots_cpu(
     const index_t* indices,
