@@ -166,7 +166,7 @@ inline const T* prefix_chain(
 // dA_{k-1} = dOut @ slice_k^T then reads contiguous rows. Built once per backward call.
 template <typename T>
 struct TransposedCores {
-  std::vector<T> data;
+  Scratch<T> data;
   CorePtrs<T> ptrs;
 
   TransposedCores(const TTLayout& L, const CorePtrs<T>& cores) {
@@ -176,7 +176,7 @@ struct TransposedCores {
       offset[k] = total;
       total += L.core_numel(k);
     }
-    data.resize(static_cast<size_t>(total));
+    data.resize(total);
     for (int64_t k = 1; k + 1 < L.d; ++k) {
       const int64_t rows = L.R[k];
       const int64_t cols = L.n[k] * L.R[k + 1];
@@ -368,9 +368,9 @@ class PartBuffers {
 // The last core with every slice transposed, (m_l, n_l, R'): S^T, dQ's operands and the grt row
 // path read rows.
 template <typename T>
-std::vector<T> transposed_last_core(const TTLayout& L, const T* core_last) {
+Scratch<T> transposed_last_core(const TTLayout& L, const T* core_last) {
   const int64_t slice = L.slice_numel(L.d - 1);
-  std::vector<T> lt(static_cast<size_t>(L.core_numel(L.d - 1)));
+  Scratch<T> lt(L.core_numel(L.d - 1));
   at::parallel_for(0, L.last_rows(), std::max<int64_t>(1, 16384 / slice), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       transpose(L.prefix_rank(), L.last_dim(), core_last + i * slice, lt.data() + i * slice);
@@ -391,7 +391,7 @@ void forward_tt(const Batch<scalar_t, index_t>& in, scalar_t* out) {
       available_threads(),
       [&](int64_t b) { return static_cast<int64_t>(in.offsets[b]) + b; },
       [&](int64_t, int64_t b_begin, int64_t b_end) {
-        std::vector<T> scratch(in.cl.size + in.rp * in.np + in.N);
+        Scratch<T> scratch(in.cl.size + in.rp * in.np + in.N);
         T* chain = scratch.data();
         T* qT = chain + in.cl.size;
         T* yT = qT + in.rp * in.np;
@@ -624,9 +624,9 @@ struct SlotForwardWorker {
   using T = scalar_t;
   const Batch<T, index_t>& in;
   const T* last_t; // transposed_last_core
-  std::vector<T> chain;
-  std::vector<T> qT; // Q^T (R' x N')
-  std::vector<T> s_buf; // S (R' x n_l)
+  Scratch<T> chain;
+  Scratch<T> qT; // Q^T (R' x N')
+  Scratch<T> s_buf; // S (R' x n_l)
   SlotRows rows;
   Scratch<T> lt_rows; // (D n_l x R')
   Scratch<T> w_t; // (D n_l x N')
@@ -634,9 +634,9 @@ struct SlotForwardWorker {
   SlotForwardWorker(const Batch<T, index_t>& batch, const T* last_core_t)
       : in(batch),
         last_t(last_core_t),
-        chain(static_cast<size_t>(batch.cl.size)),
-        qT(static_cast<size_t>(batch.rp * batch.np)),
-        s_buf(static_cast<size_t>(batch.last_numel)),
+        chain(batch.cl.size),
+        qT(batch.rp * batch.np),
+        s_buf(batch.last_numel),
         rows(batch.L.last_rows()) {}
 
   // Q^T of `group`, kept in L1 for the slot's products.
@@ -661,7 +661,7 @@ struct SlotForwardWorker {
   // S^T (n_l x R') @ Q^T (R' x N').
   template <typename Alpha, typename Last>
   void add_segment(int64_t count, const Alpha& alpha, const Last& last, T* y_b) {
-    std::fill(s_buf.begin(), s_buf.end(), T(0));
+    std::fill(s_buf.data(), s_buf.data() + in.last_numel, T(0));
     sum_rows_into(
         in.last_numel, count, alpha, [&](int64_t t) { return in.core_last + last(t) * in.last_numel; }, s_buf.data());
     gemm</*kAccumulate=*/true>(
@@ -691,7 +691,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
           available_threads(),
           scratch_budget_bytes() / std::max<int64_t>(1, out_numel * static_cast<int64_t>(sizeof(T)))));
   PartBuffers<T> partial(Arena::kOutputs, max_parts, in.batch_size, in.N);
-  const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+  const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
     const SlotSegment<T>* fields = slot_segment_fields(in, plan);
@@ -783,7 +783,7 @@ void forward_grt_groups(const Batch<scalar_t, index_t>& in, const LookupsByGroup
   PartBuffers<T> partial(Arena::kOutputs, max_parts, in.batch_size, in.N);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::groups", std::vector<c10::IValue>());
-    const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+    const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
     const int64_t* const start = lookups.start.data();
     // Cost of a group ~ two units per lookup (its row's share of the products and its axpy) plus
     // its chain, the weights of the plan-driven forward.
@@ -870,7 +870,7 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
   T* const w_t = arena<T>(Arena::kRows, rows.count() * in.N); // (D, n_l x N')
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::rows", std::vector<c10::IValue>());
-    const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+    const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
     // Cost of a group ~ its rows' products plus its chain (about 8 rows' worth at n_l = 4).
     const SlotOrder order = slot_visit_order(in.L, rows.group.data(), 0, num_groups, [&](int64_t u) {
       return group_start[u + 1] - group_start[u] + 8;
@@ -880,8 +880,8 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
         available_threads(),
         [&](int64_t i) { return order.weight_prefix[i]; },
         [&](int64_t, int64_t i_begin, int64_t i_end) {
-          std::vector<T> chain(static_cast<size_t>(in.cl.size));
-          std::vector<T> qT(static_cast<size_t>(in.rp * in.np));
+          Scratch<T> chain(in.cl.size);
+          Scratch<T> qT(in.rp * in.np);
           Scratch<T> lt_rows; // (D_g n_l x R')
           int64_t digits[kMaxCores];
           for (int64_t i = i_begin; i < i_end; ++i) {
@@ -915,14 +915,14 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
         // A cached lookup adds a zero row with coefficient 0 to the uncached sum (and an uncached one
         // to the cached sum): no branch on the scattered hits.
         const std::vector<T> zero(static_cast<size_t>(in.N), T(0));
-        std::vector<T> yT(static_cast<size_t>(in.N));
+        Scratch<T> yT(in.N);
         const int64_t j_last = std::max<int64_t>(0, static_cast<int64_t>(in.offsets[b_end]) - 1);
         for (int64_t b = b_begin; b < b_end; ++b) {
           const int64_t lo = static_cast<int64_t>(in.offsets[b]);
           const int64_t count = static_cast<int64_t>(in.offsets[b + 1]) - lo;
           const T scale = in.coef.scale(b);
           const index_t* idx = in.indices + lo;
-          std::fill(yT.begin(), yT.end(), T(0));
+          std::fill(yT.data(), yT.data() + in.N, T(0));
           if (cache_slot == nullptr) {
             sum_rows_into(
                 in.N, count, [&](int64_t t) { return scale * in.coef.weight(lo + t); },
@@ -966,7 +966,7 @@ void backward_tt(
     scalar_t* dcache) {
   using T = scalar_t;
   const TransposedCores<T> cores_t(in.L, in.cores);
-  const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+  const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
 
   int64_t core_offset[kMaxCores + 1] = {};
   for (int64_t k = 0; k < in.L.d; ++k) {
@@ -980,7 +980,7 @@ void backward_tt(
   std::vector<T> extra(static_cast<size_t>((num_parts - 1) * total), T(0));
 
   at::parallel_for(0, num_parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<T> scratch(in.cl.size + in.last_numel + 2 * in.cl.max_step);
+    Scratch<T> scratch(in.cl.size + in.last_numel + 2 * in.cl.max_step);
     T* chain = scratch.data();
     T* gT = chain + in.cl.size; // (n_l x R')
     T* dcur = gT + in.last_numel;
@@ -1107,7 +1107,7 @@ void backward_grt(
   const int64_t* slot_seg_start = plan.v.slot_segment_start;
 
   const TransposedCores<T> cores_t(in.L, in.cores);
-  const std::vector<T> last_t = transposed_last_core(in.L, in.core_last);
+  const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
   const SlotSegment<T>* fields = slot_segment_fields(in, plan);
 
   // Per-part gradients: cores 0..d-2 as the cores, the last core transposed (m_l, n_l, R').
@@ -1155,8 +1155,8 @@ void backward_grt(
           [&](int64_t part, int64_t i_begin, int64_t i_end) {
             T* dslice0 = part_grads.part(part) + core_offset[0];
             T* dlast_t = part_grads.part(part) + core_offset[in.L.d - 1];
-            std::vector<T> dA0(static_cast<size_t>(in.L.slice_numel(0)));
-            std::vector<T> gT(static_cast<size_t>(in.last_numel)); // G_s^T (n_l x R')
+            Scratch<T> dA0(in.L.slice_numel(0));
+            Scratch<T> gT(in.last_numel); // G_s^T (n_l x R')
             Scratch<T> s_t; // S_s^T (n_l x R') per segment of the slot
             Scratch<T> dw; // dW_l (N' x n_l) per distinct row of the slot (row path)
             std::vector<GemmSegment<T>> operands;
