@@ -232,7 +232,7 @@ DistinctRows distinct_rows_cpu(
   DistinctRows rows;
   rows.id.assign(static_cast<size_t>(num_rows), 0);
   int32_t* const id = rows.id.data();
-  // Mark the used rows (a cached lookup marks nothing).
+  // Mark the used rows: 1, or -(slot + 1) for a row served by cache slot `slot`.
   int64_t uncached = nnz;
   if (cache_slot == nullptr) {
     for (int64_t j = 0; j < nnz; ++j) {
@@ -240,9 +240,9 @@ DistinctRows distinct_rows_cpu(
     }
   } else {
     for (int64_t j = 0; j < nnz; ++j) {
-      const bool cached = cache_slot[j] >= 0;
-      id[cached ? 0 : static_cast<int64_t>(indices[j])] |= cached ? 0 : 1;
-      uncached -= cached ? 1 : 0;
+      const int32_t slot = cache_slot[j];
+      id[static_cast<int64_t>(indices[j])] = slot >= 0 ? -(slot + 1) : 1;
+      uncached -= slot >= 0 ? 1 : 0;
     }
   }
   // The (bag, group) segment count, estimated from a sample of about kSampledBags evenly spaced bags
@@ -271,19 +271,19 @@ DistinctRows distinct_rows_cpu(
       ? 0
       : static_cast<int64_t>(static_cast<double>(sampled_segments) * uncached / sampled_lookups);
   rows.num_segments = segments;
-  // Number them in row order, group by group. Branch-free within a group: about half the rows of a
-  // touched group are used, in no pattern, so a branch on the mark would mispredict as often. Every
-  // row's id and row[D] are written; only the used rows keep theirs.
+  // Number the uncached ones in row order, group by group. Branch-free within a group: about half
+  // the rows of a touched group are used, in no pattern, so a branch on the mark would mispredict as
+  // often. Every uncached row's id and row[D] are written; only the used rows keep theirs.
   rows.row.resize(static_cast<size_t>(std::min(nnz, num_rows) + 1));
   int64_t* const row = rows.row.data();
   int64_t count = 0;
   for (int64_t g = 0, r = 0; r < num_rows; ++g) {
     const int64_t first = count;
     for (const int64_t r_end = std::min(r + last_rows, num_rows); r < r_end; ++r) {
-      const int32_t used = id[r];
-      id[r] = static_cast<int32_t>(count);
+      const int32_t mark = id[r];
+      id[r] = mark < 0 ? mark : static_cast<int32_t>(count);
       row[count] = r;
-      count += used;
+      count += mark > 0 ? 1 : 0;
     }
     if (count > first) {
       rows.group.push_back(g);
@@ -292,6 +292,14 @@ DistinctRows distinct_rows_cpu(
   }
   rows.group_row_start.push_back(count);
   rows.row.resize(static_cast<size_t>(count));
+  // The cached rows after them, in order of first use.
+  for (int64_t j = 0; cache_slot != nullptr && j < nnz; ++j) {
+    const int64_t r = static_cast<int64_t>(indices[j]);
+    if (id[r] < 0) {
+      id[r] = static_cast<int32_t>(count + rows.cached_slot.size());
+      rows.cached_slot.push_back(cache_slot[j]);
+    }
+  }
   return rows;
 }
 

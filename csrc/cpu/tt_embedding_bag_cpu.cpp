@@ -760,7 +760,8 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
 //        its D_g rows W_r^T = L_l^T @ Q_g^T as one GEMM (M = D_g n_l) into a rows buffer, each
 //        distinct row once per batch;
 //   bags (parallel over bags, balanced by lookups): y_b = sum_j c_j W_{r_j}, an embedding bag over
-//        the rows buffer with the bag's sum held in registers, then its cached rows.
+//        the rows buffer (the cached rows the batch reads are copied in after the computed ones)
+//        with the bag's sum held in registers.
 // No (bag, group) grouping at all: the plan costs as much as the products on small tables (0.5 of
 // 1.7 ms on the paper table). Each output row is written once: deterministic for any thread count.
 // grt forward without a plan when forward_grt_rows does not apply (inference; docs/design.md section
@@ -867,7 +868,8 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
   using T = scalar_t;
   const int64_t num_groups = rows.num_groups();
   const int64_t* const group_start = rows.group_row_start.data();
-  T* const w_t = arena<T>(Arena::kRows, rows.count() * in.N); // (D, n_l x N')
+  const int64_t num_cached = static_cast<int64_t>(rows.cached_slot.size());
+  T* const w_t = arena<T>(Arena::kRows, (rows.count() + num_cached) * in.N); // (D + cached, n_l x N')
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::rows", std::vector<c10::IValue>());
     const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
@@ -905,16 +907,17 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
         });
   }
   RECORD_FUNCTION("torchrec_tt::grt_forward::bags", std::vector<c10::IValue>());
+  // The cached rows the batch reads, transposed into the rows buffer after the computed ones: the bag
+  // sums then treat every lookup alike.
+  for (int64_t c = 0; c < num_cached; ++c) {
+    transpose(in.np, in.nl, in.cache + static_cast<int64_t>(rows.cached_slot[c]) * in.N, w_t + (rows.count() + c) * in.N);
+  }
   const int32_t* const id = rows.id.data();
-  const int32_t* const cache_slot = in.cache_slot;
   weighted_parallel_for(
       in.batch_size,
       available_threads(),
       [&](int64_t b) { return static_cast<int64_t>(in.offsets[b]) + b; },
       [&](int64_t, int64_t b_begin, int64_t b_end) {
-        // A cached lookup adds a zero row with coefficient 0 to the uncached sum (and an uncached one
-        // to the cached sum): no branch on the scattered hits.
-        const std::vector<T> zero(static_cast<size_t>(in.N), T(0));
         Scratch<T> yT(in.N);
         const int64_t j_last = std::max<int64_t>(0, static_cast<int64_t>(in.offsets[b_end]) - 1);
         for (int64_t b = b_begin; b < b_end; ++b) {
@@ -923,28 +926,16 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
           const T scale = in.coef.scale(b);
           const index_t* idx = in.indices + lo;
           std::fill(yT.data(), yT.data() + in.N, T(0));
-          if (cache_slot == nullptr) {
-            sum_rows_into(
-                in.N, count, [&](int64_t t) { return scale * in.coef.weight(lo + t); },
-                [&](int64_t t) {
-                  // The rows were written by every worker: they come from L3 or another core.
-                  const int64_t ahead = std::min<int64_t>(lo + t + kRowPrefetchAhead, j_last);
-                  prefetch_row(w_t + id[static_cast<int64_t>(in.indices[ahead])] * in.N, in.N);
-                  return w_t + id[static_cast<int64_t>(idx[t])] * in.N;
-                },
-                yT.data());
-            transpose(in.nl, in.np, yT.data(), out + b * in.N);
-            continue;
-          }
-          const int32_t* slot = cache_slot + lo;
           sum_rows_into(
-              in.N, count, [&](int64_t t) { return slot[t] < 0 ? scale * in.coef.weight(lo + t) : T(0); },
-              [&](int64_t t) { return slot[t] < 0 ? w_t + id[static_cast<int64_t>(idx[t])] * in.N : zero.data(); },
+              in.N, count, [&](int64_t t) { return scale * in.coef.weight(lo + t); },
+              [&](int64_t t) {
+                // The rows were written by every worker: they come from L3 or another core.
+                const int64_t ahead = std::min<int64_t>(lo + t + kRowPrefetchAhead, j_last);
+                prefetch_row(w_t + id[static_cast<int64_t>(in.indices[ahead])] * in.N, in.N);
+                return w_t + id[static_cast<int64_t>(idx[t])] * in.N;
+              },
               yT.data());
           transpose(in.nl, in.np, yT.data(), out + b * in.N);
-          sum_rows_into(
-              in.N, count, [&](int64_t t) { return slot[t] >= 0 ? scale * in.coef.weight(lo + t) : T(0); },
-              [&](int64_t t) { return slot[t] >= 0 ? in.cache + slot[t] * in.N : zero.data(); }, out + b * in.N);
         }
       });
 }
@@ -1367,13 +1358,14 @@ struct CallCache {
   }
 };
 
+// per_lookup_slots: compute each lookup's cache slot (for the kernels that do not read the hits
+// from a plan's cache segments, and to build a plan).
 CallCache check_cache(
     const char* op,
     const TTInputs& in,
     const std::optional<at::Tensor>& cache_weight,
     const std::optional<at::Tensor>& cache_ids,
-    int64_t variant,
-    bool plan_given) {
+    bool per_lookup_slots) {
   CallCache cache;
   TORCH_CHECK_VALUE(
       cache_weight.has_value() == cache_ids.has_value(), op,
@@ -1394,7 +1386,7 @@ CallCache check_cache(
       ": cache_weight must be a CPU tensor of the cores' dtype ", in.cores[0].scalar_type(), ", got ",
       w.scalar_type(), " on ", w.device());
   cache.weight = w.contiguous();
-  if (static_cast<Variant>(variant) == Variant::kTT || !plan_given) {
+  if (per_lookup_slots) {
     TORCHREC_TT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "tt_cache_slots_cpu", [&] {
       cache.slots = cache_slots_cpu<index_t>(
           in.indices.data_ptr<index_t>(), in.nnz, cache.ids.data_ptr<int64_t>(), k, in.layout.num_rows());
@@ -1446,7 +1438,11 @@ at::Tensor tt_embedding_bag_cpu(
   constexpr const char* op = "tt_embedding_bag";
   const TTInputs in =
       check_inputs(op, cores, indices, offsets, per_sample_weights, pooling_mode, variant);
-  const CallCache cache = check_cache(op, in, cache_weight, cache_ids, variant, plan.has_value());
+  // Slots for tt, for grt without a plan, and for grt's distinct-row pass (which runs given a plan too).
+  const CallCache cache = check_cache(
+      op, in, cache_weight, cache_ids,
+      static_cast<Variant>(variant) == Variant::kTT || !plan.has_value() ||
+          distinct_rows_fit(in.nnz, in.layout.num_rows()));
   at::Tensor out = at::empty({in.batch_size, in.layout.embedding_dim()}, in.cores[0].options());
   const bool mean = static_cast<PoolingMode>(pooling_mode) == PoolingMode::kMean;
   TORCHREC_TT_DISPATCH_CPU_FLOAT_TYPES(in.cores[0].scalar_type(), "tt_embedding_bag_cpu", [&] {
@@ -1461,10 +1457,8 @@ at::Tensor tt_embedding_bag_cpu(
           : std::nullopt;
       // The passes over the batch's distinct rows or its lookups by group (docs/design.md section
       // 3.4): without a plan (no backward will read one; the front-end passes it when autograd
-      // records), and the distinct-row pass also with one, which it does not need (but not with a
-      // cache then: the per-lookup cache slots come with the plan's cache segments).
-      const bool distinct_rows_pass = grt && distinct_rows_fit(in.nnz, L.num_rows()) &&
-          (!given.has_value() || cache.rows() == 0);
+      // records), and the distinct-row pass also with one, which it does not need.
+      const bool distinct_rows_pass = grt && distinct_rows_fit(in.nnz, L.num_rows());
       const std::optional<DistinctRows> rows = distinct_rows_pass
           ? std::optional<DistinctRows>(distinct_rows_cpu(
                 batch.indices, batch.offsets, batch.cache_slot, in.batch_size, in.nnz, L.num_rows(), L.last_rows()))
@@ -1509,7 +1503,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> tt_embedding_bag_bac
   const TTInputs in =
       check_inputs(op, cores, indices, offsets, per_sample_weights, pooling_mode, variant);
   check_backward_inputs(op, grad_output, in, per_sample_weights_requires_grad);
-  const CallCache cache = check_cache(op, in, cache_weight, cache_ids, variant, plan.has_value());
+  const CallCache cache = check_cache(
+      op, in, cache_weight, cache_ids, static_cast<Variant>(variant) == Variant::kTT || !plan.has_value());
   const at::Tensor grad_out = grad_output.contiguous();
   const bool mean = static_cast<PoolingMode>(pooling_mode) == PoolingMode::kMean;
 

@@ -221,13 +221,14 @@ struct PlanCache {
 // the same rule.
 constexpr int64_t kRowMapRowsPerLookup = 16;
 
-// The distinct rows that a batch's uncached lookups read, numbered in ascending row order, so that
-// the rows of one group are consecutive (docs/design.md section 3.4): all that the grt forward needs
-// when no backward will read a (bag, group) plan.
+// The distinct rows that a batch reads: the uncached ones numbered 0 .. D - 1 in ascending row
+// order, so that the rows of one group are consecutive, then the cached ones (docs/design.md section
+// 3.4): all that the grt forward needs when no backward will read a (bag, group) plan.
 struct DistinctRows {
   std::vector<int32_t> id; // (num_rows,) id[r] = number of row r among the distinct rows (read only
                            // for rows the batch uses)
-  std::vector<int64_t> row; // (D,) the distinct rows, ascending
+  std::vector<int64_t> row; // (D,) the distinct uncached rows, ascending
+  std::vector<int32_t> cached_slot; // cache slot of distinct row D + i
   std::vector<int64_t> group; // (G,) the distinct groups, ascending
   std::vector<int64_t> group_row_start; // (G + 1,) group[i]'s rows are row[group_row_start[i] .. [i + 1])
   int64_t num_segments = 0; // S, the distinct (bag, group) pairs of the uncached lookups, estimated
