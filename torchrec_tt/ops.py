@@ -143,6 +143,10 @@ def tt_embedding_bag(
 
     Returns:
         Tensor: ``(B, N)`` with ``N = prod(n_k)``; an empty bag gives zeros.
+
+    With autograd recording, ``grt`` groups the batch once (its plan) and the backward reuses
+    it; without (``torch.no_grad()``, inference) no plan is built and the CPU kernels take a
+    cheaper grouping (docs/design.md, section 3.4).
     """
     mode, var = _pooling_mode(pooling), _variant(variant)
     if offsets.dtype != indices.dtype and {indices.dtype, offsets.dtype} <= _INDEX_DTYPES:

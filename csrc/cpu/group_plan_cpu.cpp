@@ -1,5 +1,6 @@
-// CPU implementation of torchrec_tt::group_plan: groups the lookups of a batch by (bag, group) into
-// the packed plan of plan_layout.h.
+// CPU grouping of a batch: torchrec_tt::group_plan, which groups the lookups by (bag, group) into
+// the packed plan of plan_layout.h, and the two lighter groupings of the forward without a plan
+// (docs/design.md section 3.4): the batch's distinct rows, and its lookups sorted by group.
 //
 //   segments = distinct (bag, group) pairs, ordered by (bag asc, group asc)
 //   slots    = distinct groups of the batch, ascending

@@ -6,15 +6,18 @@
 // weight times 1/L_b for mean pooling).
 //
 //   variant tt : per lookup, the full chain, then y_b += c_j * W[idx_j].
-//   variant grt: driven by the batch's packed plan (plan_layout.h; built once per batch by the
-//                front-end, saved by the autograd function and reused by the backward;
-//                docs/design.md section 3).
-//                Both passes are slot-major: a slot's prefix Q (one per distinct group) is computed
-//                once and used while it sits in L1 by every segment (bag) of that group.
-//                Forward: per segment S_s = sum_j c_j L_j (intra-group) and y_b += Q S_s
-//                (inter-group) into per-thread accumulators. Backward: per segment G_s = Q^T g_b
-//                and the last-core and per-sample-weight gradients, then dQ = sum_s g_b S_s^T as
-//                one register-tiled product over the slot's segments, then back through the chain.
+//   variant grt: the backward is driven by the batch's packed plan (plan_layout.h; built once per
+//                batch by the front-end when autograd records, saved by the autograd function;
+//                docs/design.md section 3), slot-major: a slot's prefix Q (one per distinct group)
+//                is computed once and used while it sits in L1 by every segment (bag) of that group:
+//                per segment G_s = Q^T g_b and the last-core and per-sample-weight gradients, then
+//                dQ = sum_s g_b S_s^T as one register-tiled product over the slot's segments, then
+//                back through the chain. The forward takes one of three passes (section 3.4):
+//                every distinct row of the batch once, then the bags over those rows (small tables,
+//                with or without a plan); without a plan, slot-major over the lookups radix-sorted by
+//                group; given a plan, slot-major over it. The slot-major forward computes per slot
+//                its distinct rows (row path) or per segment S_s = sum_j c_j L_j and y_b += Q S_s
+//                (segment path) into per-thread accumulators.
 //
 // Every product goes through the register-blocked micro-kernels of micro_gemm.h (docs/design.md
 // section 3.2). Per-thread output and core-gradient buffers are summed in a fixed order:

@@ -248,8 +248,9 @@ inline bool distinct_rows_fit(int64_t nnz, int64_t num_rows) {
   return num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz && nnz < (int64_t{1} << 31);
 }
 
-// The distinct rows of a validated batch (indices in [0, num_rows)), and its segment count (est.);
-// lookups with cache_slot[j] >= 0 (nullable) are left out. Requires distinct_rows_fit(nnz, num_rows).
+// The distinct rows of a validated batch (indices in [0, num_rows)) and its segment count (an
+// estimate); rows read through cache slots (cache_slot[j] >= 0; nullable) are numbered after the
+// computed ones. Requires distinct_rows_fit(nnz, num_rows).
 template <typename index_t>
 DistinctRows distinct_rows_cpu(
     const index_t* indices,
@@ -304,7 +305,8 @@ LookupsByGroup lookups_by_group_cpu(
 // Cache slot of every lookup (-1: not cached) against the sorted distinct ids `cache_ids` (K; empty
 // slots hold ids >= num_rows). Through a temporary slot map of the table's rows when
 // 0 < num_rows <= kRowMapRowsPerLookup nnz (one load per lookup; the map is bounded by the batch's
-// size), else a binary search per lookup. indices are validated (non-negative, below num_rows when num_rows >= 0).
+// size), else a binary search per lookup. indices are validated (non-negative, below num_rows when
+// num_rows >= 0).
 template <typename index_t>
 std::vector<int32_t> cache_slots_cpu(
     const index_t* indices,
