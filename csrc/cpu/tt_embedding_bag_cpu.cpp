@@ -610,18 +610,10 @@ struct SlotRows {
 // (ROW_PATH_ROWS_PER_SEGMENT); docs/design.md section 3.2.
 constexpr int64_t kRowPathRowsPerSegment = 1;
 
-// Gathers the transposed slices of `rows` (count x n_l x R', from last_t) into lt_rows.
-template <typename T>
-inline void gather_slices(const T* last_t, const std::vector<int64_t>& rows, int64_t slice, T* lt_rows) {
-  for (size_t i = 0; i < rows.size(); ++i) {
-    std::copy(last_t + rows[i] * slice, last_t + (rows[i] + 1) * slice, lt_rows + i * slice);
-  }
-}
-
 // A slot-major forward worker's state for its current slot (group): the chain and Q^T (R' x N'),
 // the slot's distinct rows and their products, the segment sum S. Used by the plan-driven
 // forward_grt and the plan-free forward_grt_groups, which differ only in where a slot's lookups
-// come from.
+// come from, and for the per-group products of forward_grt_rows.
 template <typename scalar_t, typename index_t>
 struct SlotForwardWorker {
   using T = scalar_t;
@@ -648,16 +640,23 @@ struct SlotForwardWorker {
     group_digits(in.L, group, digits);
     transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
   }
-  // Row path: W^T (D n_l x N') = [L_l^T] (D n_l x R') @ Q^T (R' x N') of the collected rows, one
-  // register-tiled GEMM; row rows.pos[l] of the result is W_l^T.
-  const T* row_products() {
-    const int64_t num_rows = rows.count();
-    lt_rows.resize(num_rows * in.last_numel);
-    w_t.resize(num_rows * in.N);
-    gather_slices(last_t, rows.rows, in.last_numel, lt_rows.data());
+  // dst (count n_l x N') = [L_l^T] (count n_l x R') @ Q^T (R' x N') for the last digits
+  // l = last(0 .. count), one register-tiled GEMM: row i of dst is W_{last(i)}^T.
+  template <typename Last>
+  void row_products_into(int64_t count, const Last& last, T* dst) {
+    lt_rows.resize(count * in.last_numel);
+    for (int64_t i = 0; i < count; ++i) {
+      const T* slice = last_t + last(i) * in.last_numel;
+      std::copy(slice, slice + in.last_numel, lt_rows.data() + i * in.last_numel);
+    }
     gemm</*kAccumulate=*/false>(
-        num_rows * in.nl, in.np, in.rp, T(1), lt_rows.data(), /*a_row=*/in.rp, /*a_col=*/1, qT.data(),
-        /*ldb=*/in.np, w_t.data(), /*ldc=*/in.np);
+        count * in.nl, in.np, in.rp, T(1), lt_rows.data(), /*a_row=*/in.rp, /*a_col=*/1, qT.data(),
+        /*ldb=*/in.np, dst, /*ldc=*/in.np);
+  }
+  // Row path: the products of the collected rows; row rows.pos[l] of the result is W_l^T.
+  const T* row_products() {
+    w_t.resize(rows.count() * in.N);
+    row_products_into(rows.count(), [&](int64_t i) { return rows.rows[i]; }, w_t.data());
     return w_t.data();
   }
   // Segment path: S = sum_t alpha(t) L_{last(t)} over `count` lookups, then yT_b (n_l x N') +=
@@ -885,27 +884,17 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
         available_threads(),
         [&](int64_t i) { return order.weight_prefix[i]; },
         [&](int64_t, int64_t i_begin, int64_t i_end) {
-          Scratch<T> chain(in.cl.size);
-          Scratch<T> qT(in.rp * in.np);
-          Scratch<T> lt_rows; // (D_g n_l x R')
-          int64_t digits[kMaxCores];
+          SlotForwardWorker<T, index_t> worker(in, last_t.data());
           for (int64_t i = i_begin; i < i_end; ++i) {
             const int64_t u = order.slot[i];
             const int64_t g = rows.group[u];
             const int64_t first = group_start[u];
-            const int64_t count = group_start[u + 1] - first;
-            group_digits(in.L, g, digits);
-            transpose(in.np, in.rp, prefix_chain(in.L, in.cl, in.cores, digits, chain.data()), qT.data());
             const int64_t group_first_row = g * in.L.last_rows();
-            lt_rows.resize(count * in.last_numel);
-            for (int64_t c = 0; c < count; ++c) {
-              const T* slice = last_t.data() + (rows.row[first + c] - group_first_row) * in.last_numel;
-              std::copy(slice, slice + in.last_numel, lt_rows.data() + c * in.last_numel);
-            }
-            // [W_r^T] (D_g n_l x N') = [L_l^T] (D_g n_l x R') @ Q_g^T (R' x N')
-            gemm</*kAccumulate=*/false>(
-                count * in.nl, in.np, in.rp, T(1), lt_rows.data(), /*a_row=*/in.rp, /*a_col=*/1, qT.data(),
-                /*ldb=*/in.np, w_t + first * in.N, /*ldc=*/in.np);
+            worker.load_prefix(g);
+            // The group's D_g rows W_r^T, in place in the rows buffer.
+            worker.row_products_into(
+                group_start[u + 1] - first, [&](int64_t c) { return rows.row[first + c] - group_first_row; },
+                w_t + first * in.N);
           }
         });
   }
