@@ -224,7 +224,8 @@ template <typename index_t>
 DistinctRows distinct_rows_cpu(
     const index_t* indices,
     const index_t* offsets,
-    const int32_t* cache_slot,
+    const int64_t* cache_ids,
+    int64_t cache_rows,
     int64_t batch_size,
     int64_t nnz,
     int64_t num_rows,
@@ -233,23 +234,19 @@ DistinctRows distinct_rows_cpu(
   DistinctRows rows;
   rows.id.assign(static_cast<size_t>(num_rows), 0);
   int32_t* const id = rows.id.data();
-  // Mark the used rows: 1, or -(slot + 1) for a row served by cache slot `slot`.
-  int64_t uncached = nnz;
-  if (cache_slot == nullptr) {
-    for (int64_t j = 0; j < nnz; ++j) {
-      id[static_cast<int64_t>(indices[j])] = 1;
-    }
-  } else {
-    for (int64_t j = 0; j < nnz; ++j) {
-      const int32_t slot = cache_slot[j];
-      id[static_cast<int64_t>(indices[j])] = slot >= 0 ? -(slot + 1) : 1;
-      uncached -= slot >= 0 ? 1 : 0;
-    }
+  // Mark the used rows 1, then the used cached ones -(slot + 1): the cache is matched per distinct
+  // row, O(K), where a per-lookup slot test cost as much as the marking itself.
+  for (int64_t j = 0; j < nnz; ++j) {
+    id[static_cast<int64_t>(indices[j])] = 1;
   }
-  // The (bag, group) segment count, estimated from a sample of about kSampledBags evenly spaced bags
-  // (exact up to that many bags): the kernel only compares it with the row count to pick a path, and
-  // counting every bag's groups cost twice the marking above (paper table: 0.17 ms). A group's stamp
-  // is the last sampled bag that touched it.
+  for (int64_t s = 0; s < cache_rows && cache_ids[s] < num_rows; ++s) {
+    int32_t& mark = id[cache_ids[s]];
+    mark = mark != 0 ? static_cast<int32_t>(-(s + 1)) : 0;
+  }
+  // The (bag, group) segment count of the uncached lookups, estimated from a sample of about
+  // kSampledBags evenly spaced bags (exact up to that many bags): the kernel only compares it with
+  // the row count to pick a path, and counting every bag's groups cost twice the marking above
+  // (paper table: 0.17 ms). A group's stamp is the last sampled bag that touched it.
   constexpr int64_t kSampledBags = 64;
   const FastDivmod divmod(last_rows);
   std::vector<int64_t> stamp(static_cast<size_t>((num_rows + last_rows - 1) / last_rows), -1);
@@ -257,21 +254,23 @@ DistinctRows distinct_rows_cpu(
   int64_t sampled_segments = 0;
   int64_t sampled_lookups = 0;
   for (int64_t b = 0; b < batch_size; b += stride) {
-    for (int64_t j = static_cast<int64_t>(offsets[b]); j < static_cast<int64_t>(offsets[b + 1]); ++j) {
-      if (cache_slot != nullptr && cache_slot[j] >= 0) {
+    const int64_t j0 = static_cast<int64_t>(offsets[b]);
+    const int64_t j1 = static_cast<int64_t>(offsets[b + 1]);
+    sampled_lookups += j1 - j0;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t r = static_cast<int64_t>(indices[j]);
+      if (id[r] < 0) {
         continue;
       }
       int64_t rem;
-      const int64_t g = divmod.divmod(static_cast<int64_t>(indices[j]), &rem);
+      const int64_t g = divmod.divmod(r, &rem);
       sampled_segments += stamp[g] != b ? 1 : 0;
       stamp[g] = b;
-      ++sampled_lookups;
     }
   }
-  const int64_t segments = sampled_lookups == 0
+  rows.num_segments = sampled_lookups == 0
       ? 0
-      : static_cast<int64_t>(static_cast<double>(sampled_segments) * uncached / sampled_lookups);
-  rows.num_segments = segments;
+      : static_cast<int64_t>(static_cast<double>(sampled_segments) * nnz / sampled_lookups);
   // Number the uncached ones in row order, group by group. Branch-free within a group: about half
   // the rows of a touched group are used, in no pattern, so a branch on the mark would mispredict as
   // often. Every uncached row's id and row[D] are written; only the used rows keep theirs.
@@ -293,21 +292,21 @@ DistinctRows distinct_rows_cpu(
   }
   rows.group_row_start.push_back(count);
   rows.row.resize(static_cast<size_t>(count));
-  // The cached rows after them, in order of first use.
-  for (int64_t j = 0; cache_slot != nullptr && j < nnz; ++j) {
-    const int64_t r = static_cast<int64_t>(indices[j]);
-    if (id[r] < 0) {
-      id[r] = static_cast<int32_t>(count + rows.cached_slot.size());
-      rows.cached_slot.push_back(cache_slot[j]);
+  // The used cached rows after them, in slot order.
+  for (int64_t s = 0; s < cache_rows && cache_ids[s] < num_rows; ++s) {
+    int32_t& mark = id[cache_ids[s]];
+    if (mark < 0) {
+      mark = static_cast<int32_t>(count + static_cast<int64_t>(rows.cached_slot.size()));
+      rows.cached_slot.push_back(static_cast<int32_t>(s));
     }
   }
   return rows;
 }
 
 template DistinctRows distinct_rows_cpu<int32_t>(
-    const int32_t*, const int32_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t);
+    const int32_t*, const int32_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t);
 template DistinctRows distinct_rows_cpu<int64_t>(
-    const int64_t*, const int64_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t);
+    const int64_t*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 template <typename index_t>
 LookupsByGroup lookups_by_group_cpu(

@@ -228,11 +228,11 @@ struct DistinctRows {
   std::vector<int32_t> id; // (num_rows,) id[r] = number of row r among the distinct rows (read only
                            // for rows the batch uses)
   std::vector<int64_t> row; // (D,) the distinct uncached rows, ascending
-  std::vector<int32_t> cached_slot; // cache slot of distinct row D + i
+  std::vector<int32_t> cached_slot; // cache slot of distinct row D + i (ascending)
   std::vector<int64_t> group; // (G,) the distinct groups, ascending
   std::vector<int64_t> group_row_start; // (G + 1,) group[i]'s rows are row[group_row_start[i] .. [i + 1])
   int64_t num_segments = 0; // S, the distinct (bag, group) pairs of the uncached lookups, estimated
-                            // from a sample of the bags (exact for up to 64 bags)
+                            // from a sample of the bags
 
   int64_t count() const {
     return static_cast<int64_t>(row.size());
@@ -249,13 +249,15 @@ inline bool distinct_rows_fit(int64_t nnz, int64_t num_rows) {
 }
 
 // The distinct rows of a validated batch (indices in [0, num_rows)) and its segment count (an
-// estimate); rows read through cache slots (cache_slot[j] >= 0; nullable) are numbered after the
-// computed ones. Requires distinct_rows_fit(nnz, num_rows).
+// estimate); the used rows among the cache's (cache_ids: cache_rows distinct ascending ids, nullable)
+// are numbered after the computed ones, in slot order. The cache is matched once per distinct row
+// (O(K) over the row map), not per lookup. Requires distinct_rows_fit(nnz, num_rows).
 template <typename index_t>
 DistinctRows distinct_rows_cpu(
     const index_t* indices,
     const index_t* offsets,
-    const int32_t* cache_slot,
+    const int64_t* cache_ids,
+    int64_t cache_rows,
     int64_t batch_size,
     int64_t nnz,
     int64_t num_rows,
