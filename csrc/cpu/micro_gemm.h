@@ -361,6 +361,44 @@ TORCHREC_TT_ALWAYS_INLINE void sum_rows_into(int64_t n, int64_t count, const Alp
   }
 }
 
+// y(i)[0, n) += alpha(i) * x[0, n) for i < count: one row x added into `count` rows (a bag's
+// output gradient into its cached rows' gradients). The same arithmetic as `count` axpy calls, so
+// the same bits, but each block of x stays in registers across the rows: one load of x per block
+// instead of one per row.
+template <typename T, typename Alpha, typename Row>
+TORCHREC_TT_ALWAYS_INLINE void add_into_rows(int64_t n, int64_t count, const Alpha& alpha, const Row& row, const T* x) {
+  constexpr int W = VecTraits<T>::kLanes;
+  constexpr int kBlock = 8; // vectors of x per block: 8 held + a broadcast + a row load fit AVX2's 16
+  int64_t t = 0;
+  for (; t + kBlock * W <= n; t += kBlock * W) {
+    vec_t<T> xv[kBlock];
+#pragma GCC unroll 8
+    for (int v = 0; v < kBlock; ++v) {
+      xv[v] = vload(x + t + v * W);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const vec_t<T> a = vbroadcast(static_cast<T>(alpha(i)));
+      T* y = row(i) + t;
+#pragma GCC unroll 8
+      for (int v = 0; v < kBlock; ++v) {
+        vstore(y + v * W, vload(y + v * W) + a * xv[v]);
+      }
+    }
+  }
+  for (; t + W <= n; t += W) {
+    const vec_t<T> xv = vload(x + t);
+    for (int64_t i = 0; i < count; ++i) {
+      T* y = row(i) + t;
+      vstore(y, vload(y) + vbroadcast(static_cast<T>(alpha(i))) * xv);
+    }
+  }
+  for (; t < n; ++t) {
+    for (int64_t i = 0; i < count; ++i) {
+      row(i)[t] += static_cast<T>(alpha(i)) * x[t];
+    }
+  }
+}
+
 // sum_t x[t] * y[t].
 template <typename T>
 TORCHREC_TT_ALWAYS_INLINE T dot(int64_t n, const T* TORCHREC_TT_RESTRICT x, const T* TORCHREC_TT_RESTRICT y) {

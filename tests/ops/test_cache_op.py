@@ -176,3 +176,30 @@ def test_public_op_routes_a_cache_and_checks_its_pair():
     with pytest.raises(ValueError) as excinfo:
         tt_embedding_bag(cores, torch.tensor([1]), torch.tensor([0, 1]), cache_ids=torch.tensor([1]))
     assert_message(excinfo, "cache_weight and cache_ids go together", "cache_ids alone")
+
+
+@pytest.mark.parametrize("q_shapes", [[2, 2, 4], [2, 3, 4], [4, 4, 4], [2, 4, 9]], ids=["N16", "N24", "N64", "N72"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cache_gradient_over_embedding_widths(q_shapes, dtype):
+    """The grt backward adds each bag's output gradient into its cached rows' gradients in blocks of
+    8 vectors, single vectors and a scalar tail: widths 16, 24, 64 and 72 take each of them."""
+    gen = torch.Generator().manual_seed(3)
+    cores = [c.to(dtype).requires_grad_() for c in random_cores([5, 6, 7], q_shapes, [3, 3], generator=gen)]
+    dim = math.prod(q_shapes)
+    indices = torch.randint(0, 210, (400,), generator=gen)
+    offsets = torch.arange(0, 401, 8)
+    cache_ids = torch.cat([torch.tensor([0, 3, 5, 17, 40, 100, 150, 209]), empty_cache_ids(2)])
+    weight = torch.randn(10, dim, dtype=dtype, generator=gen, requires_grad=True)
+    psw = torch.rand(400, dtype=dtype, generator=gen, requires_grad=True)
+    out = tt_embedding_bag(cores, indices, offsets, psw, "sum", "grt", cache_weight=weight, cache_ids=cache_ids)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_weight = weight.detach().clone().requires_grad_()
+    ref_psw = psw.detach().clone().requires_grad_()
+    ref = embedding_bag_ref([c.detach() for c in cores], indices, offsets, ref_psw, "sum", cache=(ref_weight, cache_ids))
+    ref.backward(grad)
+    tol = tolerances(torch.float64) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    assert ref_weight.grad[:8].abs().sum() > 0  # the cached rows are hit
+    torch.testing.assert_close(weight.grad, ref_weight.grad, **tol)
+    torch.testing.assert_close(psw.grad, ref_psw.grad, **tol)
