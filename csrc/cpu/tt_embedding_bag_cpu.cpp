@@ -351,6 +351,9 @@ class PartBuffers {
     });
   }
 
+  int64_t parts() const {
+    return parts_;
+  }
   T* part(int64_t p) {
     return data_ + p * size_;
   }
@@ -672,6 +675,44 @@ struct SlotForwardWorker {
   }
 };
 
+// The slot-major forwards' output accumulators: one (B x N) buffer per worker, as many as the
+// threads and the scratch budget allow, zeroed.
+template <typename scalar_t, typename index_t>
+PartBuffers<scalar_t> forward_output_parts(const Batch<scalar_t, index_t>& in) {
+  const int64_t max_parts = std::max<int64_t>(
+      1,
+      std::min<int64_t>(
+          available_threads(),
+          scratch_budget_bytes() / std::max<int64_t>(1, in.batch_size * in.N * static_cast<int64_t>(sizeof(scalar_t)))));
+  return PartBuffers<scalar_t>(Arena::kOutputs, max_parts, in.batch_size, in.N);
+}
+
+// The slot-major forward passes (forward_grt over the plan's slots, forward_grt_groups over the
+// batch's groups, forward_grt_rows over its distinct groups): slots visited in slot_visit_order
+// (weight(u): a slot's cost), split by weight over at most max_parts workers, each with its
+// SlotForwardWorker; visit(worker, part, u) runs slot u on worker `part`.
+template <typename scalar_t, typename index_t, typename Weight, typename Visit>
+void slot_major_pass(
+    const Batch<scalar_t, index_t>& in,
+    int64_t max_parts,
+    const int64_t* slot_group,
+    int64_t num_slots,
+    const Weight& weight,
+    const Visit& visit) {
+  const Scratch<scalar_t> last_t = transposed_last_core(in.L, in.core_last);
+  const SlotOrder order = slot_visit_order(in.L, slot_group, 0, num_slots, weight);
+  weighted_parallel_for(
+      num_slots,
+      max_parts,
+      [&](int64_t i) { return order.weight_prefix[i]; },
+      [&](int64_t part, int64_t i_begin, int64_t i_end) {
+        SlotForwardWorker<scalar_t, index_t> worker(in, last_t.data());
+        for (int64_t i = i_begin; i < i_end; ++i) {
+          visit(worker, part, order.slot[i]);
+        }
+      });
+}
+
 // grt forward over the plan, slot-major: per slot u (parallel over slots, balanced by segment
 // count) its chain, Q_u^T (R' x N') kept in the worker's L1, then either
 //   segment path: per segment s of the slot (bag b) S_s = sum_j c_j L_j (R' x n_l) and
@@ -686,54 +727,39 @@ struct SlotForwardWorker {
 template <typename scalar_t, typename index_t>
 void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar_t* out) {
   using T = scalar_t;
-  const int64_t out_numel = in.batch_size * in.N;
-  const int64_t max_parts = std::max<int64_t>(
-      1,
-      std::min<int64_t>(
-          available_threads(),
-          scratch_budget_bytes() / std::max<int64_t>(1, out_numel * static_cast<int64_t>(sizeof(T)))));
-  PartBuffers<T> partial(Arena::kOutputs, max_parts, in.batch_size, in.N);
-  const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
+  PartBuffers<T> partial = forward_output_parts(in);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::slots", std::vector<c10::IValue>());
     const SlotSegment<T>* fields = slot_segment_fields(in, plan);
-    // Cost of a slot ~ its segments plus its chain (about 4 segments' worth).
-    const SlotOrder order = slot_visit_order(in.L, plan.v.slot_group, 0, plan.num_slots, [&](int64_t u) {
-      return 2 * (plan.v.slot_segment_start[u + 1] - plan.v.slot_segment_start[u]) + 8;
-    });
-    weighted_parallel_for(
-        plan.num_slots,
-        max_parts,
-        [&](int64_t i) { return order.weight_prefix[i]; },
-        [&](int64_t part, int64_t i_begin, int64_t i_end) {
+    slot_major_pass(
+        in, partial.parts(), plan.v.slot_group, plan.num_slots,
+        // Cost of a slot ~ its segments plus its chain (about 4 segments' worth).
+        [&](int64_t u) { return 2 * (plan.v.slot_segment_start[u + 1] - plan.v.slot_segment_start[u]) + 8; },
+        [&](SlotForwardWorker<T, index_t>& worker, int64_t part, int64_t u) {
           T* yT = partial.part(part);
-          SlotForwardWorker<T, index_t> worker(in, last_t.data());
-          for (int64_t i = i_begin; i < i_end; ++i) {
-            const int64_t u = order.slot[i];
-            const SlotSegments<T> segs = slot_segments(in, plan, fields, yT, u);
-            worker.load_prefix(plan.v.slot_group[u]);
-            worker.rows.collect(plan, segs);
-            if (worker.rows.count() <= kRowPathRowsPerSegment * segs.count) {
-              const T* w_t = worker.row_products();
-              for (const SlotSegment<T>& seg : segs) {
-                T* y_b = yT + seg.bag * in.N;
-                for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
-                  axpy(
-                      in.N, seg.scale * in.coef.weight(plan.v.sorted_lookup[k]),
-                      w_t + worker.rows.pos[plan.v.sorted_last[k]] * in.N, y_b);
-                }
+          const SlotSegments<T> segs = slot_segments(in, plan, fields, yT, u);
+          worker.load_prefix(plan.v.slot_group[u]);
+          worker.rows.collect(plan, segs);
+          if (worker.rows.count() <= kRowPathRowsPerSegment * segs.count) {
+            const T* w_t = worker.row_products();
+            for (const SlotSegment<T>& seg : segs) {
+              T* y_b = yT + seg.bag * in.N;
+              for (int64_t k = seg.lookup_begin; k < seg.lookup_end; ++k) {
+                axpy(
+                    in.N, seg.scale * in.coef.weight(plan.v.sorted_lookup[k]),
+                    w_t + worker.rows.pos[plan.v.sorted_last[k]] * in.N, y_b);
               }
-              worker.rows.reset_row_positions();
-              continue;
             }
             worker.rows.reset_row_positions();
-            for (const SlotSegment<T>& seg : segs) {
-              const int64_t* lookup = plan.v.sorted_lookup + seg.lookup_begin;
-              const int64_t* last = plan.v.sorted_last + seg.lookup_begin;
-              worker.add_segment(
-                  seg.lookup_end - seg.lookup_begin, [&](int64_t t) { return seg.scale * in.coef.weight(lookup[t]); },
-                  [&](int64_t t) { return last[t]; }, yT + seg.bag * in.N);
-            }
+            return;
+          }
+          worker.rows.reset_row_positions();
+          for (const SlotSegment<T>& seg : segs) {
+            const int64_t* lookup = plan.v.sorted_lookup + seg.lookup_begin;
+            const int64_t* last = plan.v.sorted_last + seg.lookup_begin;
+            worker.add_segment(
+                seg.lookup_end - seg.lookup_begin, [&](int64_t t) { return seg.scale * in.coef.weight(lookup[t]); },
+                [&](int64_t t) { return last[t]; }, yT + seg.bag * in.N);
           }
         });
   }
@@ -755,17 +781,6 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
   });
 }
 
-
-// grt forward without a plan, when no backward will read one (inference; docs/design.md section
-// 3.4), over the batch's distinct rows (distinct_rows_cpu):
-//   rows (parallel over the distinct groups, in slot visit order): per group its chain, Q_g^T, and
-//        its D_g rows W_r^T = L_l^T @ Q_g^T as one GEMM (M = D_g n_l) into a rows buffer, each
-//        distinct row once per batch;
-//   bags (parallel over bags, balanced by lookups): y_b = sum_j c_j W_{r_j}, an embedding bag over
-//        the rows buffer (the cached rows the batch reads are copied in after the computed ones)
-//        with the bag's sum held in registers.
-// No (bag, group) grouping at all: the plan costs as much as the products on small tables (0.5 of
-// 1.7 ms on the paper table). Each output row is written once: deterministic for any thread count.
 // grt forward without a plan when forward_grt_rows does not apply (inference; docs/design.md section
 // 3.4), slot-major over the batch's lookups ordered by (group, position) (lookups_by_group_cpu): per
 // group (parallel over groups, balanced by lookups) its chain and Q_g^T, then the plan-driven
@@ -778,64 +793,50 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
 template <typename scalar_t, typename index_t>
 void forward_grt_groups(const Batch<scalar_t, index_t>& in, const LookupsByGroup& lookups, scalar_t* out) {
   using T = scalar_t;
-  const int64_t max_parts = std::max<int64_t>(
-      1,
-      std::min<int64_t>(
-          available_threads(),
-          scratch_budget_bytes() / std::max<int64_t>(1, in.batch_size * in.N * static_cast<int64_t>(sizeof(T)))));
-  PartBuffers<T> partial(Arena::kOutputs, max_parts, in.batch_size, in.N);
+  PartBuffers<T> partial = forward_output_parts(in);
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::groups", std::vector<c10::IValue>());
-    const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
     const int64_t* const start = lookups.start.data();
-    // Cost of a group ~ two units per lookup (its row's share of the products and its axpy) plus
-    // its chain, the weights of the plan-driven forward.
-    const SlotOrder order = slot_visit_order(in.L, lookups.group.data(), 0, lookups.num_groups(), [&](int64_t u) {
-      return 2 * (start[u + 1] - start[u]) + 8;
-    });
-    weighted_parallel_for(
-        lookups.num_groups(),
-        max_parts,
-        [&](int64_t i) { return order.weight_prefix[i]; },
-        [&](int64_t part, int64_t i_begin, int64_t i_end) {
+    slot_major_pass(
+        in, partial.parts(), lookups.group.data(), lookups.num_groups(),
+        // Cost of a group ~ two units per lookup (its row's share of the products and its axpy)
+        // plus its chain, the weights of the plan-driven forward.
+        [&](int64_t u) { return 2 * (start[u + 1] - start[u]) + 8; },
+        [&](SlotForwardWorker<T, index_t>& worker, int64_t part, int64_t u) {
           T* yT = partial.part(part);
-          SlotForwardWorker<T, index_t> worker(in, last_t.data());
-          for (int64_t i = i_begin; i < i_end; ++i) {
-            const int64_t u = order.slot[i];
-            const GroupedLookup* group_lookups = lookups.lookups + start[u];
-            const int64_t n = start[u + 1] - start[u];
-            for (int64_t k = 0; k < n; ++k) { // the accumulator rows, while the products run
-              prefetch_row(yT + static_cast<int64_t>(group_lookups[k].bag) * in.N, in.N);
-            }
-            worker.load_prefix(lookups.group[u]);
-            worker.rows.rows.clear();
-            int64_t segments = 0; // the group's lookups are in bag order: a segment per run of a bag
+          const GroupedLookup* group_lookups = lookups.lookups + start[u];
+          const int64_t n = start[u + 1] - start[u];
+          for (int64_t k = 0; k < n; ++k) { // the accumulator rows, while the products run
+            prefetch_row(yT + static_cast<int64_t>(group_lookups[k].bag) * in.N, in.N);
+          }
+          worker.load_prefix(lookups.group[u]);
+          worker.rows.rows.clear();
+          int64_t segments = 0; // the group's lookups are in bag order: a segment per run of a bag
+          for (int64_t k = 0; k < n; ++k) {
+            worker.rows.add(group_lookups[k].last);
+            segments += k == 0 || group_lookups[k].bag != group_lookups[k - 1].bag ? 1 : 0;
+          }
+          if (worker.rows.count() <= kRowPathRowsPerSegment * segments) {
+            const T* w_t = worker.row_products();
             for (int64_t k = 0; k < n; ++k) {
-              worker.rows.add(group_lookups[k].last);
-              segments += k == 0 || group_lookups[k].bag != group_lookups[k - 1].bag ? 1 : 0;
-            }
-            if (worker.rows.count() <= kRowPathRowsPerSegment * segments) {
-              const T* w_t = worker.row_products();
-              for (int64_t k = 0; k < n; ++k) {
-                const GroupedLookup& r = group_lookups[k];
-                axpy(
-                    in.N, in.coef.scale(r.bag) * in.coef.weight(r.lookup), w_t + worker.rows.pos[r.last] * in.N,
-                    yT + static_cast<int64_t>(r.bag) * in.N);
-              }
-              worker.rows.reset_row_positions();
-              continue;
+              const GroupedLookup& r = group_lookups[k];
+              axpy(
+                  in.N, in.coef.scale(r.bag) * in.coef.weight(r.lookup), w_t + worker.rows.pos[r.last] * in.N,
+                  yT + static_cast<int64_t>(r.bag) * in.N);
             }
             worker.rows.reset_row_positions();
-            for (int64_t k = 0, k_end = 0; k < n; k = k_end) { // per bag run
-              const int64_t b = group_lookups[k].bag;
-              for (k_end = k + 1; k_end < n && group_lookups[k_end].bag == b; ++k_end) {
-              }
-              const T scale = in.coef.scale(b);
-              const GroupedLookup* run = group_lookups + k;
-              worker.add_segment(
-                  k_end - k, [&](int64_t t) { return scale * in.coef.weight(run[t].lookup); },
-                  [&](int64_t t) { return static_cast<int64_t>(run[t].last); }, yT + b * in.N);
+            return;
+          }
+          worker.rows.reset_row_positions();
+          for (int64_t k = 0, k_end = 0; k < n; k = k_end) { // per bag run
+            const int64_t b = group_lookups[k].bag;
+            for (k_end = k + 1; k_end < n && group_lookups[k_end].bag == b; ++k_end) {
             }
+            const T scale = in.coef.scale(b);
+            const GroupedLookup* run = group_lookups + k;
+            worker.add_segment(
+                k_end - k, [&](int64_t t) { return scale * in.coef.weight(run[t].lookup); },
+                [&](int64_t t) { return static_cast<int64_t>(run[t].last); }, yT + b * in.N);
           }
         });
   }
@@ -865,6 +866,16 @@ void forward_grt_groups(const Batch<scalar_t, index_t>& in, const LookupsByGroup
 // alternation: 0 / 4 / 8 / 16 / 32 ahead gave a 0.85 / 0.82 / 0.80 / 0.79 / 0.81 ms forward).
 constexpr int64_t kRowPrefetchAhead = 16;
 
+// grt forward without a plan, when no backward will read one (inference; docs/design.md section
+// 3.4), over the batch's distinct rows (distinct_rows_cpu):
+//   rows (parallel over the distinct groups, in slot visit order): per group its chain, Q_g^T, and
+//        its D_g rows W_r^T = L_l^T @ Q_g^T as one GEMM (M = D_g n_l) into a rows buffer, each
+//        distinct row once per batch;
+//   bags (parallel over bags, balanced by lookups): y_b = sum_j c_j W_{r_j}, an embedding bag over
+//        the rows buffer (the cached rows the batch reads are copied in after the computed ones)
+//        with the bag's sum held in registers.
+// No (bag, group) grouping at all: the plan costs as much as the products on small tables (0.5 of
+// 1.7 ms on the paper table). Each output row is written once: deterministic for any thread count.
 template <typename scalar_t, typename index_t>
 void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& rows, scalar_t* out) {
   using T = scalar_t;
@@ -874,28 +885,19 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
   T* const w_t = arena<T>(Arena::kRows, (rows.count() + num_cached) * in.N); // (D + cached, n_l x N')
   {
     RECORD_FUNCTION("torchrec_tt::grt_forward::rows", std::vector<c10::IValue>());
-    const Scratch<T> last_t = transposed_last_core(in.L, in.core_last);
-    // Cost of a group ~ its rows' products plus its chain (about 8 rows' worth at n_l = 4).
-    const SlotOrder order = slot_visit_order(in.L, rows.group.data(), 0, num_groups, [&](int64_t u) {
-      return group_start[u + 1] - group_start[u] + 8;
-    });
-    weighted_parallel_for(
-        num_groups,
-        available_threads(),
-        [&](int64_t i) { return order.weight_prefix[i]; },
-        [&](int64_t, int64_t i_begin, int64_t i_end) {
-          SlotForwardWorker<T, index_t> worker(in, last_t.data());
-          for (int64_t i = i_begin; i < i_end; ++i) {
-            const int64_t u = order.slot[i];
-            const int64_t g = rows.group[u];
-            const int64_t first = group_start[u];
-            const int64_t group_first_row = g * in.L.last_rows();
-            worker.load_prefix(g);
-            // The group's D_g rows W_r^T, in place in the rows buffer.
-            worker.row_products_into(
-                group_start[u + 1] - first, [&](int64_t c) { return rows.row[first + c] - group_first_row; },
-                w_t + first * in.N);
-          }
+    slot_major_pass(
+        in, available_threads(), rows.group.data(), num_groups,
+        // Cost of a group ~ its rows' products plus its chain (about 8 rows' worth at n_l = 4).
+        [&](int64_t u) { return group_start[u + 1] - group_start[u] + 8; },
+        [&](SlotForwardWorker<T, index_t>& worker, int64_t, int64_t u) {
+          const int64_t g = rows.group[u];
+          const int64_t first = group_start[u];
+          const int64_t group_first_row = g * in.L.last_rows();
+          worker.load_prefix(g);
+          // The group's D_g rows W_r^T, in place in the rows buffer.
+          worker.row_products_into(
+              group_start[u + 1] - first, [&](int64_t c) { return rows.row[first + c] - group_first_row; },
+              w_t + first * in.N);
         });
   }
   RECORD_FUNCTION("torchrec_tt::grt_forward::bags", std::vector<c10::IValue>());
