@@ -72,6 +72,9 @@ class QuantTTEmbeddingBag(TTEmbeddingBag):
             out.append(codes.float() if scale is None else codes.float() * scale + bias)
         return out
 
+    def _core_list(self) -> List[torch.Tensor]:
+        return self.cores
+
     def _storage_dtype(self) -> torch.dtype:
         return torch.float32  # dequantized per call
 
