@@ -4,6 +4,9 @@
 import json
 import os
 
+import pytest
+import torch
+
 from torchrec_tt.bench.__main__ import main
 
 
@@ -15,8 +18,14 @@ def test_bench_writes_json_and_png(tmp_path):
     assert os.path.getsize(tmp_path / "bench_cpu.png") > 0
     (res,) = saved["results"]
     assert res["config"]["batch_size"] == 32 and res["op_counts"]["num_lookups"] == 32 * 4
+    one_thread = {"grt/fwd_1thread"} if torch.get_num_threads() > 1 else set()
     assert set(res["median_ms"]) == {"grt/fwd", "grt/fwd_recorded", "grt/fwd_bwd", "tt/fwd", "tt/fwd_bwd",
-                                     "dense/fwd", "dense/fwd_bwd"}
+                                     "dense/fwd", "dense/fwd_bwd"} | one_thread
+    if one_thread:  # the threads' speedup, per repeat, from the one-thread and the default samples
+        speedup = res["grt_fwd_thread_speedup"]
+        assert speedup["threads"] == torch.get_num_threads() and len(speedup["per_repeat"]) == 1
+        assert speedup["median"] == pytest.approx(res["samples_ms"]["grt/fwd_1thread"][0] / res["samples_ms"]["grt/fwd"][0])
+        assert torch.get_num_threads() == speedup["threads"]  # restored after the one-thread samples
     assert all(v > 0 for v in res["median_ms"].values())
     # Both grt forwards and the training step ran their phases.
     phases = res["grt_phases"]

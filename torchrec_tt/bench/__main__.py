@@ -7,9 +7,12 @@ All variants run in one process on the same inputs, after warm-up, interleaved w
 every repeat; the medians over repeats are reported, next to the same machine's large
 ``torch.mm`` rate (the practical roof). The forward is timed without autograd (inference: grt
 builds no plan) and, for grt, also with autograd recording (a training step's forward, which
-builds the plan for the backward). Profiled passes then split grt's forward+backward and its
-inference forward into their phases (plan, prefixes, rows, slots, ...; docs/design.md section 3)
-and, on CUDA, count kernel launches per call. Writes ``<out>/bench_<device>.json`` and ``.png``.
+builds the plan for the backward). On a multi-threaded CPU, grt's inference forward is also timed
+on one thread in every repeat: the ratio of the two (the threads' speedup) tells a repeat in which
+the threads slowed each other (README, the slow state) from one in which the machine was slow.
+Profiled passes then split grt's forward+backward and its inference forward into their phases
+(plan, prefixes, rows, slots, ...; docs/design.md section 3) and, on CUDA, count kernel launches
+per call. Writes ``<out>/bench_<device>.json`` and ``.png``.
 """
 
 import argparse
@@ -97,6 +100,20 @@ def mm_roof(device: torch.device, size: int = MM_SIZE, repeats: int = 5) -> floa
     return 2 * size**3 / statistics.median(_time(mm, device, 3) for _ in range(repeats))
 
 
+def on_one_thread(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run with one intra-op thread (the caller's count restored after)."""
+
+    def one_thread() -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(threads)
+
+    return one_thread
+
+
 def grt_phases(fwd_bwd: Callable[[], None], device: torch.device, iters: int) -> Dict:
     """Per-call time of every ``torchrec_tt::`` phase of grt forward+backward, and CUDA launches.
 
@@ -173,6 +190,9 @@ def run_config(
     variants = ["grt", "tt", "dense"]
     fns = {(v, phase): f for v in variants for phase, f in zip(("fwd", "fwd_recorded", "fwd_bwd"), forward(v))
            if phase != "fwd_recorded" or v == "grt"}
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads > 1:
+        fns[("grt", "fwd_1thread")] = on_one_thread(fns[("grt", "fwd")])
     # The roof is timed in every repeat too, next to the variants: the machine's speed drifts by
     # tens of percent between minutes, so a roof measured once would not match the samples.
     fns[("mm", "roof")] = mm_call(device)
@@ -191,6 +211,10 @@ def run_config(
     flops = {"grt/fwd": counts.grt_flops, "grt/fwd_recorded": counts.grt_flops, "tt/fwd": counts.tt_flops,
              "grt/fwd_bwd": counts.grt_flops + counts.grt_backward_flops,
              "tt/fwd_bwd": counts.tt_flops + counts.tt_backward_flops}
+    thread_speedup = {}
+    if threads > 1:
+        per_repeat = [one / many for one, many in zip(samples["grt/fwd_1thread"], samples["grt/fwd"])]
+        thread_speedup = {"threads": threads, "median": statistics.median(per_repeat), "per_repeat": per_repeat}
     return {
         "config": asdict(cfg),
         "op_counts": asdict(counts),
@@ -205,6 +229,8 @@ def run_config(
         "grt_segment_path_flops": segment_path.grt_flops,
         "grt_fwd_segment_path_flops_per_s": segment_path.grt_flops / medians["grt/fwd"],
         "grt_phases": phases,
+        # grt inference forward, one thread / all threads: per repeat and the median.
+        "grt_fwd_thread_speedup": thread_speedup,
         "ratios": {
             "tt/grt fwd": medians["tt/fwd"] / medians["grt/fwd"],
             "tt/grt fwd_bwd": medians["tt/fwd_bwd"] / medians["grt/fwd_bwd"],
@@ -222,7 +248,7 @@ def plot(record: Dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     results = record["results"]
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.8), squeeze=False)
     for ax, res in zip(axes[0], results):
         med = res["median_ms"]
         phases, variants = ["fwd", "fwd_bwd"], ["grt", "tt", "dense"]
@@ -233,13 +259,15 @@ def plot(record: Dict, path: str) -> None:
             bars = ax.bar([x + (i - 1) * width for x in range(len(phases))], vals, width, label=v, color=colors[v])
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
         c = res["config"]
+        speedup = res.get("grt_fwd_thread_speedup")
+        threads = f"\ngrt fwd {speedup['median']:.2f}x faster on {speedup['threads']} threads than on 1" if speedup else ""
         ax.set_xticks(range(len(phases)), ["forward", "forward+backward"])
         ax.set_yscale("log")
         ax.set_ylabel("median ms / batch (log scale)")
         ax.set_title(
             f"{c['name']}: {c['num_rows']:,} rows, B={c['batch_size']}, P={c['pooling_factor']}\n"
             f"P_G={res['op_counts']['groups_per_bag']:.1f}, tt/grt fwd {res['ratios']['tt/grt fwd']:.1f}x, "
-            f"fwd+bwd {res['ratios']['tt/grt fwd_bwd']:.1f}x, {res['compression']:.0f}x smaller",
+            f"fwd+bwd {res['ratios']['tt/grt fwd_bwd']:.1f}x, {res['compression']:.0f}x smaller{threads}",
             fontsize=9,
         )
         ax.legend()
@@ -319,6 +347,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         rec = res["useful_flops_per_s"]["grt/fwd_recorded"]
         print(f"  grt forward with autograd recording (builds the plan for backward): {med['grt/fwd_recorded']:.3f} ms, "
               f"{rec / 1e9:.1f} GFLOP/s, {100 * rec / roof:.0f}% of mm")
+        speedup = res["grt_fwd_thread_speedup"]
+        if speedup:
+            print(f"  grt forward on 1 thread: {med['grt/fwd_1thread']:.3f} ms, so {speedup['threads']} threads run it "
+                  f"{speedup['median']:.2f}x faster (per repeat: "
+                  + " ".join(f"{x:.2f}" for x in speedup["per_repeat"]) + ")")
         seg = res["grt_fwd_segment_path_flops_per_s"]
         print(f"  grt fwd over the segment path's FLOPs ({res['grt_segment_path_flops'] / 1e6:.0f} MFLOP instead of "
               f"{oc['grt_flops'] / 1e6:.0f}): {seg / 1e9:.1f} GFLOP/s, {100 * seg / roof:.0f}% of mm")
