@@ -23,9 +23,9 @@ def test_bench_writes_json_and_png(tmp_path):
                                      "dense/fwd", "dense/fwd_bwd"} | one_thread
     if one_thread:  # the threads' speedup, per repeat, from the one-thread and the default samples
         speedup = res["grt_fwd_thread_speedup"]
+        # The thread count was restored after the one-thread samples.
         assert speedup["threads"] == torch.get_num_threads() and len(speedup["per_repeat"]) == 1
         assert speedup["median"] == pytest.approx(res["samples_ms"]["grt/fwd_1thread"][0] / res["samples_ms"]["grt/fwd"][0])
-        assert torch.get_num_threads() == speedup["threads"]  # restored after the one-thread samples
     assert all(v > 0 for v in res["median_ms"].values())
     # Both grt forwards and the training step ran their phases.
     phases = res["grt_phases"]
