@@ -323,7 +323,13 @@ inline void add_cached_row(const Batch<scalar_t, index_t>& in, int64_t j, int64_
   axpy(in.N, scale * in.coef.weight(j), in.cache + slot * in.N, out_b);
 }
 
-// Backward of add_cached_row: dcache[slot] += c_j * g_b and psw_grad[j] = scale_b <cache[slot], g_b>.
+// The per-sample-weight gradient of a cached lookup of bag b: scale_b <cache[slot], g_b>.
+template <typename scalar_t, typename index_t>
+inline scalar_t cached_row_psw_grad(const Batch<scalar_t, index_t>& in, int64_t slot, scalar_t scale, const scalar_t* g_b) {
+  return scale * dot(in.N, in.cache + slot * in.N, g_b);
+}
+
+// Backward of add_cached_row: dcache[slot] += c_j * g_b and psw_grad[j] (cached_row_psw_grad).
 template <typename scalar_t, typename index_t>
 inline void cached_row_backward(
     const Batch<scalar_t, index_t>& in,
@@ -335,7 +341,7 @@ inline void cached_row_backward(
     scalar_t* psw_grad) {
   axpy(in.N, scale * in.coef.weight(j), g_b, dcache + slot * in.N);
   if (psw_grad != nullptr) {
-    psw_grad[j] = scale * dot(in.N, in.cache + slot * in.N, g_b);
+    psw_grad[j] = cached_row_psw_grad(in, slot, scale, g_b);
   }
 }
 
@@ -1082,7 +1088,7 @@ void backward_grt(
           in.N, k1 - k0, [&](int64_t i) { return scale * in.coef.weight(lookup[i]); },
           [&](int64_t i) { return dcache + slot[i] * in.N; }, g_b);
       for (int64_t i = 0; psw_grad != nullptr && i < k1 - k0; ++i) {
-        psw_grad[lookup[i]] = scale * dot(in.N, in.cache + slot[i] * in.N, g_b);
+        psw_grad[lookup[i]] = cached_row_psw_grad(in, slot[i], scale, g_b);
       }
     }
   }
