@@ -61,6 +61,7 @@ enum class Arena : int {
   kRows,
   kGroupedLookups, // lookups_by_group_cpu's records and their radix-sort copy
   kGroupedLookupsSwap,
+  kLookupRows, // the plan-free row path's per-lookup rows (one worker's lookups)
   kCount
 };
 

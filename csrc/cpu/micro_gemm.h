@@ -276,6 +276,44 @@ inline void multi_gemm(
   }
 }
 
+// C (count*m x N) = [A_0; ...; A_{count-1}] @ B (K x N), where block i, A_i = a(i), is m x K
+// (row-major, row stride K): the blocks are read where they lie (e.g. the slices of a core picked by
+// index). Gathering them into one A first was a memcpy as large as A, and cost a tenth of the paper
+// table's inference forward.
+template <typename T, typename BlockA>
+inline void gather_rows_gemm(
+    int64_t count,
+    int64_t m,
+    int64_t N,
+    int64_t K,
+    const BlockA& a,
+    const T* B,
+    int64_t ldb,
+    T* C,
+    int64_t ldc) {
+  for (int64_t i = 0; i < count; ++i) {
+    const T* const A = a(i);
+    for (int64_t r = 0; r < m; r += kTileRows) {
+      const auto block = [&](int64_t) { return GemmSegment<T>{A + r * K, B, K}; };
+      T* const c = C + (i * m + r) * ldc;
+      switch (std::min<int64_t>(kTileRows, m - r)) {
+        case 1:
+          row_block<1, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
+          break;
+        case 2:
+          row_block<2, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
+          break;
+        case 3:
+          row_block<3, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
+          break;
+        default:
+          row_block<kTileRows, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
+          break;
+      }
+    }
+  }
+}
+
 // C[M x N] (= or +=) alpha * A(M x K) B(K x N), A strided as above.
 template <bool kAccumulate, typename T>
 inline void gemm(
