@@ -341,18 +341,45 @@ TORCHREC_TT_ALWAYS_INLINE void prefetch_row(const T* x, int64_t n) {
   }
 }
 
+// f(width) with the row width n as a compile-time constant (std::integral_constant) when it is one of
+// the common embedding widths, else as the runtime value. The row kernels below are written for any
+// n; with n known, their block loop runs a fixed number of times and the remainder loops vanish.
+// With n a runtime value the loops, and the row lambdas inlined into each, spilled registers: the
+// paper table's bag pass (sum_rows_into, 64 floats a row) took 200 instead of 148 us on one thread.
+template <typename F>
+TORCHREC_TT_ALWAYS_INLINE void with_row_width(int64_t n, const F& f) {
+  switch (n) {
+    case 32:
+      f(std::integral_constant<int64_t, 32>{});
+      break;
+    case 64:
+      f(std::integral_constant<int64_t, 64>{});
+      break;
+    case 128:
+      f(std::integral_constant<int64_t, 128>{});
+      break;
+    default:
+      f(n);
+      break;
+  }
+}
+
 // y[0, n) += alpha * x[0, n).
 template <typename T>
-TORCHREC_TT_ALWAYS_INLINE void axpy(int64_t n, T alpha, const T* TORCHREC_TT_RESTRICT x, T* TORCHREC_TT_RESTRICT y) {
+TORCHREC_TT_ALWAYS_INLINE void axpy_n(int64_t n, T alpha, const T* TORCHREC_TT_RESTRICT x, T* TORCHREC_TT_RESTRICT y) {
   constexpr int W = VecTraits<T>::kLanes;
   const vec_t<T> va = vbroadcast(alpha);
-  int64_t t = 0;
-  for (; t + W <= n; t += W) {
+  const int64_t vectors = n / W * W; // bounds of both loops are constants when n is one
+  for (int64_t t = 0; t < vectors; t += W) {
     vstore(y + t, vload(y + t) + va * vload(x + t));
   }
-  for (; t < n; ++t) {
+  for (int64_t t = vectors; t < n; ++t) {
     y[t] += alpha * x[t];
   }
+}
+template <typename T>
+TORCHREC_TT_ALWAYS_INLINE void axpy(int64_t n, T alpha, const T* TORCHREC_TT_RESTRICT x, T* TORCHREC_TT_RESTRICT y) {
+  with_row_width(n, [&](auto width) { axpy_n<T>(width, alpha, x, y); });
 }
 
 // y[0, n) += sum over i < count of alpha(i) * x(i)[0, n): a gather-sum of rows (a bag's cached
@@ -363,8 +390,10 @@ template <typename T, typename Alpha, typename Row>
 TORCHREC_TT_ALWAYS_INLINE void sum_rows_into_n(int64_t n, int64_t count, const Alpha& alpha, const Row& row, T* y) {
   constexpr int W = VecTraits<T>::kLanes;
   constexpr int kBlock = 8; // vectors of y per block: 8 accumulators + a broadcast + a load fit AVX2's 16
-  int64_t t = 0;
-  for (; t + kBlock * W <= n; t += kBlock * W) {
+  // Loop bounds are constants when n is one (with_row_width).
+  const int64_t blocks = n / (kBlock * W) * (kBlock * W);
+  const int64_t vectors = n / W * W;
+  for (int64_t t = 0; t < blocks; t += kBlock * W) {
     vec_t<T> acc[kBlock];
 #pragma GCC unroll 8
     for (int v = 0; v < kBlock; ++v) {
@@ -383,14 +412,14 @@ TORCHREC_TT_ALWAYS_INLINE void sum_rows_into_n(int64_t n, int64_t count, const A
       vstore(y + t + v * W, acc[v]);
     }
   }
-  for (; t + W <= n; t += W) {
+  for (int64_t t = blocks; t < vectors; t += W) {
     vec_t<T> acc = vload(y + t);
     for (int64_t i = 0; i < count; ++i) {
       acc = acc + vbroadcast(static_cast<T>(alpha(i))) * vload(row(i) + t);
     }
     vstore(y + t, acc);
   }
-  for (; t < n; ++t) {
+  for (int64_t t = vectors; t < n; ++t) {
     T acc = y[t];
     for (int64_t i = 0; i < count; ++i) {
       acc += static_cast<T>(alpha(i)) * row(i)[t];
@@ -399,26 +428,9 @@ TORCHREC_TT_ALWAYS_INLINE void sum_rows_into_n(int64_t n, int64_t count, const A
   }
 }
 
-// sum_rows_into with the common row widths as compile-time constants: with n known the block loop
-// runs a fixed number of times and the remainder loops vanish; with n a runtime value the three
-// loops and the inlined row lambda in each spilled registers (the paper table's bag pass, 64
-// floats a row: 200 instead of 148 us on one thread).
 template <typename T, typename Alpha, typename Row>
 TORCHREC_TT_ALWAYS_INLINE void sum_rows_into(int64_t n, int64_t count, const Alpha& alpha, const Row& row, T* y) {
-  switch (n) {
-    case 32:
-      sum_rows_into_n(32, count, alpha, row, y);
-      break;
-    case 64:
-      sum_rows_into_n(64, count, alpha, row, y);
-      break;
-    case 128:
-      sum_rows_into_n(128, count, alpha, row, y);
-      break;
-    default:
-      sum_rows_into_n(n, count, alpha, row, y);
-      break;
-  }
+  with_row_width(n, [&](auto width) { sum_rows_into_n(width, count, alpha, row, y); });
 }
 
 // y(i)[0, n) += alpha(i) * x[0, n) for i < count: one row x added into `count` rows (a bag's
@@ -426,11 +438,13 @@ TORCHREC_TT_ALWAYS_INLINE void sum_rows_into(int64_t n, int64_t count, const Alp
 // the same bits, but each block of x stays in registers across the rows: one load of x per block
 // instead of one per row.
 template <typename T, typename Alpha, typename Row>
-TORCHREC_TT_ALWAYS_INLINE void add_into_rows(int64_t n, int64_t count, const Alpha& alpha, const Row& row, const T* x) {
+TORCHREC_TT_ALWAYS_INLINE void add_into_rows_n(int64_t n, int64_t count, const Alpha& alpha, const Row& row, const T* x) {
   constexpr int W = VecTraits<T>::kLanes;
   constexpr int kBlock = 8; // vectors of x per block: 8 held + a broadcast + a row load fit AVX2's 16
-  int64_t t = 0;
-  for (; t + kBlock * W <= n; t += kBlock * W) {
+  // Loop bounds are constants when n is one (with_row_width).
+  const int64_t blocks = n / (kBlock * W) * (kBlock * W);
+  const int64_t vectors = n / W * W;
+  for (int64_t t = 0; t < blocks; t += kBlock * W) {
     vec_t<T> xv[kBlock];
 #pragma GCC unroll 8
     for (int v = 0; v < kBlock; ++v) {
@@ -445,18 +459,23 @@ TORCHREC_TT_ALWAYS_INLINE void add_into_rows(int64_t n, int64_t count, const Alp
       }
     }
   }
-  for (; t + W <= n; t += W) {
+  for (int64_t t = blocks; t < vectors; t += W) {
     const vec_t<T> xv = vload(x + t);
     for (int64_t i = 0; i < count; ++i) {
       T* y = row(i) + t;
       vstore(y, vload(y) + vbroadcast(static_cast<T>(alpha(i))) * xv);
     }
   }
-  for (; t < n; ++t) {
+  for (int64_t t = vectors; t < n; ++t) {
     for (int64_t i = 0; i < count; ++i) {
       row(i)[t] += static_cast<T>(alpha(i)) * x[t];
     }
   }
+}
+
+template <typename T, typename Alpha, typename Row>
+TORCHREC_TT_ALWAYS_INLINE void add_into_rows(int64_t n, int64_t count, const Alpha& alpha, const Row& row, const T* x) {
+  with_row_width(n, [&](auto width) { add_into_rows_n(width, count, alpha, row, x); });
 }
 
 // sum_t x[t] * y[t].
