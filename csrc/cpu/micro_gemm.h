@@ -549,10 +549,26 @@ TORCHREC_TT_ALWAYS_INLINE void transpose_4x8(const float* src, int64_t lds, floa
   _mm256_storeu_ps(dst + 16, _mm256_permute2f128_ps(c04, c15, 0x31));
   _mm256_storeu_ps(dst + 24, _mm256_permute2f128_ps(c26, c37, 0x31));
 }
+
+// dst (4 x 8, row stride ldd) = src (8 x 4, contiguous)^T.
+TORCHREC_TT_ALWAYS_INLINE void transpose_8x4(const float* src, float* dst, int64_t ldd) {
+  const auto rows = [&](int a, int b) { // rows a | b of src, one per 128-bit lane
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(src + 4 * a)), _mm_loadu_ps(src + 4 * b), 1);
+  };
+  const __m256 v0 = rows(0, 4), v1 = rows(1, 5), v2 = rows(2, 6), v3 = rows(3, 7);
+  const __m256 t0 = _mm256_unpacklo_ps(v0, v1); // a00 a10 a01 a11 | a40 a50 a41 a51
+  const __m256 t1 = _mm256_unpackhi_ps(v0, v1); // a02 a12 a03 a13 | a42 a52 a43 a53
+  const __m256 t2 = _mm256_unpacklo_ps(v2, v3);
+  const __m256 t3 = _mm256_unpackhi_ps(v2, v3);
+  _mm256_storeu_ps(dst, _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0))); // column 0
+  _mm256_storeu_ps(dst + ldd, _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)));
+  _mm256_storeu_ps(dst + 2 * ldd, _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)));
+  _mm256_storeu_ps(dst + 3 * ldd, _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)));
+}
 #endif
 
 // dst[cols x rows] = src[rows x cols]^T. Float matrices whose sides are multiples of 8 go by 8 x 8
-// register blocks, 4 x 8k ones by 4 x 8 blocks (the grt forward transposes every slot's Q, 16 x 32 at rank 32: element by
+// register blocks, 4 x 8k and 8k x 4 ones by 4 x 8 and 8 x 4 blocks (the grt forward transposes every slot's Q, 16 x 32 at rank 32: element by
 // element that took as long as the chain product that made it).
 template <typename T>
 inline void transpose(int64_t rows, int64_t cols, const T* TORCHREC_TT_RESTRICT src, T* TORCHREC_TT_RESTRICT dst) {
@@ -569,6 +585,12 @@ inline void transpose(int64_t rows, int64_t cols, const T* TORCHREC_TT_RESTRICT 
     if (rows == 4 && cols % 8 == 0) { // a bag's n_l x N' sum at n_l = 4 (the common q = 4)
       for (int64_t c = 0; c < cols; c += 8) {
         transpose_4x8(src + c, cols, dst + c * 4);
+      }
+      return;
+    }
+    if (rows % 8 == 0 && cols == 4) { // a last-core slice, R' x n_l at n_l = 4 (every call transposes the core)
+      for (int64_t r = 0; r < rows; r += 8) {
+        transpose_8x4(src + r * 4, dst + r, rows);
       }
       return;
     }
