@@ -236,6 +236,35 @@ inline void row_block(
   }
 }
 
+// row_block with the rows of the block (1 <= mr <= kTileRows) chosen at run time.
+template <bool kAccumulate, bool kPrefetchB, typename T, typename Segments>
+TORCHREC_TT_ALWAYS_INLINE void row_block_of(
+    int64_t mr,
+    const Segments& segs,
+    int64_t num_segs,
+    int64_t N,
+    T alpha,
+    int64_t a_row,
+    int64_t a_col,
+    int64_t ldb,
+    T* C,
+    int64_t ldc) {
+  switch (mr) {
+    case 1:
+      row_block<1, kAccumulate, kPrefetchB>(segs, num_segs, N, alpha, a_row, a_col, ldb, C, ldc);
+      break;
+    case 2:
+      row_block<2, kAccumulate, kPrefetchB>(segs, num_segs, N, alpha, a_row, a_col, ldb, C, ldc);
+      break;
+    case 3:
+      row_block<3, kAccumulate, kPrefetchB>(segs, num_segs, N, alpha, a_row, a_col, ldb, C, ldc);
+      break;
+    default:
+      row_block<kTileRows, kAccumulate, kPrefetchB>(segs, num_segs, N, alpha, a_row, a_col, ldb, C, ldc);
+      break;
+  }
+}
+
 // C[M x N] (= or +=) alpha * sum_s A_s(M x K_s) B_s(K_s x N); segs(s) -> GemmSegment<T> with A, B
 // pointing at row 0 / column 0 of segment s. The stride arguments are shared by all segments.
 // kPrefetchB: see tile_multi.
@@ -260,19 +289,8 @@ inline void multi_gemm(
   for (; i + kTileRows <= M; i += kTileRows) {
     row_block<kTileRows, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, C + i * ldc, ldc);
   }
-  T* c = C + i * ldc;
-  switch (M - i) {
-    case 0:
-      break;
-    case 1:
-      row_block<1, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
-      break;
-    case 2:
-      row_block<2, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
-      break;
-    default:
-      row_block<3, kAccumulate, kPrefetchB>(rows, num_segs, N, alpha, a_row, a_col, ldb, c, ldc);
-      break;
+  if (i < M) {
+    row_block_of<kAccumulate, kPrefetchB>(M - i, rows, num_segs, N, alpha, a_row, a_col, ldb, C + i * ldc, ldc);
   }
 }
 
@@ -295,21 +313,8 @@ inline void gather_rows_gemm(
     const T* const A = a(i);
     for (int64_t r = 0; r < m; r += kTileRows) {
       const auto block = [&](int64_t) { return GemmSegment<T>{A + r * K, B, K}; };
-      T* const c = C + (i * m + r) * ldc;
-      switch (std::min<int64_t>(kTileRows, m - r)) {
-        case 1:
-          row_block<1, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
-          break;
-        case 2:
-          row_block<2, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
-          break;
-        case 3:
-          row_block<3, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
-          break;
-        default:
-          row_block<kTileRows, false, false>(block, 1, N, T(1), K, 1, ldb, c, ldc);
-          break;
-      }
+      row_block_of</*kAccumulate=*/false, /*kPrefetchB=*/false>(
+          std::min<int64_t>(kTileRows, m - r), block, 1, N, T(1), K, 1, ldb, C + (i * m + r) * ldc, ldc);
     }
   }
 }
