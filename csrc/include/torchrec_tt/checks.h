@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -338,11 +339,13 @@ inline void check_indices_range_cpu(
     int64_t num_rows) {
   const uint64_t hi = num_rows < 0 ? static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) + 1
                                    : static_cast<uint64_t>(num_rows);
-  bool ok = true;
+  // The largest index as unsigned (negative ones wrap above every bound): a max reduction the
+  // compiler vectorizes, where a running `ok &= index < hi` stayed scalar.
+  uint64_t largest = 0;
   for (int64_t j = 0; j < nnz; ++j) {
-    ok &= static_cast<uint64_t>(static_cast<int64_t>(indices[j])) < hi;
+    largest = std::max(largest, static_cast<uint64_t>(static_cast<int64_t>(indices[j])));
   }
-  if (C10_LIKELY(ok)) {
+  if (C10_LIKELY(nnz == 0 || largest < hi)) {
     return;
   }
   for (int64_t j = 0; j < nnz; ++j) {
