@@ -52,6 +52,11 @@ def first_out_of_range(values: torch.Tensor, low: int, high: Optional[int]) -> O
     """
     if values.numel() == 0:
         return None
+    # One reduction when every entry is in range (the common case): the masks below cost 70-100 us
+    # per 46k ids on the CPU machine, torch.aminmax 9-13.
+    low_seen, high_seen = (v.item() for v in torch.aminmax(values))
+    if low_seen >= low and (high is None or high_seen < high):
+        return None
     info = torch.iinfo(values.dtype) if not values.is_floating_point() else None
     bad = torch.zeros_like(values, dtype=torch.bool)
     if info is None or low > info.min:
