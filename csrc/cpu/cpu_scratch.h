@@ -62,6 +62,7 @@ enum class Arena : int {
   kGroupedLookups, // lookups_by_group_cpu's records and their radix-sort copy
   kGroupedLookupsSwap,
   kLookupRows, // the plan-free row path's per-lookup rows (one worker's lookups)
+  kRowMarks, // distinct_rows_cpu's row marks (one byte per row and marking thread)
   kCount
 };
 

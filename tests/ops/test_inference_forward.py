@@ -204,6 +204,40 @@ def test_same_bits_for_any_thread_count():
     torch.testing.assert_close(outs[0].double(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("used", ["low-rows", "both-ends", "every-row"])
+def test_distinct_rows_on_several_threads(used):
+    """The distinct-row pass with each thread marking the rows of its share of the lookups (a batch
+    of 16k lookups), numbered 8 rows at a time (5,859 rows: a partial last block): unused ranges of
+    rows, cached rows among the used ones and cached rows the batch does not read give the
+    reference's output on 1, 2 and 3 threads."""
+    gen = torch.Generator().manual_seed(9)
+    p = [7, 27, 31]  # 5,859 rows, groups of 31
+    cores = random_cores(p, Q, RANKS, generator=gen)
+    if used == "low-rows":  # the upper rows unread
+        indices = torch.randint(0, 1500, (16384,), generator=gen)
+    elif used == "both-ends":  # the middle rows unread
+        indices = torch.randint(0, 2000, (16384,), generator=gen)
+        indices[::2] += 3859
+    else:
+        indices = torch.cat([torch.arange(5859), torch.randint(0, 5859, (10525,), generator=gen)])
+    offsets = torch.arange(0, 16385, 64)
+    cache_ids = torch.tensor([0, 30, 31, 1499, 1500, 3000, 3859, 5858])
+    cache_weight = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    ref = embedding_bag_ref(cores, indices, offsets, None, "sum", cache=(cache_weight, cache_ids))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                call = lambda: tt_embedding_bag(  # noqa: E731
+                    cores, indices, offsets, None, "sum", "grt", cache_weight=cache_weight, cache_ids=cache_ids
+                )
+                assert ROWS_PHASE in _phases(call)
+                torch.testing.assert_close(call(), ref, **tolerances(torch.float64))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_module_in_eval_serves_with_padding_rows():
     """A module whose table has fewer rows than prod(p_shapes), in inference mode."""
     config = TTEmbeddingBagConfig(name="t", num_embeddings=70, embedding_dim=4, tt_p_shapes=P, tt_q_shapes=Q,
