@@ -52,9 +52,9 @@ def first_out_of_range(values: torch.Tensor, low: int, high: Optional[int]) -> O
     """
     if values.numel() == 0:
         return None
-    # One reduction when every entry is in range (the common case): the masks below cost 70-100 us
-    # per 46k ids on the CPU machine, torch.aminmax 9-13.
-    low_seen, high_seen = (v.item() for v in torch.aminmax(values))
+    # One reduction (and on CUDA one host read) when every entry is in range, the common case: the
+    # masks below cost 70-100 us per 46k ids on the CPU machine, torch.aminmax 9-13.
+    low_seen, high_seen = torch.stack(torch.aminmax(values)).tolist()
     if low_seen >= low and (high is None or high_seen < high):
         return None
     info = torch.iinfo(values.dtype) if not values.is_floating_point() else None
