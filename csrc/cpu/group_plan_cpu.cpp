@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_scratch.h"
+#include "cpu_threads.h"
 #include "torchrec_tt/checks.h"
 #include "torchrec_tt/cpu_group_plan.h"
 #include "torchrec_tt/dispatch.h"
@@ -189,8 +190,7 @@ void build_group_plan_cpu(
   // ranges of segments, each with its own histogram, so that the scatter (random writes, the
   // costliest step on large batches) runs on every thread.
   int64_t* const slot_start = plan.slot_segment_start;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(threads, S / kSegmentGrain));
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(available_threads(), S / kSegmentGrain));
   std::vector<int64_t> cursor(static_cast<size_t>(ranges * U), 0); // [range][slot]
   const auto range_begin = [&](int64_t r) { return S * r / ranges; };
   at::parallel_for(0, ranges, 1, [&](int64_t r_begin, int64_t r_end) {
@@ -271,11 +271,8 @@ DistinctRows distinct_rows_cpu(
   // of 72-81 on the paper table). A part per thread while that costs at most
   // kRowMarkBytesPerLookup bytes per lookup. Captured by value: the byte stores may alias
   // anything, and through references the compiler reloaded every pointer after each store.
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t parts = std::max<int64_t>(
-      1,
-      std::min<int64_t>(
-          {threads, nnz / kRowMarkGrain, kRowMarkBytesPerLookup * nnz / std::max<int64_t>(1, num_rows)}));
+      1, std::min<int64_t>({available_threads(), nnz / kRowMarkGrain, kRowMarkBytesPerLookup * nnz / num_rows}));
   uint8_t* const marks = arena<uint8_t>(Arena::kRowMarks, parts * num_rows + kMaskLanes);
   at::parallel_for(0, parts, 1, [=](int64_t p_begin, int64_t p_end) {
     for (int64_t p = p_begin; p < p_end; ++p) {
@@ -414,8 +411,7 @@ LookupsByGroup lookups_by_group_cpu(
   });
   constexpr int kDigitBits = 8;
   constexpr int64_t kBuckets = int64_t{1} << kDigitBits;
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), nnz / kSegmentGrain));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(available_threads(), nnz / kSegmentGrain));
   // [part][digit]: each worker's counters on its own cache lines (a [digit][part] layout put both
   // workers' counters of a digit on one line: 23.8 instead of ~2.5 ms for the 10M table's passes).
   std::vector<int64_t> next(static_cast<size_t>(kBuckets * parts));

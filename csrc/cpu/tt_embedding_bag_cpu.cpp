@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "cpu_scratch.h"
+#include "cpu_threads.h"
 #include "micro_gemm.h"
 #include "torchrec_tt/checks.h"
 #include "torchrec_tt/cpu_group_plan.h"
@@ -73,11 +74,6 @@ int64_t scratch_budget_bytes() {
 // Below this total weight (about one lookup per unit) waking the thread pool costs more than
 // the work, especially when several ranks share a few cores.
 constexpr int64_t kMinParallelWeight = 512;
-
-// Threads a parallel region may use here.
-int64_t available_threads() {
-  return at::in_parallel_region() ? 1 : at::get_num_threads();
-}
 
 // Runs f(part, begin, end) on at most max_parts contiguous sub-ranges of [0, n) of about equal
 // weight, one per thread. prefix(i) is the non-decreasing cumulative weight of items [0, i).
