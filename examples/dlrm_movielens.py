@@ -34,6 +34,7 @@ N ranks (``DistributedModelParallel``; gloo on CPU, nccl on GPUs)::
 """
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -327,7 +328,8 @@ def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 21) 
     """Forward+backward seconds per batch of one table with its cache and without it (all
     lookups through the TT op, same cores), on the same batches, alternating: the medians of
     ``repeats`` and the median of the repeats' ratios (``ratio``; drift in the machine's speed
-    between repeats cancels in a ratio of neighbours)."""
+    between repeats cancels in a ratio of neighbours). Each repeat runs the two in the other order
+    than the last, so that neither always runs first, with Python's garbage collector paused."""
     from torchrec_tt.ops import tt_embedding_bag
 
     def run(cached: bool) -> float:
@@ -340,7 +342,13 @@ def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 21) 
         return (time.perf_counter() - t0) / len(batches)
 
     run(True), run(False)  # warm-up
-    times = [(run(True), run(False)) for _ in range(repeats)]
+    gc.collect()
+    gc.disable()  # a collection inside one arm's timing would land on that arm only
+    try:
+        times = [(run(True), run(False)) if r % 2 == 0 else tuple(reversed((run(False), run(True))))
+                 for r in range(repeats)]
+    finally:
+        gc.enable()
     return {"with_cache_s": statistics.median(t[0] for t in times),
             "without_cache_s": statistics.median(t[1] for t in times),
             "ratio": statistics.median(t[0] / t[1] for t in times), "repeats": repeats}

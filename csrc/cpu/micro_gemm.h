@@ -441,9 +441,10 @@ TORCHREC_TT_ALWAYS_INLINE void sum_rows_into(int64_t n, int64_t count, const Alp
 }
 
 // y(i)[0, n) += alpha(i) * x[0, n) for i < count: one row x added into `count` rows (a bag's
-// output gradient into its cached rows' gradients). The same arithmetic as `count` axpy calls, so
-// the same bits, but each block of x stays in registers across the rows: one load of x per block
-// instead of one per row.
+// output gradient into its cached rows' gradients). The same arithmetic as `count` axpy calls, but
+// each block of x stays in registers across the rows: one load of x per block instead of one per
+// row. With an alpha that does not depend on i the compiler forms alpha * x once per block and adds
+// it (no FMA), so the bits may differ from axpy's in the last place; each is deterministic.
 template <typename T, typename Alpha, typename Row>
 TORCHREC_TT_ALWAYS_INLINE void add_into_rows_n(int64_t n, int64_t count, const Alpha& alpha, const Row& row, const T* x) {
   constexpr int W = VecTraits<T>::kLanes;
