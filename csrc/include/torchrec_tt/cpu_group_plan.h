@@ -63,8 +63,9 @@ struct BagOrderScratch {
 // Bags up to this many (uncached) lookups are ordered by counting ranks (n^2 compares, branch-free
 // and vectorized), larger ones by std::sort: a comparison sort is dominated by mispredicted branches
 // (MovieLens history bags, a third of whose lookups are in bags of 97-250: the plan took 0.75 ms
-// per 22k lookups with the switch at 96, 0.69 ms at 192).
-constexpr int64_t kRankSortMaxLookups = 192;
+// per 22k lookups with the switch at 96, 0.69 ms at 192; later, one thread, in-process alternation,
+// 314 us at 192, 294 at 256 (every bag with 32-bit keys), 295-297 at 384 and 512).
+constexpr int64_t kRankSortMaxLookups = 256;
 
 // Orders the lookups [lo, hi) of one bag by (group, position), the order of the plan's segments and
 // of the lookups within a segment, writing for each rank k in [lo, hi): perm[k] (the lookup),
