@@ -90,8 +90,8 @@ def test_group_plan_matches_brute_force(problem, index_dtype, device):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("num_groups", [40, 2**24], ids=["32-bit keys", "64-bit keys"])
 def test_group_plan_orders_short_long_and_presorted_bags(index_dtype, num_groups):
-    """Bags on each side of the compiled op's rank-sort / std::sort switch (192 lookups) and of the
-    32-bit keys' 256 positions, bags that are already in group order, and empty ones: lookups
+    """Bags on each side of the compiled op's rank-sort / std::sort switch (256 lookups, where the
+    32-bit keys' positions end too; 192 before), bags that are already in group order, and empty ones: lookups
     ordered by (group, position) per bag. Group ids past 2^23 take 64-bit keys."""
     g = torch.Generator().manual_seed(0)
     last_rows = 7
