@@ -954,7 +954,8 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
 // [start[b], start[b + 1]), with their cache slots and (with_lookups) their lookups. The plan is cold
 // by the backward, so its segment bounds and slots are read here in loops of independent loads;
 // read between the cache gradient's accumulations they were a chain of misses (perf: most of that
-// pass; in-process alternation, MovieLens history table, 1 % cache: 106-165 us before, 66-86 after).
+// pass; in-process alternation, MovieLens history table, 1 % cache, two runs: 98-124 and
+// 107-161 us before, 61-80 and 70-97 after).
 struct CacheHits {
   const int64_t* start; // (B + 1)
   const int64_t* slot; // (hits)
