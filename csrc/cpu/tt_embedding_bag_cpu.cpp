@@ -1131,7 +1131,7 @@ void backward_grt(
         continue;
       }
       const int64_t* const lookup = hits.lookup + hits.start[b];
-      add_into_rows(in.N, count, [&](int64_t i) { return scale * in.psw[lookup[i]]; }, row, g_b);
+      add_into_rows(in.N, count, [&](int64_t i) { return scale * in.coef.weight(lookup[i]); }, row, g_b);
       for (int64_t i = 0; psw_grad != nullptr && i < count; ++i) {
         psw_grad[lookup[i]] = cached_row_psw_grad(in, slot[i], scale, g_b);
       }
