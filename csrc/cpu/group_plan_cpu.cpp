@@ -98,13 +98,12 @@ void build_group_plan_cpu(
 
   // Pass 1: order each bag's lookups by (group, j); bag_seg[b + 1] = number of distinct groups.
   const FastDivmod divmod(last_rows);
-  const int32_t* const cache_slot = cache.slot;
-  at::parallel_for(0, batch_size, kBagGrain, [=, &divmod](int64_t b_begin, int64_t b_end) {
+  at::parallel_for(0, batch_size, kBagGrain, [=, &divmod, &cache](int64_t b_begin, int64_t b_end) {
     BagOrderScratch scratch;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
-      order_bag_by_group(indices, cache_slot, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
+      order_bag_by_group(indices, cache, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
       int64_t count = 0;
       for (int64_t k = lo; k < hi; ++k) {
         count += (k == lo || sgroup[k] != sgroup[k - 1]) ? 1 : 0;
@@ -146,7 +145,7 @@ void build_group_plan_cpu(
   // Hits and cache segments: the bags' cache segments (each bag's last, if any): O(B), not O(nnz).
   int64_t num_hits = 0;
   int64_t num_cache_segments = 0;
-  for (int64_t b = 0; cache.slot != nullptr && b < batch_size; ++b) {
+  for (int64_t b = 0; cache.has_slots() && b < batch_size; ++b) {
     const int64_t s = bag_seg[b + 1] - 1;
     const bool cached = s >= bag_seg[b] && seg_group[s] == kCacheGroup;
     num_hits += cached ? seg_start[s + 1] - seg_start[s] : 0;
@@ -469,6 +468,14 @@ template LookupsByGroup lookups_by_group_cpu<int32_t>(
 template LookupsByGroup lookups_by_group_cpu<int64_t>(
     const int64_t*, const int64_t*, const int32_t*, int64_t, int64_t, int64_t, int64_t);
 
+std::vector<int32_t> cache_row_slots_cpu(const int64_t* cache_ids, int64_t cache_rows, int64_t num_rows) {
+  std::vector<int32_t> slot_of(static_cast<size_t>(num_rows), -1);
+  for (int64_t s = 0; s < cache_rows && cache_ids[s] < num_rows; ++s) {
+    slot_of[cache_ids[s]] = static_cast<int32_t>(s);
+  }
+  return slot_of;
+}
+
 template <typename index_t>
 std::vector<int32_t> cache_slots_cpu(
     const index_t* indices,
@@ -477,11 +484,8 @@ std::vector<int32_t> cache_slots_cpu(
     int64_t cache_rows,
     int64_t num_rows) {
   std::vector<int32_t> slot(static_cast<size_t>(nnz));
-  if (num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz) {
-    std::vector<int32_t> slot_of(static_cast<size_t>(num_rows), -1);
-    for (int64_t s = 0; s < cache_rows && cache_ids[s] < num_rows; ++s) {
-      slot_of[cache_ids[s]] = static_cast<int32_t>(s);
-    }
+  if (cache_row_map_fits(nnz, num_rows)) {
+    const std::vector<int32_t> slot_of = cache_row_slots_cpu(cache_ids, cache_rows, num_rows);
     at::parallel_for(0, nnz, kSegmentGrain, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         slot[j] = slot_of[static_cast<int64_t>(indices[j])];
@@ -603,12 +607,18 @@ at::Tensor group_plan_cpu(
       }
       num_groups = max_index < 0 ? 0 : max_index / last_rows + 1;
     }
+    // The cache's slots per table row when that map is affordable, read where the bags are
+    // ordered (MovieLens history batches, 1 % cache: 23-32 us over no cache, against 33-52 us with
+    // a pass that finds each lookup's slot first); else per lookup.
     std::vector<int32_t> slots;
     PlanCache cache;
     if (cache_ids.has_value()) {
       cache.rows = cache_ids->numel();
-      slots = cache_slots_cpu<index_t>(idx, nnz, cache_ids->data_ptr<int64_t>(), cache.rows, num_rows);
-      cache.slot = slots.data();
+      const int64_t* ids = cache_ids->data_ptr<int64_t>();
+      const bool per_row = cache_row_map_fits(nnz, num_rows);
+      slots = per_row ? cache_row_slots_cpu(ids, cache.rows, num_rows)
+                      : cache_slots_cpu<index_t>(idx, nnz, ids, cache.rows, num_rows);
+      (per_row ? cache.row_slot : cache.slot) = slots.data();
     }
     build_group_plan_cpu<index_t>(
         idx, off, batch_size, nnz, last_rows, num_groups, cache, plan.data_ptr<int64_t>());

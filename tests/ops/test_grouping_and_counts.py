@@ -111,7 +111,9 @@ def test_group_plan_orders_short_long_and_presorted_bags(index_dtype, num_groups
 
 def test_group_plan_with_a_cache_orders_uncached_then_cached():
     """A bag of 300 lookups of which 200 are cached: 100 ranked (rank sort) and positions past 256;
-    every bag's uncached lookups by (group, position), then its cached ones by position."""
+    every bag's uncached lookups by (group, position), then its cached ones by position. With the
+    table's size the plan reads the cache slots from a map of its rows, without (num_rows -1) it
+    finds each lookup's slot: the same plan."""
     if not uses_extension(torch.device("cpu")):
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(1)
@@ -122,6 +124,7 @@ def test_group_plan_with_a_cache_orders_uncached_then_cached():
     cache_ids = torch.tensor([0, 5, 17, 100])
     offsets = torch.tensor([0] + lengths).cumsum(0)
     plan = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, rows, cache_ids)
+    assert torch.equal(plan, torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, -1, cache_ids))
     order = unpack_plan(plan, indices.numel(), len(lengths))["sorted_lookup"].tolist()
     cached = set(cache_ids.tolist())
     expected = sorted(range(indices.numel()), key=lambda j: (

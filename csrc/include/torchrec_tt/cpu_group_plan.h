@@ -51,6 +51,18 @@ class FastDivmod {
   double inverse_;
 };
 
+// The hot-row cache of a plan (docs/design.md section 10): the rows it holds and the slot that serves
+// each lookup, given per lookup or per table row.
+struct PlanCache {
+  int64_t rows = 0; // K (0: no cache)
+  const int32_t* slot = nullptr; // (nnz,) cache slot of each lookup, -1 when not cached; or
+  const int32_t* row_slot = nullptr; // (num_rows,) cache slot of each table row, -1 when not cached
+
+  bool has_slots() const {
+    return slot != nullptr || row_slot != nullptr;
+  }
+};
+
 // Per-thread scratch of order_bag_by_group.
 struct BagOrderScratch {
   std::vector<int64_t> key;
@@ -58,6 +70,7 @@ struct BagOrderScratch {
   std::vector<int32_t> rank;
   std::vector<int64_t> group;
   std::vector<int64_t> last;
+  std::vector<int32_t> hit_at;
 };
 
 // Bags up to this many (uncached) lookups are ordered by counting ranks (n^2 compares, branch-free
@@ -69,16 +82,16 @@ constexpr int64_t kRankSortMaxLookups = 256;
 
 // Orders the lookups [lo, hi) of one bag by (group, position), the order of the plan's segments and
 // of the lookups within a segment, writing for each rank k in [lo, hi): perm[k] (the lookup),
-// group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. With
-// cache_slot (nullable; -1: not cached), a cached lookup takes group num_groups (after every real
-// group: the bag's cached lookups come last, in position order) and last = its cache slot. Keys are
+// group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. With cache
+// slots (cache.has_slots()), a cached lookup takes group num_groups (after every real group: the
+// bag's cached lookups come last, in position order) and last = its cache slot. Keys are
 // (group << 20 | position): distinct, so a key's rank is its place; bags of up to 256 lookups whose
 // groups fit 23 bits use 32-bit keys (group << 8 | position). Bags of 2^20 or more lookups, or
 // groups past 2^43, sort (group, position) pairs instead (never, in practice).
 template <typename index_t>
 inline void order_bag_by_group(
     const index_t* indices,
-    const int32_t* cache_slot,
+    const PlanCache& cache,
     int64_t lo,
     int64_t hi,
     const FastDivmod& divmod,
@@ -101,6 +114,11 @@ inline void order_bag_by_group(
   int64_t* const g = scratch.group.data();
   int64_t* const r = scratch.last.data();
   int32_t* const key32 = scratch.key32.data();
+  // Positions of the cached lookups: each lookup writes at hits, which only a hit advances.
+  const bool cached = cache.has_slots();
+  scratch.hit_at.resize(static_cast<size_t>(cached ? n : 0));
+  int32_t* const hit_at = scratch.hit_at.data();
+  int64_t hits = 0;
   // Groups and last digits, the 32-bit keys of the uncached lookups (in position order), and
   // whether the bag is already in order.
   bool sorted = true;
@@ -109,15 +127,22 @@ inline void order_bag_by_group(
   for (int64_t t = 0; t < n; ++t) {
     int64_t rem;
     int64_t q;
-    if (cache_slot == nullptr) {
-      q = divmod.divmod(static_cast<int64_t>(indices[lo + t]), &rem);
+    const int64_t index = static_cast<int64_t>(indices[lo + t]);
+    if (!cached) {
+      q = divmod.divmod(index, &rem);
     } else {
-      // Selects, not branches: hits are scattered through a bag, so a branch on them would
-      // mispredict about as often as they occur.
+      // Masks, not branches: hits are scattered through a bag, so a branch on them mispredicts
+      // about as often as they occur. Written as selects, gcc compiled a branch: the 1 % cache made
+      // the plan of a MovieLens history batch 70-80 us slower (of ~370), with masks 8-18 us
+      // (one thread, in-process alternation).
       int64_t digit;
-      const int64_t slot = cache_slot[lo + t];
-      q = slot >= 0 ? num_groups : divmod.divmod(static_cast<int64_t>(indices[lo + t]), &digit);
-      rem = slot >= 0 ? slot : digit;
+      const int64_t quotient = divmod.divmod(index, &digit);
+      const int64_t slot = cache.row_slot != nullptr ? cache.row_slot[index] : cache.slot[lo + t];
+      const int64_t hit = ~(slot >> 63); // all ones when cached (slot >= 0), else 0
+      q = (quotient & ~hit) | (num_groups & hit);
+      rem = (digit & ~hit) | (slot & hit);
+      hit_at[hits] = static_cast<int32_t>(t);
+      hits -= hit;
     }
     g[t] = q;
     r[t] = rem;
@@ -200,21 +225,12 @@ inline void order_bag_by_group(
     }
     return;
   }
-  // The cached lookups, in position order. Every lookup is written at k, which only a cached one
-  // advances (the next write overwrites the others): no branch on the scattered hits, and k < n
-  // holds at every write.
-  for (int64_t t = 0, k = ranked; k < n; ++t) {
-    place(k, t);
-    k += g[t] == num_groups ? 1 : 0;
+  // The cached lookups after the others, in position order.
+  for (int64_t h = 0; h < hits; ++h) {
+    place(ranked + h, hit_at[h]);
   }
 }
 
-// The hot-row cache of a plan (docs/design.md section 10): the rows it holds and, per lookup, the
-// slot that serves it.
-struct PlanCache {
-  int64_t rows = 0; // K (0: no cache)
-  const int32_t* slot = nullptr; // (nnz,) cache slot of each lookup, -1 when not cached
-};
 
 // Up to this many table rows per lookup, a map over the table's rows (the cache slots below, the
 // distinct rows of a plan-free forward) is cheaper than searching: filling and scanning it costs
@@ -305,11 +321,20 @@ LookupsByGroup lookups_by_group_cpu(
     int64_t last_rows,
     int64_t num_groups);
 
+// Whether a slot map of the table's rows (cache_row_slots_cpu) is affordable for a batch of nnz
+// lookups: its size is bounded by the batch's (kRowMapRowsPerLookup).
+inline bool cache_row_map_fits(int64_t nnz, int64_t num_rows) {
+  return num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz;
+}
+
+// Cache slot of every table row (num_rows; -1: not cached) from the sorted distinct ids `cache_ids`
+// (K; empty slots hold ids >= num_rows).
+std::vector<int32_t> cache_row_slots_cpu(const int64_t* cache_ids, int64_t cache_rows, int64_t num_rows);
+
 // Cache slot of every lookup (-1: not cached) against the sorted distinct ids `cache_ids` (K; empty
-// slots hold ids >= num_rows). Through a temporary slot map of the table's rows when
-// 0 < num_rows <= kRowMapRowsPerLookup nnz (one load per lookup; the map is bounded by the batch's
-// size), else a binary search per lookup. indices are validated (non-negative, below num_rows when
-// num_rows >= 0).
+// slots hold ids >= num_rows). Through the slot map of the table's rows when cache_row_map_fits
+// (one load per lookup), else a binary search per lookup. indices are validated (non-negative,
+// below num_rows when num_rows >= 0).
 template <typename index_t>
 std::vector<int32_t> cache_slots_cpu(
     const index_t* indices,
@@ -325,7 +350,8 @@ at::Tensor check_cache_ids_cpu(const char* op, const at::Tensor& cache_ids);
 // Fills the packed plan of a batch (layout: plan_layout.h) at `plan` (PlanLayout::make(nnz,
 // batch_size).numel entries). indices / offsets are the raw contiguous CPU data, already validated:
 // offsets[0] = 0, offsets[B] = nnz, non-decreasing, indices in [0, num_groups * last_rows).
-// Lookups with cache.slot[j] >= 0 go to their bag's cache segment. Entries past the counts are
+// Lookups whose cache slot (cache.slot[j] or cache.row_slot[indices[j]]) is >= 0 go to their bag's
+// cache segment. Entries past the counts are
 // filled with 0.
 template <typename index_t>
 void build_group_plan_cpu(
