@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -28,7 +29,8 @@ class FastDivmod {
   explicit FastDivmod(int64_t divisor)
       : divisor_(divisor), inverse_(1.0 / static_cast<double>(divisor)) {}
 
-  int64_t divmod(int64_t x, int64_t* remainder) const {
+  // Inlined: called once per lookup (gcc left it out of line in one of order_bag_by_group's loops).
+  TORCHREC_TT_PLAN_INLINE int64_t divmod(int64_t x, int64_t* remainder) const {
     if (C10_UNLIKELY(x >= (int64_t{1} << 52))) {
       *remainder = x % divisor_;
       return x / divisor_;
@@ -114,45 +116,53 @@ inline void order_bag_by_group(
   int64_t* const g = scratch.group.data();
   int64_t* const r = scratch.last.data();
   int32_t* const key32 = scratch.key32.data();
-  // Positions of the cached lookups: each lookup writes at hits, which only a hit advances.
+  // Positions of the cached lookups: lookup t writes at its count of hits so far (t - ranked),
+  // which only a hit advances.
   const bool cached = cache.has_slots();
   scratch.hit_at.resize(static_cast<size_t>(cached ? n : 0));
   int32_t* const hit_at = scratch.hit_at.data();
-  int64_t hits = 0;
   // Groups and last digits, the 32-bit keys of the uncached lookups (in position order), and
-  // whether the bag is already in order.
+  // whether the bag is already in order. One loop per source of cache slots (slot_of(j, index):
+  // the slot of lookup j of row index, -1 if not cached; nullptr: no cache), so that the loop
+  // keeps its state in registers.
   bool sorted = true;
   int64_t prev = -1;
   int64_t ranked = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    int64_t rem;
-    int64_t q;
-    const int64_t index = static_cast<int64_t>(indices[lo + t]);
-    if (!cached) {
-      q = divmod.divmod(index, &rem);
-    } else {
-      // Masks, not branches: hits are scattered through a bag, so a branch on them mispredicts
-      // about as often as they occur. Written as selects, gcc compiled a branch: the 1 % cache made
-      // the plan of a MovieLens history batch 70-80 us slower (of ~370), with masks 8-18 us
-      // (one thread, in-process alternation).
-      int64_t digit;
-      const int64_t quotient = divmod.divmod(index, &digit);
-      const int64_t slot = cache.row_slot != nullptr ? cache.row_slot[index] : cache.slot[lo + t];
-      const int64_t hit = ~(slot >> 63); // all ones when cached (slot >= 0), else 0
-      q = (quotient & ~hit) | (num_groups & hit);
-      rem = (digit & ~hit) | (slot & hit);
-      hit_at[hits] = static_cast<int32_t>(t);
-      hits -= hit;
+  const auto order_keys = [&](const auto& slot_of) TORCHREC_TT_PLAN_INLINE {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t index = static_cast<int64_t>(indices[lo + t]);
+      int64_t rem;
+      int64_t q = divmod.divmod(index, &rem);
+      if constexpr (!std::is_same_v<std::decay_t<decltype(slot_of)>, std::nullptr_t>) {
+        // Masks, not branches: hits are scattered through a bag, so a branch on them mispredicts
+        // about as often as they occur. Written as selects, gcc compiled a branch: the 1 % cache
+        // made the plan of a MovieLens history batch 70-80 us slower (of ~370). With masks, the
+        // slots read here from the row map (no pass of their own) and this loop's state in
+        // registers: 5-16 us (one thread, in-process alternation).
+        const int64_t slot = slot_of(lo + t, index);
+        const int64_t hit = ~(slot >> 63); // all ones when cached (slot >= 0), else 0
+        q = (q & ~hit) | (num_groups & hit);
+        rem = (rem & ~hit) | (slot & hit);
+        hit_at[t - ranked] = static_cast<int32_t>(t);
+      }
+      g[t] = q;
+      r[t] = rem;
+      if (short_keys) {
+        key32[ranked] = static_cast<int32_t>((q << kShortPositionBits) | t);
+      }
+      ranked += q < num_groups ? 1 : 0;
+      sorted &= q >= prev;
+      prev = q;
     }
-    g[t] = q;
-    r[t] = rem;
-    if (short_keys) {
-      key32[ranked] = static_cast<int32_t>((q << kShortPositionBits) | t);
-    }
-    ranked += q < num_groups ? 1 : 0;
-    sorted &= q >= prev;
-    prev = q;
+  };
+  if (cache.row_slot != nullptr) {
+    order_keys([row_slot = cache.row_slot](int64_t, int64_t index) { return int64_t{row_slot[index]}; });
+  } else if (cache.slot != nullptr) {
+    order_keys([slot = cache.slot](int64_t j, int64_t) { return int64_t{slot[j]}; });
+  } else {
+    order_keys(nullptr);
   }
+  const int64_t hits = n - ranked;
   // By value: captured by reference, the pointers were reloaded after every store.
   const auto place = [=](int64_t k, int64_t t) TORCHREC_TT_PLAN_INLINE {
     perm[lo + k] = lo + t;
