@@ -111,14 +111,15 @@ def test_group_plan_orders_short_long_and_presorted_bags(index_dtype, num_groups
 
 def test_group_plan_with_a_cache_orders_uncached_then_cached():
     """A bag of 300 lookups of which 200 are cached: 100 ranked (rank sort) and positions past 256;
-    every bag's uncached lookups by (group, position), then its cached ones by position. With the
-    table's size the plan reads the cache slots from a map of its rows, without (num_rows -1) it
-    finds each lookup's slot: the same plan."""
+    a bag of 600 with a few hits: over 256 ranked (comparison sort). Every bag's uncached lookups
+    by (group, position), then its cached ones by position. With the table's size the plan reads
+    the cache slots from a map of its rows, without (num_rows -1) it finds each lookup's slot: the
+    same plan."""
     if not uses_extension(torch.device("cpu")):
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(1)
     last_rows, rows = 7, 280
-    lengths = [300, 45, 193, 0, 3]
+    lengths = [300, 45, 193, 0, 3, 600]
     indices = torch.randint(0, rows, (sum(lengths),), generator=g)
     indices[:300][torch.randperm(300, generator=g)[:200]] = 0  # row 0 is cached
     cache_ids = torch.tensor([0, 5, 17, 100])

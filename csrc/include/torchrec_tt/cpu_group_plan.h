@@ -241,7 +241,6 @@ inline void order_bag_by_group(
   }
 }
 
-
 // Up to this many table rows per lookup, a map over the table's rows (the cache slots below, the
 // distinct rows of a plan-free forward) is cheaper than searching: filling and scanning it costs
 // about as much as the batch's own pass. torchrec_tt/cache.py (_SLOT_MAP_ROWS_PER_LOOKUP) follows
