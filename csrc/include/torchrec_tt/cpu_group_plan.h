@@ -123,12 +123,17 @@ inline void order_bag_by_group(
   int32_t* const hit_at = scratch.hit_at.data();
   // Groups and last digits, the 32-bit keys of the uncached lookups (in position order), and
   // whether the bag is already in order. One loop per source of cache slots (slot_of(j, index):
-  // the slot of lookup j of row index, -1 if not cached; nullptr: no cache), so that the loop
-  // keeps its state in registers.
-  bool sorted = true;
-  int64_t prev = -1;
-  int64_t ranked = 0;
-  const auto order_keys = [&](const auto& slot_of) TORCHREC_TT_PLAN_INLINE {
+  // the slot of lookup j of row index, -1 if not cached; nullptr: no cache). By value, its state
+  // local and returned (captured by reference: the same time without a cache, and 13-17 against
+  // 8-13 us of cache cost, three in-process runs).
+  struct KeyPass {
+    int64_t ranked; // uncached lookups
+    bool sorted;
+  };
+  const auto order_keys = [=, &divmod](const auto& slot_of) TORCHREC_TT_PLAN_INLINE {
+    bool sorted = true;
+    int64_t prev = -1;
+    int64_t ranked = 0;
     for (int64_t t = 0; t < n; ++t) {
       const int64_t index = static_cast<int64_t>(indices[lo + t]);
       int64_t rem;
@@ -154,14 +159,18 @@ inline void order_bag_by_group(
       sorted &= q >= prev;
       prev = q;
     }
+    return KeyPass{ranked, sorted};
   };
+  KeyPass keys;
   if (cache.row_slot != nullptr) {
-    order_keys([row_slot = cache.row_slot](int64_t, int64_t index) { return int64_t{row_slot[index]}; });
+    keys = order_keys([row_slot = cache.row_slot](int64_t, int64_t index) { return int64_t{row_slot[index]}; });
   } else if (cache.slot != nullptr) {
-    order_keys([slot = cache.slot](int64_t j, int64_t) { return int64_t{slot[j]}; });
+    keys = order_keys([slot = cache.slot](int64_t j, int64_t) { return int64_t{slot[j]}; });
   } else {
-    order_keys(nullptr);
+    keys = order_keys(nullptr);
   }
+  int64_t ranked = keys.ranked;
+  const bool sorted = keys.sorted;
   const int64_t hits = n - ranked;
   // By value: captured by reference, the pointers were reloaded after every store.
   const auto place = [=](int64_t k, int64_t t) TORCHREC_TT_PLAN_INLINE {
