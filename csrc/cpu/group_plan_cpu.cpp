@@ -484,7 +484,7 @@ std::vector<int32_t> cache_slots_cpu(
     int64_t cache_rows,
     int64_t num_rows) {
   std::vector<int32_t> slot(static_cast<size_t>(nnz));
-  if (cache_row_map_fits(nnz, num_rows)) {
+  if (row_map_fits(nnz, num_rows)) {
     const std::vector<int32_t> slot_of = cache_row_slots_cpu(cache_ids, cache_rows, num_rows);
     at::parallel_for(0, nnz, kSegmentGrain, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
@@ -615,7 +615,7 @@ at::Tensor group_plan_cpu(
     if (cache_ids.has_value()) {
       cache.rows = cache_ids->numel();
       const int64_t* ids = cache_ids->data_ptr<int64_t>();
-      const bool per_row = cache_row_map_fits(nnz, num_rows);
+      const bool per_row = row_map_fits(nnz, num_rows);
       slots = per_row ? cache_row_slots_cpu(ids, cache.rows, num_rows)
                       : cache_slots_cpu<index_t>(idx, nnz, ids, cache.rows, num_rows);
       (per_row ? cache.row_slot : cache.slot) = slots.data();

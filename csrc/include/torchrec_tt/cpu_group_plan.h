@@ -256,6 +256,11 @@ inline void order_bag_by_group(
 // the same rule.
 constexpr int64_t kRowMapRowsPerLookup = 16;
 
+// Whether a map over the table's rows is affordable for a batch of nnz lookups.
+inline bool row_map_fits(int64_t nnz, int64_t num_rows) {
+  return num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz;
+}
+
 // The distinct rows that a batch reads: the uncached ones numbered 0 .. D - 1 in ascending row
 // order, so that the rows of one group are consecutive, then the cached ones (docs/design.md section
 // 3.4): all that the grt forward needs when no backward will read a (bag, group) plan.
@@ -277,10 +282,10 @@ struct DistinctRows {
   }
 };
 
-// Whether distinct_rows_cpu applies: a map of num_rows entries is affordable (kRowMapRowsPerLookup)
+// Whether distinct_rows_cpu applies: a map of num_rows entries is affordable (row_map_fits)
 // and row numbers fit its int32 ids.
 inline bool distinct_rows_fit(int64_t nnz, int64_t num_rows) {
-  return num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz && nnz < (int64_t{1} << 31);
+  return row_map_fits(nnz, num_rows) && nnz < (int64_t{1} << 31);
 }
 
 // The distinct rows of a validated batch (indices in [0, num_rows)) and its segment count (an
@@ -339,18 +344,12 @@ LookupsByGroup lookups_by_group_cpu(
     int64_t last_rows,
     int64_t num_groups);
 
-// Whether a slot map of the table's rows (cache_row_slots_cpu) is affordable for a batch of nnz
-// lookups: its size is bounded by the batch's (kRowMapRowsPerLookup).
-inline bool cache_row_map_fits(int64_t nnz, int64_t num_rows) {
-  return num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz;
-}
-
 // Cache slot of every table row (num_rows; -1: not cached) from the sorted distinct ids `cache_ids`
 // (K; empty slots hold ids >= num_rows).
 std::vector<int32_t> cache_row_slots_cpu(const int64_t* cache_ids, int64_t cache_rows, int64_t num_rows);
 
 // Cache slot of every lookup (-1: not cached) against the sorted distinct ids `cache_ids` (K; empty
-// slots hold ids >= num_rows). Through the slot map of the table's rows when cache_row_map_fits
+// slots hold ids >= num_rows). Through the slot map of the table's rows when row_map_fits
 // (one load per lookup), else a binary search per lookup. indices are validated (non-negative,
 // below num_rows when num_rows >= 0).
 template <typename index_t>
