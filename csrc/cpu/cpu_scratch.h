@@ -67,6 +67,7 @@ enum class Arena : int {
   kCacheHitSegmentEnds,
   kCacheHitSlots, // and the hits' slots and lookups
   kCacheHitLookups,
+  kRowCodes, // group_plan's table row codes (cache_row_codes_cpu)
   kCount
 };
 

@@ -113,16 +113,18 @@ def test_group_plan_with_a_cache_orders_uncached_then_cached():
     """A bag of 300 lookups of which 200 are cached: 100 ranked (rank sort) and positions past 256;
     a bag of 600 with a few hits: over 256 ranked (comparison sort). Every bag's uncached lookups
     by (group, position), then its cached ones by position. With the table's size the plan reads
-    the cache slots from a map of its rows, without (num_rows -1) it finds each lookup's slot: the
-    same plan."""
+    each lookup's group, last digit and cache slot from codes of the table's rows, without
+    (num_rows -1) it divides and finds each lookup's slot: the same plan. The table's last group is
+    partial (281 rows of 7-row groups) and holds a cached row; the cache has an empty slot."""
     if not uses_extension(torch.device("cpu")):
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(1)
-    last_rows, rows = 7, 280
+    last_rows, rows = 7, 281
     lengths = [300, 45, 193, 0, 3, 600]
     indices = torch.randint(0, rows, (sum(lengths),), generator=g)
     indices[:300][torch.randperm(300, generator=g)[:200]] = 0  # row 0 is cached
-    cache_ids = torch.tensor([0, 5, 17, 100])
+    indices[-3:] = torch.tensor([280, 279, 280])  # the partial group: a cached row and an uncached one
+    cache_ids = torch.tensor([0, 5, 17, 100, 280, torch.iinfo(torch.int64).max])  # the last slot is empty
     offsets = torch.tensor([0] + lengths).cumsum(0)
     plan = torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, rows, cache_ids)
     assert torch.equal(plan, torch.ops.torchrec_tt.group_plan(indices, offsets, last_rows, -1, cache_ids))

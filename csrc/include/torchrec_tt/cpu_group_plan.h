@@ -54,16 +54,25 @@ class FastDivmod {
 };
 
 // The hot-row cache of a plan (docs/design.md section 10): the rows it holds and the slot that serves
-// each lookup, given per lookup or per table row.
+// each lookup, given per lookup or, with each row's group and last digit, per table row.
 struct PlanCache {
   int64_t rows = 0; // K (0: no cache)
   const int32_t* slot = nullptr; // (nnz,) cache slot of each lookup, -1 when not cached; or
-  const int32_t* row_slot = nullptr; // (num_rows,) cache slot of each table row, -1 when not cached
+  const int64_t* row_code = nullptr; // (num_rows,) each table row's code (cache_row_codes_cpu)
 
   bool has_slots() const {
-    return slot != nullptr || row_slot != nullptr;
+    return slot != nullptr || row_code != nullptr;
   }
 };
+
+// A table row's code: its group and last digit, or for a cached row num_groups (after every real
+// group) and its cache slot, packed as group << 32 | last. Both fit 32 bits when num_rows does
+// (row_codes_fit).
+constexpr int kRowCodeShift = 32;
+constexpr int64_t kRowCodeLowMask = (int64_t{1} << kRowCodeShift) - 1;
+
+// order_bag_by_group's source of lookups without a cache (a tag: never read).
+struct NoCache {};
 
 // Per-thread scratch of order_bag_by_group.
 struct BagOrderScratch {
@@ -122,32 +131,40 @@ inline void order_bag_by_group(
   scratch.hit_at.resize(static_cast<size_t>(cached ? n : 0));
   int32_t* const hit_at = scratch.hit_at.data();
   // Groups and last digits, the 32-bit keys of the uncached lookups (in position order), and
-  // whether the bag is already in order. One loop per source of cache slots (slot_of(j, index):
-  // the slot of lookup j of row index, -1 if not cached; nullptr: no cache). By value, its state
-  // local and returned (captured by reference: the same time without a cache, and 13-17 against
-  // 8-13 us of cache cost, three in-process runs).
+  // whether the bag is already in order. One loop per source: the table rows' codes (one load per
+  // lookup, no division and no hit test), the lookups' cache slots (slot[j], -1 if not cached), or
+  // no cache (NoCache). By value, its state local and returned (captured by reference: the same
+  // time without a cache, and 13-17 against 8-13 us of cache cost, three in-process runs).
   struct KeyPass {
     int64_t ranked; // uncached lookups
     bool sorted;
   };
-  const auto order_keys = [=, &divmod](const auto& slot_of) TORCHREC_TT_PLAN_INLINE {
+  const auto order_keys = [=, &divmod](const auto* source) TORCHREC_TT_PLAN_INLINE {
+    using Source = std::remove_cv_t<std::remove_pointer_t<decltype(source)>>;
     bool sorted = true;
     int64_t prev = -1;
     int64_t ranked = 0;
     for (int64_t t = 0; t < n; ++t) {
       const int64_t index = static_cast<int64_t>(indices[lo + t]);
+      int64_t q;
       int64_t rem;
-      int64_t q = divmod.divmod(index, &rem);
-      if constexpr (!std::is_same_v<std::decay_t<decltype(slot_of)>, std::nullptr_t>) {
+      if constexpr (std::is_same_v<Source, int64_t>) {
+        const int64_t code = source[index];
+        q = code >> kRowCodeShift;
+        rem = code & kRowCodeLowMask;
+      } else {
+        q = divmod.divmod(index, &rem);
+      }
+      if constexpr (std::is_same_v<Source, int32_t>) {
         // Masks, not branches: hits are scattered through a bag, so a branch on them mispredicts
         // about as often as they occur. Written as selects, gcc compiled a branch: the 1 % cache
-        // made the plan of a MovieLens history batch 70-80 us slower (of ~370). With masks, the
-        // slots read here from the row map (no pass of their own) and this loop's state in
-        // registers: 5-16 us (one thread, in-process alternation).
-        const int64_t slot = slot_of(lo + t, index);
+        // made the plan of a MovieLens history batch 70-80 us slower (of ~370).
+        const int64_t slot = source[lo + t];
         const int64_t hit = ~(slot >> 63); // all ones when cached (slot >= 0), else 0
         q = (q & ~hit) | (num_groups & hit);
         rem = (rem & ~hit) | (slot & hit);
+      }
+      if constexpr (!std::is_same_v<Source, NoCache>) {
         hit_at[t - ranked] = static_cast<int32_t>(t);
       }
       g[t] = q;
@@ -162,12 +179,12 @@ inline void order_bag_by_group(
     return KeyPass{ranked, sorted};
   };
   KeyPass keys;
-  if (cache.row_slot != nullptr) {
-    keys = order_keys([row_slot = cache.row_slot](int64_t, int64_t index) { return int64_t{row_slot[index]}; });
+  if (cache.row_code != nullptr) {
+    keys = order_keys(cache.row_code);
   } else if (cache.slot != nullptr) {
-    keys = order_keys([slot = cache.slot](int64_t j, int64_t) { return int64_t{slot[j]}; });
+    keys = order_keys(cache.slot);
   } else {
-    keys = order_keys(nullptr);
+    keys = order_keys(static_cast<const NoCache*>(nullptr));
   }
   int64_t ranked = keys.ranked;
   const bool sorted = keys.sorted;
@@ -261,6 +278,13 @@ inline bool row_map_fits(int64_t nnz, int64_t num_rows) {
   return num_rows > 0 && num_rows <= kRowMapRowsPerLookup * nnz;
 }
 
+// Whether a cached plan reads its lookups' groups, last digits and cache slots from the table
+// rows' codes (cache_row_codes_cpu): the map is affordable and a row's group and last digit fit
+// 32 bits each.
+inline bool row_codes_fit(int64_t nnz, int64_t num_rows) {
+  return row_map_fits(nnz, num_rows) && num_rows <= std::numeric_limits<int32_t>::max();
+}
+
 // The distinct rows that a batch reads: the uncached ones numbered 0 .. D - 1 in ascending row
 // order, so that the rows of one group are consecutive, then the cached ones (docs/design.md section
 // 3.4): all that the grt forward needs when no backward will read a (bag, group) plan.
@@ -347,6 +371,16 @@ LookupsByGroup lookups_by_group_cpu(
 // Cache slot of every table row (num_rows; -1: not cached) from the sorted distinct ids `cache_ids`
 // (K; empty slots hold ids >= num_rows).
 std::vector<int32_t> cache_row_slots_cpu(const int64_t* cache_ids, int64_t cache_rows, int64_t num_rows);
+
+// Writes every table row's code (kRowCodeShift; num_rows entries) to `code`: group << 32 | last
+// digit, and for the rows in `cache_ids` (K sorted distinct ids; empty slots hold ids >= num_rows)
+// num_groups << 32 | slot. Requires row_codes_fit.
+void cache_row_codes_cpu(
+    const int64_t* cache_ids,
+    int64_t cache_rows,
+    int64_t num_rows,
+    int64_t last_rows,
+    int64_t* code);
 
 // Cache slot of every lookup (-1: not cached) against the sorted distinct ids `cache_ids` (K; empty
 // slots hold ids >= num_rows). Through the slot map of the table's rows when row_map_fits
