@@ -482,11 +482,14 @@ void cache_row_codes_cpu(
     int64_t num_rows,
     int64_t last_rows,
     int64_t* code) {
-  for (int64_t group = 0, row = 0; row < num_rows; ++group) {
+  // One simple loop per group (vectorized; a single loop over the rows with the group and the last
+  // digit as two counters was not, 2.4 cycles a row).
+  for (int64_t group = 0; group * last_rows < num_rows; ++group) {
+    int64_t* const group_codes = code + group * last_rows;
     const int64_t group_code = group << kRowCodeShift;
-    const int64_t end = std::min(num_rows, row + last_rows);
-    for (int64_t last = 0; row < end; ++row, ++last) {
-      code[row] = group_code | last;
+    const int64_t digits = std::min(last_rows, num_rows - group * last_rows);
+    for (int64_t last = 0; last < digits; ++last) {
+      group_codes[last] = group_code | last;
     }
   }
   const int64_t cached_code = (num_rows + last_rows - 1) / last_rows << kRowCodeShift; // num_groups
