@@ -326,32 +326,39 @@ class TrainingHitCounter:
 
 def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 21) -> Dict[str, float]:
     """Forward+backward seconds per batch of one table with its cache and without it (all
-    lookups through the TT op, same cores), on the same batches, alternating: the medians of
-    ``repeats`` and the median of the repeats' ratios (``ratio``; drift in the machine's speed
-    between repeats cancels in a ratio of neighbours). Each repeat runs the two in the other order
-    than the last, so that neither always runs first, with Python's garbage collector paused."""
+    lookups through the TT op, same cores), on the same batches: the medians of ``repeats``, the
+    median of the repeats' ratios (``ratio``) and its quartiles (``ratio_q1``, ``ratio_q3``).
+    Within a repeat the two run back to back on each batch, in turn first, so that drift in the
+    machine's speed (large on shared 2-core VMs) cancels over milliseconds, not over a pass over
+    the batches; Python's garbage collector is paused."""
     from torchrec_tt.ops import tt_embedding_bag
 
-    def run(cached: bool) -> float:
+    def step(cached: bool, ids: torch.Tensor, offsets: torch.Tensor) -> float:
         t0 = time.perf_counter()
-        for ids, offsets in batches:
-            out = bag._pool(ids, offsets, None) if cached else tt_embedding_bag(
-                bag.compute_cores(), ids, offsets, None, pooling=bag._pooling, variant=bag.config.variant)
-            out.sum().backward()
-        bag.zero_grad(set_to_none=True)
-        return (time.perf_counter() - t0) / len(batches)
+        out = bag._pool(ids, offsets, None) if cached else tt_embedding_bag(
+            bag.compute_cores(), ids, offsets, None, pooling=bag._pooling, variant=bag.config.variant)
+        out.sum().backward()
+        return time.perf_counter() - t0
 
-    run(True), run(False)  # warm-up
+    def repeat(r: int) -> Tuple[float, float]:
+        spent = {True: 0.0, False: 0.0}
+        for i, (ids, offsets) in enumerate(batches):
+            for cached in ((True, False) if (r + i) % 2 == 0 else (False, True)):
+                spent[cached] += step(cached, ids, offsets)
+        bag.zero_grad(set_to_none=True)
+        return spent[True] / len(batches), spent[False] / len(batches)
+
+    repeat(0)  # warm-up
     gc.collect()
     gc.disable()  # a collection inside one arm's timing would land on that arm only
     try:
-        times = [(run(True), run(False)) if r % 2 == 0 else tuple(reversed((run(False), run(True))))
-                 for r in range(repeats)]
+        times = [repeat(r) for r in range(repeats)]
     finally:
         gc.enable()
+    ratios = statistics.quantiles([t[0] / t[1] for t in times], n=4, method="inclusive")
     return {"with_cache_s": statistics.median(t[0] for t in times),
             "without_cache_s": statistics.median(t[1] for t in times),
-            "ratio": statistics.median(t[0] / t[1] for t in times), "repeats": repeats}
+            "ratio": ratios[1], "ratio_q1": ratios[0], "ratio_q3": ratios[2], "repeats": repeats}
 
 
 def cache_report(args: argparse.Namespace, model: nn.Module, tables: Sequence[EmbeddingBagConfig], data: "Prepared",
@@ -677,8 +684,9 @@ def format_report(r: Dict[str, Any]) -> str:
         if "with_cache_s" in c:
             lines.append(f"  {c['table']} forward+backward per batch: {1e3 * c['with_cache_s']:.2f} ms with the cache, "
                          f"{1e3 * c['without_cache_s']:.2f} ms without "
-                         f"(medians of {c['repeats']} alternating repeats; median ratio {c['ratio'] - 1:+.1%} "
-                         f"with the cache)")
+                         f"(medians of {c['repeats']} repeats, the two in turn on each batch; median ratio "
+                         f"{c['ratio'] - 1:+.1%} with the cache, quartiles {c['ratio_q1'] - 1:+.1%} and "
+                         f"{c['ratio_q3'] - 1:+.1%})")
     return "\n".join(lines)
 
 

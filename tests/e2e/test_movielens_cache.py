@@ -21,7 +21,7 @@ def test_cache_sizes_side_by_side(pipeline, capsys):
             assert 0 < c[phase][table]["hits"] < c[phase][table]["lookups"], (phase, table, c[phase])
     assert 0.05 < c["history_hit_rate"] < 1.0 and 0.0 < c["tt_work_removed"] < 1.0
     assert c["history_P_G_tt_part"] < c["history_P_G_no_cache"]
-    assert c["with_cache_s"] > 0 and c["without_cache_s"] > 0 and c["ratio"] > 0
+    assert c["with_cache_s"] > 0 and c["without_cache_s"] > 0 and 0 < c["ratio_q1"] <= c["ratio"] <= c["ratio_q3"]
     # cache_rows=0 is the plain model: same data and seed give the same AUC.
     again = pipeline.main(["--embedding", "grt"] + TINY)["grt"]
     assert again["eval"]["auc"] == plain["eval"]["auc"]
