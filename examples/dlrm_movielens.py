@@ -324,7 +324,7 @@ class TrainingHitCounter:
         return _hit_totals(self._names, self._totals, self._env)
 
 
-def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 21) -> Dict[str, float]:
+def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 61) -> Dict[str, float]:
     """Forward+backward seconds per batch of one table with its cache and without it (all
     lookups through the TT op, same cores), on the same batches: the medians of ``repeats``, the
     median of the repeats' ratios (``ratio``) and its quartiles (``ratio_q1``, ``ratio_q3``).
