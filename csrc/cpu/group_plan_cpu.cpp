@@ -632,8 +632,8 @@ at::Tensor group_plan_cpu(
     // With a cache, each table row's code (its group and last digit, or the cache's group and
     // slot) when that map is affordable, read where the bags are ordered (order_bag_by_group): one
     // load per lookup, where the division and a slot map's hit test made the plan of a MovieLens
-    // history batch (1 % cache, one thread, in-process alternation) 40-55 us slower than without a
-    // cache, against 30 us faster with the codes (hits are not ranked). Else the slot per lookup,
+    // history batch (1 % cache, one thread, in-process alternation) 23-55 us slower than without a
+    // cache, against -53 to +9 us with the codes (hits are not ranked). Else the slot per lookup,
     // in a pass of its own. The codes live in the calling thread's grow-only arena: in a fresh
     // vector (164 KB there) every call mapped and faulted in its pages. Without a cache the plan
     // divides: filling the codes cost as much as the divisions they save (1-3 % slower on one
