@@ -330,10 +330,13 @@ def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 61) 
     median of the repeats' ratios (``ratio``) and its quartiles (``ratio_q1``, ``ratio_q3``).
     Within a repeat the two run back to back on each batch, in turn first, so that drift in the
     machine's speed (large on shared 2-core VMs) cancels over milliseconds, not over a pass over
-    the batches; Python's garbage collector is paused."""
+    the batches; Python's garbage collector is paused. Each step starts with the gradients
+    cleared (untimed), as a training step does, so the backward hands its gradients over instead
+    of adding them to the last step's."""
     from torchrec_tt.ops import tt_embedding_bag
 
     def step(cached: bool, ids: torch.Tensor, offsets: torch.Tensor) -> float:
+        bag.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         out = bag._pool(ids, offsets, None) if cached else tt_embedding_bag(
             bag.compute_cores(), ids, offsets, None, pooling=bag._pooling, variant=bag.config.variant)
