@@ -348,7 +348,6 @@ def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 61) 
         for i, (ids, offsets) in enumerate(batches):
             for cached in ((True, False) if (r + i) % 2 == 0 else (False, True)):
                 spent[cached] += step(cached, ids, offsets)
-        bag.zero_grad(set_to_none=True)
         return spent[True] / len(batches), spent[False] / len(batches)
 
     repeat(0)  # warm-up
@@ -358,6 +357,7 @@ def time_cache_split(bag: nn.Module, batches: Sequence[Any], repeats: int = 61) 
         times = [repeat(r) for r in range(repeats)]
     finally:
         gc.enable()
+        bag.zero_grad(set_to_none=True)
     ratios = statistics.quantiles([t[0] / t[1] for t in times], n=4, method="inclusive")
     return {"with_cache_s": statistics.median(t[0] for t in times),
             "without_cache_s": statistics.median(t[1] for t in times),

@@ -481,6 +481,7 @@ void cache_row_codes_cpu(
     int64_t cache_rows,
     int64_t num_rows,
     int64_t last_rows,
+    int64_t num_groups,
     int64_t* code) {
   // One simple loop per group (vectorized; a single loop over the rows with the group and the last
   // digit as two counters was not, 2.4 cycles a row).
@@ -492,7 +493,7 @@ void cache_row_codes_cpu(
       group_codes[last] = group_code | last;
     }
   }
-  const int64_t cached_code = (num_rows + last_rows - 1) / last_rows << kRowCodeShift; // num_groups
+  const int64_t cached_code = num_groups << kRowCodeShift;
   for (int64_t s = 0; s < cache_rows && cache_ids[s] < num_rows; ++s) {
     code[cache_ids[s]] = cached_code | s;
   }
@@ -645,7 +646,7 @@ at::Tensor group_plan_cpu(
       const int64_t* ids = cache_ids->data_ptr<int64_t>();
       if (row_codes_fit(nnz, num_rows)) {
         int64_t* const code = arena<int64_t>(Arena::kRowCodes, num_rows);
-        cache_row_codes_cpu(ids, cache.rows, num_rows, last_rows, code);
+        cache_row_codes_cpu(ids, cache.rows, num_rows, last_rows, num_groups, code);
         cache.row_code = code;
       } else {
         slots = cache_slots_cpu<index_t>(idx, nnz, ids, cache.rows, num_rows);

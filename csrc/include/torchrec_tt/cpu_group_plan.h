@@ -374,12 +374,14 @@ std::vector<int32_t> cache_row_slots_cpu(const int64_t* cache_ids, int64_t cache
 
 // Writes every table row's code (kRowCodeShift; num_rows entries) to `code`: group << 32 | last
 // digit, and for the rows in `cache_ids` (K sorted distinct ids; empty slots hold ids >= num_rows)
-// num_groups << 32 | slot. Requires row_codes_fit.
+// num_groups << 32 | slot, num_groups being the plan's (the group after every real one, which
+// order_bag_by_group reads as cached). Requires row_codes_fit.
 void cache_row_codes_cpu(
     const int64_t* cache_ids,
     int64_t cache_rows,
     int64_t num_rows,
     int64_t last_rows,
+    int64_t num_groups,
     int64_t* code);
 
 // Cache slot of every lookup (-1: not cached) against the sorted distinct ids `cache_ids` (K; empty
