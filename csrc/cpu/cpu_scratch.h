@@ -68,6 +68,8 @@ enum class Arena : int {
   kCacheHitSlots, // and the hits' slots and lookups
   kCacheHitLookups,
   kRowCodes, // group_plan's table row codes (cache_row_codes_cpu)
+  kPlanSortedGroups, // build_group_plan_cpu's per-lookup groups and per-bag hit counts
+  kPlanBagHits,
   kCount
 };
 

@@ -83,11 +83,13 @@ void build_group_plan_cpu(
   const PlanLayout layout = PlanLayout::make(nnz, batch_size);
   std::fill(plan_data, plan_data + kPlanHeaderSize, int64_t{0});
   const PlanView<int64_t> plan = PlanView<int64_t>::make(plan_data, nnz, batch_size);
-  std::vector<int64_t> sorted_group(static_cast<size_t>(nnz));
+  // Each lookup's group in plan order (a cached lookup's is not written), and each bag's cache hits.
+  int64_t* const sorted_group = arena<int64_t>(Arena::kPlanSortedGroups, nnz);
+  int64_t* const bag_hits = arena<int64_t>(Arena::kPlanBagHits, batch_size);
 
   int64_t* const perm = plan.sorted_lookup;
   int64_t* const slast = plan.sorted_last;
-  int64_t* const sgroup = sorted_group.data();
+  int64_t* const sgroup = sorted_group;
   int64_t* const bag_seg = plan.bag_segment_start;
   int64_t* const lookup_seg = plan.lookup_segment;
   int64_t* const seg_bag = plan.segment_bag;
@@ -103,12 +105,14 @@ void build_group_plan_cpu(
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
-      order_bag_by_group(indices, cache, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
-      int64_t count = 0;
-      for (int64_t k = lo; k < hi; ++k) {
+      const int64_t hits = order_bag_by_group(indices, cache, lo, hi, divmod, num_groups, scratch, perm, sgroup, slast);
+      // The groups of the uncached lookups, and the cache segment.
+      int64_t count = hits > 0 ? 1 : 0;
+      for (int64_t k = lo; k < hi - hits; ++k) {
         count += (k == lo || sgroup[k] != sgroup[k - 1]) ? 1 : 0;
       }
       bag_seg[b + 1] = count;
+      bag_hits[b] = hits;
     }
   });
   bag_seg[0] = 0;
@@ -117,7 +121,7 @@ void build_group_plan_cpu(
   }
   const int64_t S = bag_seg[batch_size];
 
-  // Pass 2: number the segments (a bag's cached lookups, group num_groups, form its cache segment).
+  // Pass 2: number the segments (a bag's cached lookups form its last segment, the cache segment).
   // Captures by value: by reference, every store made the compiler reload the array pointers.
   // Without a branch: every lookup writes its segment's bag and group, and the start of the segment
   // after it (the last write wins: its end; a bag's first segment starts where the previous bag's
@@ -127,29 +131,42 @@ void build_group_plan_cpu(
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);
       const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
+      const int64_t ranked_end = hi - bag_hits[b];
       int64_t s = bag_seg[b] - 1;
       int64_t prev = -1;
-      for (int64_t k = lo; k < hi; ++k) {
+      for (int64_t k = lo; k < ranked_end; ++k) {
         const int64_t g = sgroup[k];
         s += g != prev ? 1 : 0;
         prev = g;
         seg_bag[s] = b;
-        seg_group[s] = g == num_groups ? kCacheGroup : g;
+        seg_group[s] = g;
         seg_start[s + 1] = k + 1;
         lookup_seg[perm[k]] = s;
+      }
+      // The cache segment: its fields written once, not per hit, and its hits' groups neither
+      // written nor read. Per hit the fields cost as much as an uncached lookup's: the cached plan
+      // of a MovieLens history batch (1 % cache, 25 % hits, one thread, timed alone, in-process
+      // alternation, five runs each) took a median 0.9 % longer than the uncached one before, and
+      // 4.5 % less after (the 5,600 hits 23 and 19 % on top of the plan of the misses alone).
+      if (ranked_end < hi) {
+        ++s;
+        seg_bag[s] = b;
+        seg_group[s] = kCacheGroup;
+        seg_start[s + 1] = hi;
+        for (int64_t k = ranked_end; k < hi; ++k) {
+          lookup_seg[perm[k]] = s;
+        }
       }
     }
   });
   seg_start[0] = 0;
   seg_start[S] = nnz;
-  // Hits and cache segments: the bags' cache segments (each bag's last, if any): O(B), not O(nnz).
+  // Hits and cache segments (each bag's last, if any).
   int64_t num_hits = 0;
   int64_t num_cache_segments = 0;
   for (int64_t b = 0; cache.has_slots() && b < batch_size; ++b) {
-    const int64_t s = bag_seg[b + 1] - 1;
-    const bool cached = s >= bag_seg[b] && seg_group[s] == kCacheGroup;
-    num_hits += cached ? seg_start[s + 1] - seg_start[s] : 0;
-    num_cache_segments += cached ? 1 : 0;
+    num_hits += bag_hits[b];
+    num_cache_segments += bag_hits[b] > 0 ? 1 : 0;
   }
 
   // Slots: distinct groups, ascending (cache segments have none: kCacheGroup).

@@ -111,8 +111,9 @@ def test_group_plan_orders_short_long_and_presorted_bags(index_dtype, num_groups
 
 def test_group_plan_with_a_cache_orders_uncached_then_cached():
     """A bag of 300 lookups of which 200 are cached: 100 ranked (rank sort) and positions past 256;
-    a bag of 600 with a few hits: over 256 ranked (comparison sort). Every bag's uncached lookups
-    by (group, position), then its cached ones by position. With the table's size the plan reads
+    a bag of 600 with a few hits: over 256 ranked (comparison sort); a bag of hits only. Every
+    bag's uncached lookups by (group, position), then its cached ones by position, and its
+    segments as built here (_check_cached_plan_segments). With the table's size the plan reads
     each lookup's group, last digit and cache slot from codes of the table's rows, without
     (num_rows -1) it divides and finds each lookup's slot: the same plan. The table's last group is
     partial (281 rows of 7-row groups) and holds a cached row; the cache has an empty slot."""
@@ -120,9 +121,10 @@ def test_group_plan_with_a_cache_orders_uncached_then_cached():
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(1)
     last_rows, rows = 7, 281
-    lengths = [300, 45, 193, 0, 3, 600]
+    lengths = [300, 45, 193, 0, 3, 4, 600]
     indices = torch.randint(0, rows, (sum(lengths),), generator=g)
     indices[:300][torch.randperm(300, generator=g)[:200]] = 0  # row 0 is cached
+    indices[541:545] = torch.tensor([100, 5, 100, 0])  # a bag of hits only
     indices[-3:] = torch.tensor([280, 279, 280])  # the partial group: a cached row and an uncached one
     cache_ids = torch.tensor([0, 5, 17, 100, 280, torch.iinfo(torch.int64).max])  # the last slot is empty
     offsets = torch.tensor([0] + lengths).cumsum(0)
@@ -133,6 +135,40 @@ def test_group_plan_with_a_cache_orders_uncached_then_cached():
     expected = sorted(range(indices.numel()), key=lambda j: (
         _bag_of_lookup(offsets, j), int(indices[j]) in cached, -1 if int(indices[j]) in cached else int(indices[j]) // last_rows, j))
     assert order == expected
+    _check_cached_plan_segments(plan, indices, offsets, last_rows, cache_ids)
+
+
+def _check_cached_plan_segments(plan, indices, offsets, last_rows, cache_ids) -> None:
+    """The plan's segments against segments built here: per bag its uncached groups ascending,
+    then one cache segment (group -1) holding its hits, whose sorted_last is the cache slot."""
+    fields = unpack_plan(plan, indices.numel(), offsets.numel() - 1)
+    slot_of = {int(r): s for s, r in enumerate(cache_ids.tolist())}
+    seg_bag, seg_group, seg_start, bag_seg, lookup_seg, sorted_last = [], [], [0], [0], {}, []
+    for b in range(offsets.numel() - 1):
+        lookups = range(int(offsets[b]), int(offsets[b + 1]))
+        by_group = {}
+        for j in lookups:
+            row = int(indices[j])
+            by_group.setdefault(-1 if row in slot_of else row // last_rows, []).append(j)
+        for group in sorted(by_group, key=lambda q: (q < 0, q)):
+            for j in by_group[group]:
+                lookup_seg[j] = len(seg_bag)
+                row = int(indices[j])
+                sorted_last.append(slot_of[row] if group < 0 else row % last_rows)
+            seg_bag.append(b)
+            seg_group.append(group)
+            seg_start.append(seg_start[-1] + len(by_group[group]))
+        bag_seg.append(len(seg_bag))
+    num_segments = len(seg_bag)
+    header = fields["header"].tolist()
+    assert header[0] == num_segments
+    assert header[6] == sum(1 for j in range(indices.numel()) if int(indices[j]) in slot_of)  # hits
+    assert fields["segment_bag"][:num_segments].tolist() == seg_bag
+    assert fields["segment_group"][:num_segments].tolist() == seg_group
+    assert fields["segment_start"][: num_segments + 1].tolist() == seg_start
+    assert fields["bag_segment_start"].tolist() == bag_seg
+    assert fields["lookup_segment"].tolist() == [lookup_seg[j] for j in range(indices.numel())]
+    assert fields["sorted_last"].tolist() == sorted_last
 
 
 def _bag_of_lookup(offsets: torch.Tensor, j: int) -> int:

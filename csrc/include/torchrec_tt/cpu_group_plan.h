@@ -95,12 +95,13 @@ constexpr int64_t kRankSortMaxLookups = 256;
 // of the lookups within a segment, writing for each rank k in [lo, hi): perm[k] (the lookup),
 // group[k] = indices[perm[k]] / last_rows and last[k] = indices[perm[k]] % last_rows. With cache
 // slots (cache.has_slots()), a cached lookup takes group num_groups (after every real group: the
-// bag's cached lookups come last, in position order) and last = its cache slot. Keys are
+// bag's cached lookups come last, in position order) and last = its cache slot; group[k] may be left
+// unwritten for them. Returns the bag's number of cached lookups. Keys are
 // (group << 20 | position): distinct, so a key's rank is its place; bags of up to 256 lookups whose
 // groups fit 23 bits use 32-bit keys (group << 8 | position). Bags of 2^20 or more lookups, or
 // groups past 2^43, sort (group, position) pairs instead (never, in practice).
 template <typename index_t>
-inline void order_bag_by_group(
+inline int64_t order_bag_by_group(
     const index_t* indices,
     const PlanCache& cache,
     int64_t lo,
@@ -199,7 +200,7 @@ inline void order_bag_by_group(
     for (int64_t t = 0; t < n; ++t) {
       place(t, t);
     }
-    return;
+    return hits;
   }
   if (short_keys && ranked <= kRankSortMaxLookups) {
     // Sixteen keys' ranks per pass, each compared with every key (broadcast), as two independent
@@ -259,12 +260,15 @@ inline void order_bag_by_group(
     for (int64_t k = 0; k < n; ++k) {
       place(k, order[k]);
     }
-    return;
+    return hits;
   }
-  // The cached lookups after the others, in position order.
+  // The cached lookups after the others, in position order (their group, num_groups, is not
+  // written: the plan's passes know a bag's hits from the count returned).
   for (int64_t h = 0; h < hits; ++h) {
-    place(ranked + h, hit_at[h]);
+    perm[lo + ranked + h] = lo + hit_at[h];
+    last[lo + ranked + h] = r[hit_at[h]];
   }
+  return hits;
 }
 
 // Up to this many table rows per lookup, a map over the table's rows (the cache slots below, the
