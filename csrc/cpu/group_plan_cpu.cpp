@@ -123,10 +123,11 @@ void build_group_plan_cpu(
 
   // Pass 2: number the segments (a bag's cached lookups form its last segment, the cache segment).
   // Captures by value: by reference, every store made the compiler reload the array pointers.
-  // Without a branch: every lookup writes its segment's bag and group, and the start of the segment
-  // after it (the last write wins: its end; a bag's first segment starts where the previous bag's
-  // last one ends, written by whichever worker has that bag). A new segment at 60 % of the MovieLens
-  // history lookups made the branch mispredict: 357 -> 314 us per group_plan call, one thread.
+  // Without a branch: every uncached lookup writes its segment's bag and group, and the start of
+  // the segment after it (the last write wins: its end; a bag's first segment starts where the
+  // previous bag's last one ends, written by whichever worker has that bag). A new segment at 60 %
+  // of the MovieLens history lookups made the branch mispredict: 357 -> 314 us per group_plan
+  // call, one thread.
   at::parallel_for(0, batch_size, kBagGrain, [=](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t lo = static_cast<int64_t>(offsets[b]);

@@ -160,9 +160,9 @@ def _check_cached_plan_segments(plan, indices, offsets, last_rows, cache_ids) ->
             seg_start.append(seg_start[-1] + len(by_group[group]))
         bag_seg.append(len(seg_bag))
     num_segments = len(seg_bag)
-    header = fields["header"].tolist()
-    assert header[0] == num_segments
-    assert header[6] == sum(1 for j in range(indices.numel()) if int(indices[j]) in slot_of)  # hits
+    segments_in_plan, _, _, _, _, cache_rows, num_hits = fields["header"][:7].tolist()
+    assert (segments_in_plan, cache_rows) == (num_segments, cache_ids.numel())
+    assert num_hits == sum(1 for j in range(indices.numel()) if int(indices[j]) in slot_of)
     assert fields["segment_bag"][:num_segments].tolist() == seg_bag
     assert fields["segment_group"][:num_segments].tolist() == seg_group
     assert fields["segment_start"][: num_segments + 1].tolist() == seg_start
