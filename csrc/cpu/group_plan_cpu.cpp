@@ -84,12 +84,11 @@ void build_group_plan_cpu(
   std::fill(plan_data, plan_data + kPlanHeaderSize, int64_t{0});
   const PlanView<int64_t> plan = PlanView<int64_t>::make(plan_data, nnz, batch_size);
   // Each lookup's group in plan order (a cached lookup's is not written), and each bag's cache hits.
-  int64_t* const sorted_group = arena<int64_t>(Arena::kPlanSortedGroups, nnz);
+  int64_t* const sgroup = arena<int64_t>(Arena::kPlanSortedGroups, nnz);
   int64_t* const bag_hits = arena<int64_t>(Arena::kPlanBagHits, batch_size);
 
   int64_t* const perm = plan.sorted_lookup;
   int64_t* const slast = plan.sorted_last;
-  int64_t* const sgroup = sorted_group;
   int64_t* const bag_seg = plan.bag_segment_start;
   int64_t* const lookup_seg = plan.lookup_segment;
   int64_t* const seg_bag = plan.segment_bag;
