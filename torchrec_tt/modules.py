@@ -348,7 +348,7 @@ class TTEmbeddingBag(nn.Module):
         """The cores the op runs on: fp16/bf16 cores upcast to fp32 (small; gradients flow back
         to the low-precision parameters), others as they are."""
         cores = self._core_list()
-        if self._storage_dtype() in _LOW_PRECISION:
+        if cores[0].dtype in _LOW_PRECISION:  # the parameters themselves (_core_list): no fx proxy
             return [c.float() for c in cores]
         return cores
 
@@ -387,11 +387,13 @@ class TTEmbeddingBag(nn.Module):
         if self.config.cache_rows > 0:
             if self._cache_counts is not None and not _python_ops.is_tracing(indices):
                 self._cache_counts.index_add_(0, indices.to(torch.int64), torch.ones_like(indices, dtype=torch.int64))
-            weight = self.cache_weight
+            # The parameter and the buffer themselves, as _core_list: Module.__getattr__ cost 2 us
+            # each per call here, and fx traces them as get_attr nodes all the same.
+            weight, cache_ids = self._parameters["cache_weight"], self._buffers["cache_ids"]
             return cached_tt_embedding_bag(
                 self.compute_cores(),
-                weight.float() if self._storage_dtype() in _LOW_PRECISION else weight,  # the cores' dtype
-                self.cache_ids,
+                weight.float() if weight.dtype in _LOW_PRECISION else weight,  # the cores' dtype
+                cache_ids,
                 indices,
                 offsets,
                 per_sample_weights,
