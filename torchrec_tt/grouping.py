@@ -72,6 +72,7 @@ PLAN_FIELDS = (
     ("slot_group", 1, 0, 0),
     ("slot_segment_start", 1, 0, 1),
     ("slot_segment", 1, 0, 0),
+    ("bag_hits", 0, 1, 0),
 )
 
 

@@ -63,13 +63,8 @@ enum class Arena : int {
   kGroupedLookupsSwap,
   kLookupRows, // the plan-free row path's per-lookup rows (one worker's lookups)
   kRowMarks, // distinct_rows_cpu's row marks (one byte per row and marking thread)
-  kCacheHitStarts, // gather_cache_hits: each bag's first hit, its cache segment's end,
-  kCacheHitSegmentEnds,
-  kCacheHitSlots, // and the hits' slots and lookups
-  kCacheHitLookups,
   kRowCodes, // group_plan's table row codes (cache_row_codes_cpu)
-  kPlanSortedGroups, // build_group_plan_cpu's per-lookup groups and per-bag hit counts
-  kPlanBagHits,
+  kPlanSortedGroups, // build_group_plan_cpu's per-lookup groups
   kCount
 };
 

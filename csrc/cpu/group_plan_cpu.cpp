@@ -83,9 +83,9 @@ void build_group_plan_cpu(
   const PlanLayout layout = PlanLayout::make(nnz, batch_size);
   std::fill(plan_data, plan_data + kPlanHeaderSize, int64_t{0});
   const PlanView<int64_t> plan = PlanView<int64_t>::make(plan_data, nnz, batch_size);
-  // Each lookup's group in plan order (a cached lookup's is not written), and each bag's cache hits.
+  // Each lookup's group in plan order (a cached lookup's is not written).
   int64_t* const sgroup = arena<int64_t>(Arena::kPlanSortedGroups, nnz);
-  int64_t* const bag_hits = arena<int64_t>(Arena::kPlanBagHits, batch_size);
+  int64_t* const bag_hits = plan.bag_hits;
 
   int64_t* const perm = plan.sorted_lookup;
   int64_t* const slast = plan.sorted_last;

@@ -304,12 +304,11 @@ struct PlanRef {
         num_segments(v.header[static_cast<int64_t>(PlanHeader::kNumSegments)]),
         num_slots(v.header[static_cast<int64_t>(PlanHeader::kNumSlots)]) {}
 
-  // The range [*begin, *end) of the plan's sorted lookups in bag b's cache segment (empty if none).
-  void cache_lookups(int64_t b, int64_t* begin, int64_t* end) const {
-    const int64_t s = v.bag_segment_start[b + 1] - 1;
-    const bool cached = s >= v.bag_segment_start[b] && v.segment_group[s] == kCacheGroup;
-    *begin = cached ? v.segment_start[s] : 0;
-    *end = cached ? v.segment_start[s + 1] : 0;
+  // The range [*begin, *end) of the plan's sorted lookups in bag b's cache segment (empty if none):
+  // the last bag_hits[b] of the bag's lookups, which end at bag_end = offsets[b + 1].
+  void cache_lookups(int64_t b, int64_t bag_end, int64_t* begin, int64_t* end) const {
+    *begin = bag_end - v.bag_hits[b];
+    *end = bag_end;
   }
 };
 
@@ -766,7 +765,7 @@ void forward_grt(const Batch<scalar_t, index_t>& in, const PlanRef& plan, scalar
     for (int64_t b = b_begin; b < b_end; ++b) {
       transpose(in.nl, in.np, partial.part(0) + b * in.N, out + b * in.N);
       int64_t k0 = 0, k1 = 0;
-      plan.cache_lookups(b, &k0, &k1);
+      plan.cache_lookups(b, static_cast<int64_t>(in.offsets[b + 1]), &k0, &k1);
       // The bag's cached rows (add_cached_row for each, one register-held sum).
       const T scale = in.coef.scale(b);
       const int64_t* lookup = plan.v.sorted_lookup + k0;
@@ -950,41 +949,10 @@ void forward_grt_rows(const Batch<scalar_t, index_t>& in, const DistinctRows& ro
 // Backward.
 // ----------------------------------------------------------------------------------------------
 
-// A batch's cache hits in bag order, copied out of the plan's cache segments: bag b's hits are
-// [start[b], start[b + 1]), with their cache slots and (with_lookups) their lookups. The plan is cold
-// by the backward, so its segment bounds and slots are read here in loops of independent loads;
-// read between the cache gradient's accumulations they were a chain of misses (perf: most of that
-// pass; in-process alternation, MovieLens history table, 1 % cache, two runs: 98-124 and
-// 107-161 us before, 61-80 and 70-97 after).
-struct CacheHits {
-  const int64_t* start; // (B + 1)
-  const int64_t* slot; // (hits)
-  const int64_t* lookup; // (hits) if with_lookups
-};
-
-inline CacheHits gather_cache_hits(const PlanRef& plan, int64_t batch_size, bool with_lookups) {
-  int64_t* const start = arena<int64_t>(Arena::kCacheHitStarts, batch_size + 1);
-  int64_t* const segment_end = arena<int64_t>(Arena::kCacheHitSegmentEnds, batch_size);
-  start[0] = 0;
-  for (int64_t b = 0; b < batch_size; ++b) {
-    int64_t k0 = 0, k1 = 0;
-    plan.cache_lookups(b, &k0, &k1);
-    segment_end[b] = k1;
-    start[b + 1] = start[b] + (k1 - k0);
-  }
-  const int64_t num_hits = start[batch_size];
-  int64_t* const slot = arena<int64_t>(Arena::kCacheHitSlots, num_hits);
-  int64_t* const lookup = arena<int64_t>(Arena::kCacheHitLookups, with_lookups ? num_hits : 0);
-  for (int64_t b = 0; b < batch_size; ++b) {
-    const int64_t k0 = segment_end[b] - (start[b + 1] - start[b]);
-    // A cached lookup's `last` in the plan is its cache slot.
-    std::copy(plan.v.sorted_last + k0, plan.v.sorted_last + segment_end[b], slot + start[b]);
-    if (with_lookups) {
-      std::copy(plan.v.sorted_lookup + k0, plan.v.sorted_lookup + segment_end[b], lookup + start[b]);
-    }
-  }
-  return {start, slot, lookup};
-}
+// Bags ahead whose cache hits (slots and lookups in the plan's sorted fields) the cache gradient
+// prefetches: the plan is cold by the backward, and a bag's hits are a few lines at an address known
+// from the offsets and bag_hits alone.
+constexpr int64_t kCacheHitPrefetchBags = 4;
 
 // tt: per lookup, the chain with its intermediates, then
 //   G^T = g_b^T Q (n_l x R'); d core_last[last] += c_j G; dQ = c_j g_b L^T; back through the chain.
@@ -1119,20 +1087,29 @@ void backward_grt(
     // (100-130 against 80-97 us, MovieLens history table, 1 % cache): it reads each hit's
     // output-gradient row at random.
     RECORD_FUNCTION("torchrec_tt::grt_backward::cache", std::vector<c10::IValue>());
-    const CacheHits hits = gather_cache_hits(plan, in.batch_size, in.psw != nullptr);
     for (int64_t b = 0; b < in.batch_size; ++b) {
-      const int64_t count = hits.start[b + 1] - hits.start[b];
+      if (b + kCacheHitPrefetchBags < in.batch_size) {
+        const int64_t ahead = b + kCacheHitPrefetchBags;
+        int64_t a0 = 0, a1 = 0;
+        plan.cache_lookups(ahead, static_cast<int64_t>(in.offsets[ahead + 1]), &a0, &a1);
+        if (a1 > a0) {
+          __builtin_prefetch(plan.v.sorted_last + a0);
+          __builtin_prefetch(plan.v.sorted_last + a1 - 1);
+        }
+      }
+      int64_t k0 = 0, k1 = 0;
+      plan.cache_lookups(b, static_cast<int64_t>(in.offsets[b + 1]), &k0, &k1);
       const T scale = in.coef.scale(b);
-      const int64_t* const slot = hits.slot + hits.start[b];
+      const int64_t* const slot = plan.v.sorted_last + k0; // a cached lookup's `last` is its slot
       const T* const g_b = grad_out + b * in.N;
       const auto row = [&](int64_t i) { return dcache + slot[i] * in.N; };
       if (in.psw == nullptr) {
-        add_into_rows(in.N, count, [&](int64_t) { return scale; }, row, g_b);
+        add_into_rows(in.N, k1 - k0, [&](int64_t) { return scale; }, row, g_b);
         continue;
       }
-      const int64_t* const lookup = hits.lookup + hits.start[b];
-      add_into_rows(in.N, count, [&](int64_t i) { return scale * in.coef.weight(lookup[i]); }, row, g_b);
-      for (int64_t i = 0; psw_grad != nullptr && i < count; ++i) {
+      const int64_t* const lookup = plan.v.sorted_lookup + k0;
+      add_into_rows(in.N, k1 - k0, [&](int64_t i) { return scale * in.coef.weight(lookup[i]); }, row, g_b);
+      for (int64_t i = 0; psw_grad != nullptr && i < k1 - k0; ++i) {
         psw_grad[lookup[i]] = cached_row_psw_grad(in, slot[i], scale, g_b);
       }
     }

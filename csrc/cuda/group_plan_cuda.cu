@@ -9,7 +9,8 @@
 //   2. radix sort         lookups by key -> sorted_lookup (stable: (bag, group, j) order);
 //   3. scan_heads         numbers the segments and, in the scan's output functor, writes
 //                         lookup_segment, sorted_last, segment_start/bag/group, bag_segment_start,
-//                         S and the segments' groups (keys of step 4);
+//                         bag_hits (0: the CUDA plan has no cache segments), S and the segments'
+//                         groups (keys of step 4);
 //   4. radix sort         segments by group (stable) -> slot_segment;
 //   5. scan_heads         numbers the slots and writes segment_slot, slot_group, slot_segment_start, U.
 // Invalid lookups (outside every bag, index < 0, group beyond the bound) get the largest key, sort
@@ -73,6 +74,9 @@ __global__ void plan_empty_kernel(
     if (i <= B) {
       v.bag_segment_start[i] = 0;
     }
+    if (i < B) {
+      v.bag_hits[i] = 0; // no cache on CUDA (torchrec_tt.cache splits the hits off)
+    }
     if (i < nnz) {
       v.lookup_segment[i] = -1;
     }
@@ -119,6 +123,9 @@ struct SegmentWriter {
         v.segment_start[0] = 0;
         for (int64_t b = 0; b <= B; ++b) {
           v.bag_segment_start[b] = 0;
+          if (b < B) {
+            v.bag_hits[b] = 0;
+          }
         }
       }
       return;
@@ -136,6 +143,7 @@ struct SegmentWriter {
       const int64_t prev = p == 0 ? -1 : static_cast<int64_t>(keys[p - 1] >> gbits);
       for (int64_t b = prev + 1; b <= bag; ++b) {
         v.bag_segment_start[b] = s;
+        v.bag_hits[b] = 0;
       }
     }
     if (p + 1 == nnz || keys[p + 1] == invalid) { // last valid lookup
@@ -143,6 +151,9 @@ struct SegmentWriter {
       v.header[static_cast<int>(PlanHeader::kNumSegments)] = c;
       for (int64_t b = bag + 1; b <= B; ++b) {
         v.bag_segment_start[b] = c;
+        if (b < B) {
+          v.bag_hits[b] = 0;
+        }
       }
     }
   }

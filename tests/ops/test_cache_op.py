@@ -108,6 +108,9 @@ def test_plan_puts_cached_lookups_in_one_trailing_segment_per_bag():
     assert bag_seg[1] == bag_seg[2]  # empty bag
     assert seg_group[bag_seg[2]:bag_seg[3]].tolist() == [1, 7, _KERNEL_CACHE_GROUP]  # 4; 30; 31 cached
     assert seg_group[bag_seg[3]:bag_seg[4]].tolist() == [0, _KERNEL_CACHE_GROUP]  # 0; 5 cached
+    # Each bag's cache segment size: its last sorted lookups, ending at the bag's offset.
+    assert f["bag_hits"].tolist() == [3, 0, 1, 1]
+    assert seg_start[s + 1] == offsets[1] and seg_start[s] == offsets[1] - 3
     # Slots are the uncached groups only, and their lists hold no cache segment.
     assert f["slot_group"][:num_slots].tolist() == [0, 1, 3, 7]
     listed = f["slot_segment"][: f["slot_segment_start"][num_slots]].tolist()

@@ -119,6 +119,7 @@ def test_compiled_group_plan_matches_python(problem, index_dtype, device):
     assert f["slot_segment"][:S].tolist() == by_slot
     per_slot = torch.bincount(expected.segment_slot.cpu(), minlength=U)[:U] if S else torch.zeros(U, dtype=torch.int64)
     assert f["slot_segment_start"][: U + 1].tolist() == [0, *torch.cumsum(per_slot, 0).tolist()]
+    assert f["bag_hits"].tolist() == [0] * batch  # no cache
 
 
 def test_compiled_group_plan_rejects_bad_batches():

@@ -140,16 +140,18 @@ def test_group_plan_with_a_cache_orders_uncached_then_cached():
 
 def _check_cached_plan_segments(plan, indices, offsets, last_rows, cache_ids) -> None:
     """The plan's segments against segments built here: per bag its uncached groups ascending,
-    then one cache segment (group -1) holding its hits, whose sorted_last is the cache slot."""
+    then one cache segment (group -1) holding its hits, whose sorted_last is the cache slot, and
+    bag_hits its size."""
     fields = unpack_plan(plan, indices.numel(), offsets.numel() - 1)
     slot_of = {int(r): s for s, r in enumerate(cache_ids.tolist())}
-    seg_bag, seg_group, seg_start, bag_seg, lookup_seg, sorted_last = [], [], [0], [0], {}, []
+    seg_bag, seg_group, seg_start, bag_seg, lookup_seg, sorted_last, bag_hits = [], [], [0], [0], {}, [], []
     for b in range(offsets.numel() - 1):
         lookups = range(int(offsets[b]), int(offsets[b + 1]))
         by_group = {}
         for j in lookups:
             row = int(indices[j])
             by_group.setdefault(-1 if row in slot_of else row // last_rows, []).append(j)
+        bag_hits.append(len(by_group.get(-1, [])))
         for group in sorted(by_group, key=lambda q: (q < 0, q)):
             for j in by_group[group]:
                 lookup_seg[j] = len(seg_bag)
@@ -169,6 +171,8 @@ def _check_cached_plan_segments(plan, indices, offsets, last_rows, cache_ids) ->
     assert fields["bag_segment_start"].tolist() == bag_seg
     assert fields["lookup_segment"].tolist() == [lookup_seg[j] for j in range(indices.numel())]
     assert fields["sorted_last"].tolist() == sorted_last
+    # A bag's hits are the last bag_hits[b] of its sorted lookups: what the backward reads.
+    assert fields["bag_hits"].tolist() == bag_hits
 
 
 def _bag_of_lookup(offsets: torch.Tensor, j: int) -> int:

@@ -23,10 +23,15 @@
 //   slot_group         [L]      group of slot u (ascending)
 //   slot_segment_start [L + 1]  slot u is used by slot_segment[slot_segment_start[u] .. [u + 1])
 //   slot_segment       [L]      segments bucketed by slot, ascending segment id within a slot
+//   bag_hits           [B]      bag b's cached lookups: the last bag_hits[b] of its sorted lookups
+//                               (0 in a plan without a cache)
 //
 // Hot-row cache (a plan built with cache_ids; docs/design.md section 10): a bag's cached lookups
 // form one extra segment, the bag's last, with segment_group = kCacheGroup and no slot (it is in no
-// slot's list); its sorted_last entries hold the lookups' cache slots instead of last digits.
+// slot's list); its sorted_last entries hold the lookups' cache slots instead of last digits. A bag's
+// lookups fill [offsets[b], offsets[b + 1]) of the sorted fields, so its cache segment is the last
+// bag_hits[b] of them: found from the offsets and bag_hits alone, which the backward's cache gradient
+// reads in bag order without the segment fields (cold by then).
 #pragma once
 
 #include <cstdint>
@@ -66,6 +71,7 @@ struct PlanLayout {
   int64_t slot_group = 0;
   int64_t slot_segment_start = 0;
   int64_t slot_segment = 0;
+  int64_t bag_hits = 0;
   int64_t numel = 0; // total size of the plan tensor
 
   TORCHREC_TT_PLAN_HD static PlanLayout make(int64_t nnz, int64_t batch_size) {
@@ -82,6 +88,7 @@ struct PlanLayout {
     p.slot_group = at, at += nnz;
     p.slot_segment_start = at, at += nnz + 1;
     p.slot_segment = at, at += nnz;
+    p.bag_hits = at, at += batch_size;
     p.numel = at;
     return p;
   }
@@ -102,6 +109,7 @@ struct PlanView {
   T* slot_group;
   T* slot_segment_start;
   T* slot_segment;
+  T* bag_hits;
 
   TORCHREC_TT_PLAN_HD static PlanView make(T* base, int64_t nnz, int64_t batch_size) {
     const PlanLayout p = PlanLayout::make(nnz, batch_size);
@@ -117,7 +125,8 @@ struct PlanView {
         base + p.bag_segment_start,
         base + p.slot_group,
         base + p.slot_segment_start,
-        base + p.slot_segment};
+        base + p.slot_segment,
+        base + p.bag_hits};
   }
 };
 
