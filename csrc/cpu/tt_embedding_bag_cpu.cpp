@@ -1099,17 +1099,18 @@ void backward_grt(
       }
       int64_t k0 = 0, k1 = 0;
       plan.cache_lookups(b, static_cast<int64_t>(in.offsets[b + 1]), &k0, &k1);
+      const int64_t count = k1 - k0;
       const T scale = in.coef.scale(b);
       const int64_t* const slot = plan.v.sorted_last + k0; // a cached lookup's `last` is its slot
       const T* const g_b = grad_out + b * in.N;
       const auto row = [&](int64_t i) { return dcache + slot[i] * in.N; };
       if (in.psw == nullptr) {
-        add_into_rows(in.N, k1 - k0, [&](int64_t) { return scale; }, row, g_b);
+        add_into_rows(in.N, count, [&](int64_t) { return scale; }, row, g_b);
         continue;
       }
       const int64_t* const lookup = plan.v.sorted_lookup + k0;
-      add_into_rows(in.N, k1 - k0, [&](int64_t i) { return scale * in.coef.weight(lookup[i]); }, row, g_b);
-      for (int64_t i = 0; psw_grad != nullptr && i < k1 - k0; ++i) {
+      add_into_rows(in.N, count, [&](int64_t i) { return scale * in.coef.weight(lookup[i]); }, row, g_b);
+      for (int64_t i = 0; psw_grad != nullptr && i < count; ++i) {
         psw_grad[lookup[i]] = cached_row_psw_grad(in, slot[i], scale, g_b);
       }
     }
