@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from torchrec_tt.configs import TTEmbeddingBagConfig
+from torchrec_tt.enums import Variant, VariantLike
 from torchrec_tt._python_ops import first_out_of_range
 from torchrec_tt.cache import cache_hits, split_misses
 from torchrec_tt.grouping import GroupPlan
@@ -75,8 +76,12 @@ class OpCounts:
         num_distinct_rows: distinct rows ``D`` of the TT part.
         num_row_path_slots_rows: distinct rows of the slots that take the row path.
         tt_backward_flops / grt_backward_flops: backward FLOPs of the two variants.
-        num_cache_hits: lookups served by the hot-row cache (not in ``num_lookups``: every
-            other field counts the TT part only).
+        num_cache_hits: lookups served by the hot-row cache (not in ``num_lookups``: the fields
+            above count the TT part only).
+        cache_flops / cache_backward_flops: forward and backward FLOPs of serving the hits, the
+            same for both variants: ``y_b += c C_s`` and ``dC_s += c g_b``, ``2 N`` per hit each
+            (the row path's pooling of a lookup costs the same). A variant's whole op is its TT
+            part plus these (:meth:`forward_flops`, :meth:`backward_flops`).
     """
 
     batch_size: int
@@ -93,11 +98,23 @@ class OpCounts:
     num_cache_hits: int = 0
     num_distinct_rows: int = 0
     num_row_path_slots_rows: int = 0
+    cache_flops: int = 0
+    cache_backward_flops: int = 0
 
     @property
     def cache_hit_rate(self) -> float:
         """Share of all lookups served by the cache."""
         return self.num_cache_hits / max(self.num_cache_hits + self.num_lookups, 1)
+
+    def forward_flops(self, variant: VariantLike) -> int:
+        """Forward FLOPs of the whole op in ``variant``: its TT part and the cache's hits."""
+        tt_part = self.grt_flops if Variant.parse(variant) is Variant.GRT else self.tt_flops
+        return tt_part + self.cache_flops
+
+    def backward_flops(self, variant: VariantLike) -> int:
+        """Backward FLOPs of the whole op in ``variant``: its TT part and the cache's hits."""
+        tt_part = self.grt_backward_flops if Variant.parse(variant) is Variant.GRT else self.tt_backward_flops
+        return tt_part + self.cache_backward_flops
 
 
 def op_counts_from_stats(
@@ -151,6 +168,8 @@ def op_counts_from_stats(
         num_cache_hits=int(num_cache_hits),
         num_distinct_rows=int(round(num_distinct_rows)),
         num_row_path_slots_rows=int(round(row_path.rows)),
+        cache_flops=int(2 * num_cache_hits * dim),
+        cache_backward_flops=int(2 * num_cache_hits * dim),
     )
 
 

@@ -20,13 +20,14 @@ def test_cache_sizes_side_by_side(pipeline, capsys):
         for table in ("history", "candidate"):
             assert 0 < c[phase][table]["hits"] < c[phase][table]["lookups"], (phase, table, c[phase])
     assert 0.05 < c["history_hit_rate"] < 1.0 and 0.0 < c["tt_work_removed"] < 1.0
+    assert c["work_removed"] < c["tt_work_removed"]  # the hits' own adds are counted
     assert c["history_P_G_tt_part"] < c["history_P_G_no_cache"]
     assert c["with_cache_s"] > 0 and c["without_cache_s"] > 0 and 0 < c["ratio_q1"] <= c["ratio"] <= c["ratio_q3"]
     # cache_rows=0 is the plain model: same data and seed give the same AUC.
     again = pipeline.main(["--embedding", "grt"] + TINY)["grt"]
     assert again["eval"]["auc"] == plain["eval"]["auc"]
     report = capsys.readouterr().out
-    assert "served by the cache" in report and "hist. hits" in report
+    assert "served by the cache" in report and "hist. hits" in report and "op work -" in report
 
 
 def test_bad_cache_fraction(pipeline):

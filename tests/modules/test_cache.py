@@ -20,7 +20,7 @@ from torchrec_tt import (
     tt_to_dense,
 )
 from torchrec_tt.cache import cached_tt_embedding_bag
-from torchrec_tt.distributed.planner import table_op_counts, tt_table_bytes
+from torchrec_tt.distributed.planner import table_op_counts, tt_compute_ms, tt_table_bytes
 from tt_testing import assert_message
 
 ROWS = 100
@@ -315,7 +315,15 @@ def test_count_ops_reports_hits_and_the_tt_part():
     assert (counts.pooling_factor, counts.groups_per_bag, counts.grt_flops) == (
         expected.pooling_factor, expected.groups_per_bag, expected.grt_flops,
     )
-    assert count_ops(cfg, ids, offsets).num_cache_hits == 0
+    # Each hit adds its cached row into its bag (forward) and its bag's gradient into the row's
+    # (backward): 2 N FLOPs each, in both variants.
+    dim = cfg.embedding_dim
+    assert (counts.cache_flops, counts.cache_backward_flops) == (4 * 2 * dim, 4 * 2 * dim)
+    assert counts.forward_flops("grt") == expected.grt_flops + 4 * 2 * dim
+    assert counts.backward_flops("tt") == expected.tt_backward_flops + 4 * 2 * dim
+    uncached = count_ops(cfg, ids, offsets)
+    assert uncached.num_cache_hits == 0 and uncached.cache_flops == uncached.cache_backward_flops == 0
+    assert uncached.forward_flops("grt") == uncached.grt_flops
 
 
 def test_planner_prices_the_cache():
@@ -326,6 +334,10 @@ def test_planner_prices_the_cache():
     assert modelled.num_lookups == 800 and modelled.num_cache_hits == 200
     measured = table_op_counts(cached, [100], [10.0], [None], hit_rates=[0.5])
     assert measured.num_lookups == 500 and measured.grt_flops < modelled.grt_flops < full.grt_flops
+    # The perf estimate prices the hits too: a table whose every lookup hits still reads its rows.
+    all_hits = table_op_counts(cached, [100], [10.0], [None], hit_rates=[1.0])
+    assert all_hits.num_lookups == 0 and all_hits.grt_flops == 0
+    assert tt_compute_ms(all_hits, "grt", 1.0) == (2 * 1000 * 8, 2 * 1000 * 8)
     assert math.isclose(cached.compression_ratio(), cached.dense_bytes() / (cached.storage_bytes() + cached.cache_bytes()))
 
 

@@ -189,7 +189,9 @@ class LookupStats:
         tt_flops / grt_flops: forward FLOPs per batch of the two variants.
         tt_backward_flops / grt_backward_flops: backward FLOPs per batch.
         cache_hit_rate: share of the lookups served by a hot-row cache (``cache_ids``); the
-            other fields then describe the TT part only (P counts the misses).
+            fields above then describe the TT part only (P counts the misses).
+        cache_flops / cache_backward_flops: forward and backward FLOPs per batch of serving the
+            hits (the same for both variants).
     """
 
     pooling_factor: float
@@ -200,6 +202,8 @@ class LookupStats:
     tt_backward_flops: float = 0.0
     grt_backward_flops: float = 0.0
     cache_hit_rate: float = 0.0
+    cache_flops: float = 0.0
+    cache_backward_flops: float = 0.0
 
 
 def group_stats(
@@ -216,7 +220,7 @@ def group_stats(
         mapping (Optional[Tensor]): old -> new ids applied before counting.
         cache_ids (Optional[Tensor]): sorted (new) ids of cached rows: hits leave the TT part.
     """
-    totals = [0.0] * 8
+    totals = [0.0] * 10
     bags = 0
     num_batches = 0
     for indices, offsets in batches:
@@ -224,7 +228,7 @@ def group_stats(
             indices = mapping[indices]
         c = count_ops(config, indices, offsets, cache_ids=cache_ids)
         fields = (c.num_lookups, c.num_segments, c.num_distinct_groups, c.tt_flops, c.grt_flops,
-                  c.tt_backward_flops, c.grt_backward_flops, c.num_cache_hits)
+                  c.tt_backward_flops, c.grt_backward_flops, c.num_cache_hits, c.cache_flops, c.cache_backward_flops)
         for k, v in enumerate(fields):
             totals[k] += v
         bags += c.batch_size
@@ -240,4 +244,6 @@ def group_stats(
         tt_backward_flops=totals[5] / num_batches,
         grt_backward_flops=totals[6] / num_batches,
         cache_hit_rate=totals[7] / max(totals[0] + totals[7], 1.0),
+        cache_flops=totals[8] / num_batches,
+        cache_backward_flops=totals[9] / num_batches,
     )

@@ -56,7 +56,7 @@ from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.distributed.optimizer import optimizer_state_multiplier
 from torchrec_tt.distributed.sharded_module import TT_COMPUTE_KERNEL
 from torchrec_tt.distributed.sharder import TT_CONFIG_ATTR
-from torchrec_tt.enums import Variant, VariantLike
+from torchrec_tt.enums import VariantLike
 from torchrec_tt.op_counts import OpCounts, count_ops, expected_groups_per_bag, op_counts_from_stats
 
 # TorchRec 1.8's estimators take picklable SharderData (``sharder_data_map``), 1.6's the
@@ -166,10 +166,9 @@ def table_op_counts(
 
 
 def tt_compute_ms(counts: OpCounts, variant: VariantLike, flops_per_ms: float) -> Tuple[float, float]:
-    """``(forward, backward)`` milliseconds of ``variant`` at ``flops_per_ms``."""
-    if Variant.parse(variant) is Variant.GRT:
-        return counts.grt_flops / flops_per_ms, counts.grt_backward_flops / flops_per_ms
-    return counts.tt_flops / flops_per_ms, counts.tt_backward_flops / flops_per_ms
+    """``(forward, backward)`` milliseconds of ``variant`` at ``flops_per_ms``: the TT part and
+    the cache's hits."""
+    return counts.forward_flops(variant) / flops_per_ms, counts.backward_flops(variant) / flops_per_ms
 
 
 def tt_table_bytes(config: TTEmbeddingBagConfig, optimizer_multiplier: float) -> int:
