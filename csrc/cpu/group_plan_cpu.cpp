@@ -333,15 +333,16 @@ DistinctRows distinct_rows_cpu(
     const int64_t j0 = static_cast<int64_t>(offsets[b]);
     const int64_t j1 = static_cast<int64_t>(offsets[b + 1]);
     sampled_lookups += j1 - j0;
+    // Without a branch on hits (a quarter of the MovieLens history lookups with a 1 % cache, at
+    // random): a hit leaves its group's stamp as it was and counts nothing.
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t r = static_cast<int64_t>(indices[j]);
-      if (marks[r] == kRowCached) {
-        continue;
-      }
+      const bool miss = marks[r] != kRowCached;
       int64_t rem;
       const int64_t g = divmod.divmod(r, &rem);
-      sampled_segments += stamp[g] != b ? 1 : 0;
-      stamp[g] = b;
+      const int64_t last = stamp[g];
+      sampled_segments += (miss && last != b) ? 1 : 0;
+      stamp[g] = miss ? b : last;
     }
   }
   rows.num_segments = sampled_lookups == 0
