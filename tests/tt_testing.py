@@ -1,4 +1,4 @@
-"""Helpers shared by tests/ops and tests/modules: devices, random problems, the reference.
+"""Helpers shared by the tests: devices, random problems, the reference, the checkout's root.
 
 The reference is deliberately independent of the lookup kernels: the whole table is
 materialized with :func:`torchrec_tt.tt_to_dense` (whole-core contraction, no row
@@ -6,9 +6,10 @@ chains, no grouping) and pooled with ``torch.nn.functional.embedding_bag``.
 """
 
 import math
+import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -18,6 +19,16 @@ from hypothesis import strategies as st
 from torchrec_tt import tt_to_dense
 
 CUDA_SKIP_REASON = "CUDA is not available on this machine"
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout's root
+
+
+def checkout_env(**overrides: str) -> Dict[str, str]:
+    """This process's environment with the checkout first on ``PYTHONPATH``, for child processes
+    that must import this checkout's torchrec_tt whether or not it is installed."""
+    env = {**os.environ, **overrides}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return env
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),

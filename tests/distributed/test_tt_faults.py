@@ -24,6 +24,7 @@ from torchrec.optim import apply_optimizer_in_backward
 
 from torchrun_bad_id import with_bad_id
 from tt_dist_testing import FailFastMultiProcessTestBase, SparseArch, interleaved_plan, loss_weights, rank_batches, rank_context, shard, tt_params, tt_tables
+from tt_testing import checkout_env
 from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from torchrec_tt import modules as tt_modules
 from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder, TTFusedOptimizer
@@ -188,7 +189,6 @@ def test_state_of_the_wrong_shape_found_before_any_core_steps() -> None:
 
 # ---------------------------------------------------------------------------- torchrun: a bad id on one rank
 TORCHRUN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrun_bad_id.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_bad_id_on_one_rank_ends_the_torchrun_job_promptly(tmp_path) -> None:
@@ -198,9 +198,7 @@ def test_bad_id_on_one_rank_ends_the_torchrun_job_promptly(tmp_path) -> None:
     log_dir = tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--log-dir", str(log_dir), "--tee", "3", TORCHRUN_SCRIPT]
-    # The ranks import this checkout's torchrec_tt, installed or not (as pytest's own process does).
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    env = checkout_env(OMP_NUM_THREADS="1")  # the ranks import this checkout's torchrec_tt, installed or not
     start = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: nothing outlives the test

@@ -19,7 +19,7 @@ from torchrec_tt.data.criteo import (
     zipf_ranks,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tt_testing import REPO
 
 CARDS = [7, 5, 11, 3] + [13] * 22
 

@@ -8,7 +8,8 @@ import socket
 from torchx.runner import get_runner
 from torchx.specs import AppState
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tt_testing import REPO
+
 TINY = ["--synthetic-users", "600", "--synthetic-items", "400", "--synthetic-p", "12", "--batch-size", "64",
         "--max-steps", "4", "--eval-users", "200", "--no-progress", "--threads", "1", "--tt-rank", "4"]
 

@@ -10,7 +10,7 @@ import torch
 
 from torchrec_tt.data.task import LikedTask
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tt_testing import REPO
 
 TINY = ["--synthetic-users", "600", "--synthetic-items", "400", "--synthetic-p", "12", "--batch-size", "64",
         "--max-steps", "6", "--eval-users", "200", "--no-progress", "--threads", "1", "--tt-rank", "4"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tt_testing import REPO
 
 # A python that runs the real interpreter, except `-m pip`, which prints what pip would
 # print and exits with $FAKE_PIP_STATUS, and the "is torchrec installed?" probe, which says

@@ -7,7 +7,8 @@ import os
 import re
 import subprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tt_testing import REPO
+
 TORCHREC_FACING_TESTS = [
     "tests/distributed/test_tt_planner.py",
     "tests/distributed/test_tt_sharding.py",

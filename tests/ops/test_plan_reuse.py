@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import torchrec_tt
 from torchrec_tt import tt_embedding_bag
-from tt_testing import random_cores
+from tt_testing import checkout_env, random_cores
 
 pytestmark = pytest.mark.skipif(
     not torchrec_tt.ops.uses_extension(torch.device("cpu")), reason="needs the compiled CPU ops"
@@ -152,9 +152,7 @@ print("chunked ok")
 def test_chunked_backward_matches_tt(tmp_path):
     """A scratch budget of two slots' chains makes the grt backward run in many slot chunks (and the
     forward on one part): the results still equal the per-lookup tt kernels'."""
-    env = dict(os.environ, TORCHREC_TT_CPU_SCRATCH_BUDGET_BYTES="1024")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env = checkout_env(TORCHREC_TT_CPU_SCRATCH_BUDGET_BYTES="1024")
     done = subprocess.run([sys.executable, "-c", _CHUNKED_RUN], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "chunked ok" in done.stdout
